@@ -1,0 +1,402 @@
+"""
+Drop-Upcycling (Nakamura et al., ICLR 2025) in one file.
+
+Read top to bottom next to the paper:
+  1. ModelConfig                  - Table 4's columns
+  2. RMSNorm, RoPE, Attention     - the Llama backbone (Appendix A.3)
+  3. SwiGLU                       - the dense FFN, Eq. 1
+  4. MoE, load_balancing_loss     - the Mixtral layer, Eq. 2-3, and its auxiliary loss
+  5. Transformer                  - dense (Llama) when n_experts == 1, MoE (Mixtral) otherwise
+  6. drop_upcycle                 - Sec. 3: expert replication + diversity re-initialisation (Eq. 4)
+  7. flops_per_token              - Appendix A.1, Table 3
+
+Step 3 of the method, continued training, lives in train.py.
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Grouped GEMM (one kernel for all experts' matmuls) is public from PyTorch 2.10 on, private before.
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+# -----------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257  # the byte tokenizer of train.py: 256 bytes + <|endoftext|>
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4  # < n_head means grouped-query attention
+    d_ff: int = 1024  # intermediate size of the SwiGLU FFN (d_f in the paper)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    n_experts: int = 1  # 1: dense Llama; > 1: every FFN is a Mixtral MoE layer
+    top_k: int = 2
+    aux_loss_coef: float = 0.02  # Appendix A.4
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len", "n_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide d_model ({self.d_model})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"head dimension d_model/n_head = {self.d_model // self.n_head} must be even for RoPE")
+        if self.is_moe and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
+        if not (self.rope_theta > 0 and self.norm_eps > 0 and self.aux_loss_coef >= 0):
+            raise ValueError("rope_theta and norm_eps must be positive and aux_loss_coef non-negative")
+
+    @property
+    def is_moe(self):
+        return self.n_experts > 1
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_head
+
+
+# -----------------------------------------------------------------------------
+# 2. The Llama backbone: RMSNorm, rotary position embeddings, grouped-query attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 even under bf16 autocast: the mean of squares loses precision otherwise
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cos_sin(head_dim, max_seq_len, theta):
+    """cos, sin tables [max_seq_len, head_dim] for RoPE, in the half-split layout of Llama/Mixtral on HF."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (i, i + head_dim/2) pair of x [B, H, T, head_dim] by a position-dependent angle, so that
+    q.k depends only on the relative position of the two tokens."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, H_kv, T, hd]
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # enable_gqa lets each group of n_head/n_kv_head query heads share one key/value head
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# -----------------------------------------------------------------------------
+# 3. The dense FFN
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    # Eq. 1: SwiGLU(x) = (Swish(x W_gate) * x W_up) W_down, weights in nn.Linear layout [out, in]
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)  # weight [d_ff, d_model]
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)  # weight [d_ff, d_model]
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)  # weight [d_model, d_ff]
+
+    def forward(self, x):
+        return swiglu(x, self.gate.weight, self.up.weight, self.down.weight), None  # None: no router logits
+
+
+# -----------------------------------------------------------------------------
+# 4. The Mixtral MoE layer (Sec. 3.1)
+
+
+class MoE(nn.Module):
+    """n_experts SwiGLU FFNs and a router; each token goes to its top_k experts, none is dropped.
+
+    Expert weights are stacked: expert i is (gate[i], up[i], down[i]), exactly the dense SwiGLU's weights
+    with a leading expert axis, so Sec. 3.2's "copy the FFN into every expert" is a broadcast copy.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)  # W_router
+        self.gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_ff, cfg.d_model))
+        self.up = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_ff, cfg.d_model))
+        self.down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ff))
+
+    def route(self, x):
+        """x [N, d_model] -> router logits [N, E], chosen experts [N, k], gate weights g(x) [N, k]."""
+        logits = self.router(x)
+        top_logits, experts = logits.topk(self.top_k, dim=-1)
+        # Eq. 3: g(x) = Softmax(Top-k(x W_router)); equal to Mixtral's softmax -> top-k -> renormalise
+        weights = F.softmax(top_logits.float(), dim=-1)
+        return logits, experts, weights
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)
+        logits, experts, weights = self.route(x)
+        use_grouped = x.is_cuda and _grouped_mm is not None
+        y = (self.experts_grouped if use_grouped else self.experts_reference)(x, experts, weights)
+        return y.view(B, T, D), logits  # the logits feed the balancing loss
+
+    def experts_reference(self, x, experts, weights):
+        """Eq. 2, readably: y = sum_i g(x)_i SwiGLU_i(x), one expert at a time."""
+        y = torch.zeros_like(x)
+        for i in range(self.n_experts):
+            token, slot = torch.where(experts == i)  # which tokens chose expert i, and in which top-k slot
+            if token.numel() == 0:
+                continue
+            out = swiglu(x[token], self.gate[i], self.up[i], self.down[i])
+            y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
+        return y
+
+    def experts_grouped(self, x, experts, weights):
+        """Eq. 2, fast: the same sum, all experts at once with grouped GEMMs in bf16 (CUDA only).
+
+        Every shape here is static (no per-expert slicing in Python), so torch.compile sees one graph.
+        """
+        N, k = experts.shape
+        # 1. sort the N*k (token, expert) assignments by expert, so each expert's tokens are contiguous
+        order = experts.flatten().argsort(stable=True)  # [N*k]
+        x_sorted = x[order // k].to(torch.bfloat16)  # [N*k, d_model]
+        # 2. offsets: where each expert's rows end in x_sorted (cumulative token counts, int32 for the kernel)
+        counts = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, experts.flatten(), torch.ones_like(experts.flatten(), dtype=torch.int32))
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        # 3. grouped GEMMs: rows of group i are multiplied by expert i's weights. Gate and up share one GEMM;
+        #    the weights go [E, out, in] -> [E, in, out] as transposed views, the layout the kernel wants.
+        gate_up = torch.cat([self.gate, self.up], dim=1).to(torch.bfloat16)  # [E, 2*d_ff, d_model]
+        h = _grouped_mm(x_sorted, gate_up.transpose(1, 2), offs=offsets)  # [N*k, 2*d_ff]
+        h_gate, h_up = h.chunk(2, dim=-1)
+        out = _grouped_mm(F.silu(h_gate) * h_up, self.down.to(torch.bfloat16).transpose(1, 2), offs=offsets)
+        # 4. un-sort (a gather, not a scatter: deterministic) and add the k expert outputs with weights g(x)
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        out = out[unsort].view(N, k, -1).float()  # [N, k, d_model]
+        return (out * weights[..., None]).sum(dim=1).to(x.dtype)
+
+
+def load_balancing_loss(router_logits, top_k):
+    """Switch/Mixtral auxiliary loss over router logits [N, E] pooled from all MoE layers.
+
+    aux = E * sum_i f_i * P_i, f_i: fraction of top-k assignments to expert i (both slots counted, so
+    sum_i f_i = top_k), P_i: mean router probability of expert i. Perfect balance gives aux = top_k;
+    f_i carries no gradient, so the loss pushes probability away from over-used experts.
+    """
+    n_experts = router_logits.shape[-1]
+    probs = F.softmax(router_logits.float(), dim=-1)  # [N, E]
+    chosen = probs.topk(top_k, dim=-1).indices  # [N, k]
+    f = F.one_hot(chosen, n_experts).float().sum(dim=1).mean(dim=0)  # [E]
+    P = probs.mean(dim=0)  # [E]
+    return n_experts * (f * P).sum()
+
+
+# -----------------------------------------------------------------------------
+# 5. The model: Llama when dense, Mixtral when every FFN is an MoE layer
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe else SwiGLU(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        ffn_out, router_logits = self.ffn(self.ffn_norm(x))
+        return x + ffn_out, router_logits
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # untied from embed
+        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.aux_loss = None  # last unweighted balancing loss, for logging (None for a dense model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Sec. 4: every weight matrix N(0, 0.02), router and experts included; norms start at 1
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        """idx, targets: [B, T] token ids -> logits [B, T, vocab], loss (None without targets)."""
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)
+        router_logits = []
+        for block in self.layers:
+            x, logits = block(x, cos, sin)
+            if logits is not None:
+                router_logits.append(logits)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if self.config.is_moe:
+            aux = load_balancing_loss(torch.cat(router_logits), self.config.top_k)  # all layers pooled
+            self.aux_loss = aux.detach()
+            loss = loss + self.config.aux_loss_coef * aux
+        return logits, loss
+
+    def num_params(self, active=False):
+        """Total parameters, or the active ones: what one token uses (top_k of the n_experts experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not (active and self.config.is_moe):
+            return total
+        inactive_experts = self.config.n_experts - self.config.top_k
+        per_expert = 3 * self.config.d_model * self.config.d_ff
+        return total - self.config.n_layer * inactive_experts * per_expert
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens after the prompt idx [B, T] (no KV cache: short and simple)."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.max_seq_len :])
+            logits = logits[:, -1, :].float() / max(temperature, 1e-6)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits[logits < kth] = -float("inf")
+            idx = torch.cat([idx, torch.multinomial(F.softmax(logits, dim=-1), 1)], dim=1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# 6. Drop-Upcycling (Sec. 3): dense Transformer -> MoE Transformer
+
+
+def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True):
+    """Build an MoE from a trained dense model: Sec. 3.2 expert replication, then Sec. 3.2.1 diversity
+    re-initialisation of a fraction r of every expert's FFN neurons. r = 0 is naive Upcycling.
+
+    shared_indices=True drops the same neurons S in gate, up and down (the paper's text); False draws an
+    independent S per matrix (the authors' released code, which produced the paper's results).
+    The dense model is left untouched. Step 3, continued training, is train.py's job.
+    """
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"r must be in [0, 1], got {r}")
+    if dense.config.is_moe:
+        raise ValueError("drop_upcycle needs a dense model (n_experts == 1)")
+    cfg = replace(dense.config, n_experts=n_experts, top_k=top_k)  # validates n_experts and top_k
+    param = next(dense.parameters())
+    moe = Transformer(cfg).to(device=param.device, dtype=param.dtype)
+    # two independent random streams, so runs that differ only in r start from the same router
+    router_rng = torch.Generator().manual_seed(2 * seed)
+    drop_rng = torch.Generator().manual_seed(2 * seed + 1)
+
+    # Sec. 3.2, expert replication: every non-FFN weight is copied as is ...
+    dense_state = dense.state_dict()
+    moe.load_state_dict({k: v for k, v in dense_state.items() if ".ffn." not in k}, strict=False)
+    with torch.no_grad():
+        for dense_block, moe_block in zip(dense.layers, moe.layers):
+            ffn, experts = dense_block.ffn, moe_block.ffn
+            # ... the router is new: U(-0.0346, 0.0346), std 0.02 (Appendix C.1) ...
+            bound = 0.02 * math.sqrt(3)
+            router = torch.empty(experts.router.weight.shape).uniform_(-bound, bound, generator=router_rng)
+            experts.router.weight.copy_(router)
+            # ... and W_gate^(i) = W_gate, W_up^(i) = W_up, W_down^(i) = W_down for every expert i
+            experts.gate.copy_(ffn.gate.weight.expand_as(experts.gate))
+            experts.up.copy_(ffn.up.weight.expand_as(experts.up))
+            experts.down.copy_(ffn.down.weight.expand_as(experts.down))
+            # Sec. 3.2.1, diversity re-initialisation, for every expert of every layer
+            for i in range(n_experts):
+                diversity_reinit(experts.gate[i], experts.up[i], experts.down[i], r, shared_indices, drop_rng)
+    return moe
+
+
+def diversity_reinit(w_gate, w_up, w_down, r, shared_indices, rng):
+    """Re-initialise floor(r * d_ff) intermediate neurons of one expert in place (Sec. 3.2.1, steps 1-3).
+
+    Neuron j of the FFN is row j of W_gate and W_up ([d_ff, d_model]) and column j of W_down ([d_model, d_ff]);
+    working on W_down transposed makes "neuron j" row j of all three.
+    """
+    d_ff = w_gate.shape[0]
+    n_drop = math.floor(r * d_ff)
+    if n_drop == 0:
+        return  # naive Upcycling
+    # Step 1: S, a random subset of floor(r * d_ff) of the d_ff intermediate indices
+    S = torch.randperm(d_ff, generator=rng)[:n_drop]
+    for w in (w_gate, w_up, w_down.T):
+        if not shared_indices:
+            S = torch.randperm(d_ff, generator=rng)[:n_drop]
+        dropped = w[S.to(w.device)].float()  # [n_drop, d_model]
+        # Step 2: two scalars per matrix, mean and std of the dropped slice only
+        mean, std = dropped.mean(), dropped.std()
+        # Step 3, Eq. 4: W~ = I_S * R + (1 - I_S) * W, with R ~ N(mean, std^2)
+        R = torch.randn(dropped.shape, generator=rng) * std.cpu() + mean.cpu()
+        w[S.to(w.device)] = R.to(w.device, w.dtype)
+
+
+# -----------------------------------------------------------------------------
+# 7. Accounting (Appendix A.1)
+
+
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token: the forward FLOPs of Table 3 times 3 (the backward pass costs about twice
+    the forward). Matmuls only; norms, activations and the router are negligible and left out, as in the
+    paper. For an MoE model n_e = top_k experts run per token, so this counts the active parameters."""
+    d_h, d_f, v, d_k = config.d_model, config.d_ff, config.vocab_size, config.head_dim
+    n_h, n_q = config.n_head, config.n_kv_head
+    s = seq_len
+    embeddings = 2 * s * v * d_h
+    attention = (
+        4 * s * d_h * d_k * n_q  # key and value projections
+        + 2 * s * d_h * d_k * n_h  # query projection
+        + 2 * s * s * d_k * n_h  # key @ query logits
+        + 2 * s * s * d_k * n_h  # attention matrix @ values
+        + 2 * s * d_k * n_h * d_h  # output projection
+    )
+    ffn = 4 * s * d_h * d_f + 2 * s * d_f * d_h
+    n_e = config.top_k if config.is_moe else 1
+    forward = embeddings + config.n_layer * (attention + n_e * ffn) + 2 * s * d_h * v
+    return 3 * forward / s
