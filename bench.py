@@ -1,0 +1,614 @@
+"""
+bench.py: how fast dropupcycle.py trains on one GPU, and what its MoE layer costs over a dense one (issue 4).
+
+    python bench.py --out figures                  # CUDA: the full run (about 5 minutes on an H100)
+    python bench.py --device cpu --out /tmp/bench  # CPU: tiny shapes, fewer rows; a smoke test, not a benchmark
+
+Three measurements, all in one process:
+  1. One MoE layer, forward + backward: our grouped-GEMM path (eager and torch.compile'd), our reference loop,
+     Hugging Face's MixtralSparseMoeBlock in every experts implementation the installed transformers offers,
+     and a dense SwiGLU top_k * d_ff wide: the same active FLOPs, so the floor an MoE layer cannot beat.
+     Every output (and our gradients) is first checked against our reference loop. Two weight dtypes:
+     fp32 weights under bf16 autocast (how train.py trains) and bf16 weights (fairest to the peers).
+  2. Whole training steps (forward, backward, grad clipping, AdamW), dense and MoE, eager and compiled:
+     tokens/s, MFU (flops_per_token counts active parameters only, over the GPU's dense bf16 peak),
+     peak memory, compile time, and the graphs/graph breaks torch.compile made.
+  3. MoE step time / dense step time next to MoE FLOPs / dense FLOPs per token: the excess is what the
+     MoE machinery (routing, sorting, grouped GEMMs) costs beyond its arithmetic.
+It prints a table and writes bench.md and bench.json (rewritten after every row) to --out.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import dropupcycle as du
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match on the name wins.
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12)]
+
+# What each device runs. CUDA: issue 4's shapes. CPU: tiny, so that the smoke test takes seconds.
+LAYER_SHAPES = {  # name, d_model, d_ff, token counts; 8 experts, top-2 everywhere
+    "cuda": [("demo 6x384", 384, 1024, [32768]), ("paper 8x152M", 512, 2048, [16384, 32768, 65536]),
+             ("1024/4096", 1024, 4096, [32768])],
+    "cpu": [("tiny", 32, 64, [256])],
+}
+STEP_CONFIGS = {  # name, model shape, batch, seq; vocab 257 (train.py's bytes)
+    "cuda": [("small (GPU preset)", dict(n_layer=6, d_model=384, d_ff=1024, n_head=6, n_kv_head=6), 64, 512),
+             ("large (152M shape)", dict(n_layer=12, d_model=512, d_ff=2048, n_head=8, n_kv_head=8), 64, 512)],
+    "cpu": [("tiny", dict(n_layer=2, d_model=32, d_ff=64, n_head=2, n_kv_head=2), 2, 32)],
+}
+N_EXPERTS, TOP_K = 8, 2
+
+# issue 4's targets
+LAYER_VS_DENSE, STEP_MFU_DENSE, STEP_MFU_MOE, OVERHEAD = 1.2, 0.40, 0.30, 1.15
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, warmup, iters):
+    """Median time of fn() in ms. On CUDA the work is asynchronous: device events around every call, recorded
+    back to back without waiting in between (as in a training loop), read after one final synchronize."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return 0
+
+
+def peak_mib(device, base=0):
+    return (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b||, in fp32."""
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# -----------------------------------------------------------------------------
+# 1. One MoE layer, forward + backward
+
+
+def make_moe(d, d_ff, device, dtype, seed=0):
+    torch.manual_seed(seed)
+    cfg = du.ModelConfig(d_model=d, d_ff=d_ff, n_head=1, n_kv_head=1, n_experts=N_EXPERTS, top_k=TOP_K)
+    moe = du.MoE(cfg)
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.02)  # as Transformer.reset_parameters: a mildly uneven random routing
+    return moe.to(device, dtype)
+
+
+def make_dense(d, d_ff, device, dtype):
+    """The floor: a dense SwiGLU top_k * d_ff wide does exactly the active FLOPs of the MoE layer's experts."""
+    torch.manual_seed(1)
+    dense = du.SwiGLU(du.ModelConfig(d_model=d, d_ff=TOP_K * d_ff, n_head=1, n_kv_head=1))
+    for p in dense.parameters():
+        nn.init.normal_(p, std=0.02)
+    return dense.to(device, dtype)
+
+
+def reference_forward(moe):
+    """MoE.forward with the reference loop forced (forward itself takes the grouped path on CUDA)."""
+
+    def forward(x):
+        B, T, D = x.shape
+        x2 = x.reshape(B * T, D)
+        _, experts, weights = moe.route(x2)
+        return moe.experts_reference(x2, experts, weights).view(B, T, D)
+
+    return forward
+
+
+def hf_implementations():
+    """Hugging Face's experts implementations in the installed transformers, or (None, why not)."""
+    try:
+        import transformers
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: F401
+    except Exception as e:  # transformers is optional: the peer rows are then left out, with this note
+        return None, f"transformers not importable ({type(e).__name__}: {e}); Hugging Face rows left out"
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        impls = ["eager"] + list(ALL_EXPERTS_FUNCTIONS.keys())
+    except Exception:  # older versions: only the per-expert loop
+        impls = ["eager"]
+    return impls, f"transformers {transformers.__version__}: experts implementations {impls}"
+
+
+def hf_block(moe, impl, device, dtype):
+    """Hugging Face's MixtralSparseMoeBlock holding exactly our MoE's weights, in experts implementation impl."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    E, d_ff, d = moe.gate.shape
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=d_ff, num_local_experts=E, num_experts_per_tok=moe.top_k,
+                        num_attention_heads=1, num_key_value_heads=1, router_jitter_noise=0.0, hidden_act="silu")
+    cfg._experts_implementation = impl
+    block = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():  # their layout: gate_up_proj [E, 2*d_ff, d] is our gate and up stacked, gate first
+        block.gate.weight.copy_(moe.router.weight)
+        block.experts.gate_up_proj.copy_(torch.cat([moe.gate, moe.up], dim=1))
+        block.experts.down_proj.copy_(moe.down)
+    block = block.to(device, dtype)
+
+    def forward(x):
+        y = block(x)
+        return y[0] if isinstance(y, tuple) else y  # 4.x returned (hidden, router_logits)
+
+    return forward, block
+
+
+def hf_routed_reference(moe, block):
+    """Our reference loop fed with Hugging Face's routing. Their router runs in the autocast dtype, ours in
+    fp32, so near-ties can go to different experts: this checks their expert computation against ours."""
+
+    def forward(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        _, scores, experts = block.gate(x2)  # transformers 5.x: logits, top-k weights, top-k indices
+        return moe.experts_reference(x2, experts, scores).view_as(x)
+
+    return forward
+
+
+def run_fwd_bwd(forward, params, x, dy, autocast):
+    """One forward + backward through the layer, fresh gradients (as a training step sees it)."""
+    x.grad = None
+    for p in params:
+        p.grad = None
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        y = forward(x)
+    y.backward(dy)
+    return y
+
+
+def bench_layers(args, device, record):
+    impls, note = hf_implementations() if not args.no_hf else (None, "Hugging Face rows skipped (--no-hf)")
+    print(note)
+    record("hf_note", note)
+    hf_broken = {}  # (implementation, weights) -> why it cannot run here (found once, not retried at every shape)
+    for name, d, d_ff, token_counts in LAYER_SHAPES[device.type]:
+        for n_tok in token_counts:
+            for wdtype in (torch.float32, torch.bfloat16):
+                weights = "fp32+autocast" if wdtype == torch.float32 else "bf16"
+                autocast = True  # bf16 weights under autocast too: a no-op for them, and the same code path
+                torch.manual_seed(2)
+                x = torch.randn(1, n_tok, d, device=device, dtype=wdtype, requires_grad=True)
+                dy = torch.randn(1, n_tok, d, device=device, dtype=wdtype)
+                moe = make_moe(d, d_ff, device, wdtype)
+                dense = make_dense(d, d_ff, device, wdtype)
+                moe_params = list(moe.parameters())
+                # truth: our reference loop, same weights, same precision regime
+                y_ref = run_fwd_bwd(reference_forward(moe), moe_params, x, dy, autocast).detach()
+                grads_ref = [x.grad.clone()] + [p.grad.clone() for p in moe_params]
+                flops = 3 * 2 * n_tok * TOP_K * 3 * d * d_ff  # fwd + bwd (2x fwd), active expert matmuls
+                compiled_here = args.compile and wdtype == torch.float32 and n_tok in args.layer_compile_tokens
+                rows = []  # (label, mode, forward, parameters, check our parameters' gradients too); dense first
+                rows.append(("dense SwiGLU (floor)", "eager", lambda t: dense(t)[0], list(dense.parameters()), False))
+                if compiled_here:
+                    cdense = torch.compile(dense, dynamic=False)
+                    rows.append(("dense SwiGLU (floor)", "compiled", lambda t: cdense(t)[0], list(dense.parameters()), False))
+                # MoE.forward: the grouped path on CUDA; on CPU it falls back to the reference loop
+                ours = "ours grouped" if device.type == "cuda" else "ours forward (reference on CPU)"
+                rows.append((ours, "eager", lambda t: moe(t)[0], moe_params, True))
+                if compiled_here:
+                    cmoe = torch.compile(moe, dynamic=False)
+                    rows.append((ours, "compiled", lambda t: cmoe(t)[0], moe_params, True))
+                rows.append(("ours reference", "eager", reference_forward(moe), moe_params, False))
+                for impl in impls or []:
+                    rows.append((f"HF {impl}", "eager", impl, None, False))
+                dense_ms = {}
+                for label, mode, forward, params, check_grads in rows:
+                    row = dict(shape=name, d_model=d, d_ff=d_ff, tokens=n_tok, weights=weights, impl=label, mode=mode)
+                    block = None
+                    if label.startswith("HF") and (forward, weights) in hf_broken:
+                        continue  # failed once already, reported then
+                    try:
+                        if label.startswith("HF"):
+                            impl = forward
+                            if impl == "batched_mm":  # it gathers every assignment's weight matrices: [N*k, ...]
+                                need = 2 * n_tok * TOP_K * 3 * d * d_ff * x.element_size()  # fwd copy + its grad
+                                free = torch.cuda.mem_get_info()[0] if device.type == "cuda" else float("inf")
+                                if need > 0.8 * free:
+                                    raise MemoryError(f"skipped: would gather {need / 2**30:.0f} GiB of expert "
+                                                      f"weights, {free / 2**30:.0f} GiB free")
+                            forward, block = hf_block(moe, impl, device, wdtype)
+                            params = list(block.parameters())
+                        t0 = time.perf_counter()
+                        y = run_fwd_bwd(forward, params, x, dy, autocast)  # the first call compiles, if compiled
+                        sync(device)
+                        if mode == "compiled":
+                            row["compile_s"] = round(time.perf_counter() - t0, 1)
+                        if label != "ours reference" and not label.startswith("dense"):  # agree before timing
+                            y_true, dx_true = y_ref, grads_ref[0]
+                            if block is not None:
+                                dx = x.grad.clone()
+                                y_true = run_fwd_bwd(hf_routed_reference(moe, block), params, x, dy, autocast)
+                                y_true, dx_true, x.grad = y_true.detach(), x.grad.clone(), dx
+                            errs = [rel_err(y, y_true), rel_err(x.grad, dx_true)]
+                            if check_grads:
+                                errs += [rel_err(p.grad, g) for p, g in zip(params, grads_ref[1:])]
+                            row["rel_err"] = max(errs)
+                            row["agrees"] = bool(row["rel_err"] < args.tol)
+                        del y
+                        base = reset_peak(device)
+                        ms = timeit(lambda: run_fwd_bwd(forward, params, x, dy, autocast), device,
+                                    args.warmup, args.iters)
+                        row.update(ms=ms, tflops=flops / ms / 1e9, peak_mib=peak_mib(device, base))
+                        if label.startswith("dense"):
+                            dense_ms[mode] = ms
+                        row["x_dense"] = ms / dense_ms.get(mode, dense_ms.get("eager", float("nan")))
+                    except Exception as e:  # an implementation that cannot run here is a result, not a crash
+                        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                        row["error"] = msg
+                        if label.startswith("HF") and not isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+                            hf_broken[impl, weights] = msg
+                    finally:
+                        del block
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    record("layer", row)
+                    print(fmt_layer_row(row), flush=True)
+                del moe, dense, x, dy, y_ref, grads_ref
+                torch._dynamo.reset()  # each compiled layer above is done with; keep recompile limits untouched
+
+
+def fmt_layer_row(r):
+    if "error" in r:
+        return f"{r['shape']:>13} {r['tokens']:>6} {r['weights']:>13} {r['impl'] + ' ' + r['mode']:>30}  -- {r['error']}"
+    agree = "" if "rel_err" not in r else f"  rel err {r['rel_err']:.1e}{'' if r['agrees'] else ' MISMATCH'}"
+    return (f"{r['shape']:>13} {r['tokens']:>6} {r['weights']:>13} {r['impl'] + ' ' + r['mode']:>30} "
+            f"{r['ms']:8.2f} ms {r['tflops']:6.3g} TFLOP/s {r['x_dense']:5.2f}x dense{agree}")
+
+
+# -----------------------------------------------------------------------------
+# 2. Whole training steps
+
+
+def peak_flops(device, override):
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def bench_steps(args, device, record, profiles):
+    peak = peak_flops(device, args.peak_tflops)
+    for name, shape, batch, seq in STEP_CONFIGS[device.type]:
+        for kind in ("dense", "moe"):
+            moe_kw = dict(n_experts=N_EXPERTS, top_k=TOP_K) if kind == "moe" else {}
+            cfg = du.ModelConfig(vocab_size=257, max_seq_len=seq, **shape, **moe_kw)
+            for mode in ("eager", "compiled") if args.compile else ("eager",):
+                row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, **shape)
+                try:
+                    # profile the largest config's steps, reusing the (compiled) model just measured
+                    prof = profiles if args.profile and name == STEP_CONFIGS[device.type][-1][0] else None
+                    row.update(bench_one_step(cfg, batch, seq, mode, device, args, peak, prof))
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                record("step", row)
+                print(fmt_step_row(row), flush=True)
+
+
+def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = du.Transformer(cfg).to(device)  # fp32 master weights, bf16 autocast: as train.py
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    run = torch.compile(model) if mode == "compiled" else model
+    idx = torch.randint(0, 256, (batch, seq + 1), device=device)
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            _, loss = run(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = {}
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    t0 = time.perf_counter()
+    step()  # the first step compiles (and warms up caches and allocators either way)
+    sync(device)
+    out["first_step_s"] = round(time.perf_counter() - t0, 1)
+    if mode == "compiled":
+        out["graphs"] = counters["stats"]["unique_graphs"]
+        out["graph_breaks"] = sum(counters["graph_break"].values())
+        out["break_reasons"] = sorted(counters["graph_break"])[:5]
+    reset_peak(device)
+    ms = timeit(step, device, args.warmup, args.iters)
+    fpt = du.flops_per_token(cfg, seq)
+    tok_s = batch * seq / ms * 1e3
+    out.update(ms=ms, tokens_per_s=tok_s, flops_per_token=fpt, achieved_tflops=fpt * tok_s / 1e12,
+               mfu=fpt * tok_s / peak if peak else None,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+               params=model.num_params(), active_params=model.num_params(active=True))
+    if profiles is not None:
+        kind = "MoE" if cfg.is_moe else "dense"
+        profiles.append(profile_table(step, device, 3, f"training step, {kind}, {mode}, batch {batch} x {seq}, 3 steps"))
+    del model, opt, run
+    return out
+
+
+def fmt_step_row(r):
+    head = f"{r['config']:>20} {r['model']:>5} {r['mode']:>8}"
+    if "error" in r:
+        return f"{head}  -- {r['error']}"
+    mfu = f"{100 * r['mfu']:5.1f}% MFU" if r["mfu"] is not None else "  n/a MFU"
+    breaks = f"  {r['graphs']} graphs, {r['graph_breaks']} breaks" if "graphs" in r else ""
+    mem = f"{r['peak_gib']:5.1f} GiB" if r["peak_gib"] is not None else ""
+    return (f"{head} {r['ms']:8.2f} ms/step {r['tokens_per_s'] / 1e6:6.2f} Mtok/s {mfu} {mem}"
+            f"  first step {r['first_step_s']} s{breaks}")
+
+
+def overheads(steps):
+    """Section 3: MoE/dense step time next to MoE/dense FLOPs per token, per config and mode."""
+    out = []
+    by = {(r["config"], r["model"], r["mode"]): r for r in steps if "error" not in r}
+    for (config, model, mode), moe in by.items():
+        dense = by.get((config, "dense", mode))
+        if model != "moe" or dense is None:
+            continue
+        time_ratio, flops_ratio = moe["ms"] / dense["ms"], moe["flops_per_token"] / dense["flops_per_token"]
+        out.append(dict(config=config, mode=mode, time_ratio=time_ratio, flops_ratio=flops_ratio,
+                        overhead=time_ratio / flops_ratio))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Graph breaks, profiles, and the report
+
+
+def explain_moe_layer(device):
+    """torch._dynamo.explain on one MoE layer under autocast: graphs and graph breaks, with reasons."""
+    moe = make_moe(64, 128, device, torch.float32)
+    x = torch.randn(2, 64, 64, device=device, requires_grad=True)
+    torch._dynamo.reset()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ex = torch._dynamo.explain(moe)(x)
+    torch._dynamo.reset()
+    return dict(graphs=ex.graph_count, graph_breaks=ex.graph_break_count,
+                reasons=[str(r.reason)[:200] for r in ex.break_reasons][:5])
+
+
+def profile_table(fn, device, n, title):
+    """torch.profiler over n calls of fn: the top operators and kernels by device time (CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            fn()
+        sync(device)
+    table = prof.key_averages()
+    # the device-time column's name changed across PyTorch versions; CPU time where there is no device
+    sorts = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ("self_cpu_time_total",)
+    for sort in sorts:
+        try:
+            return f"## {title}\n\n" + table.table(sort_by=sort, row_limit=35)
+        except Exception:
+            continue
+    return f"## {title}\n\n(no profile)"
+
+
+def profile_layers(device):
+    """Profiles of the paper-shape MoE layer (ours, eager) and its dense floor: where the MoE's time goes."""
+    name, d, d_ff, tokens = LAYER_SHAPES[device.type][min(1, len(LAYER_SHAPES[device.type]) - 1)]
+    n_tok = tokens[len(tokens) // 2]
+    x = torch.randn(1, n_tok, d, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    texts = []
+    for label, mod in (("MoE layer, ours, eager", make_moe(d, d_ff, device, torch.float32)),
+                       ("dense SwiGLU (floor), eager", make_dense(d, d_ff, device, torch.float32))):
+        params = list(mod.parameters())
+        fn = lambda m=mod: run_fwd_bwd(lambda t: m(t)[0], params, x, dy, True)  # noqa: E731
+        for _ in range(3):
+            fn()
+        texts.append(profile_table(fn, device, 5, f"{label}: {name}, {n_tok} tokens, fp32+autocast, 5 fwd+bwd"))
+    return texts
+
+
+def targets(results):
+    """Issue 4's targets, each MET or MISSED with the measured number."""
+    lines = []
+    layers = [r for r in results["layer"] if "error" not in r]
+    for (shape, tok, weights, mode) in sorted({(r["shape"], r["tokens"], r["weights"], r["mode"]) for r in layers
+                                               if r["impl"] == "ours grouped"}):
+        ours = next(r for r in layers if (r["shape"], r["tokens"], r["weights"], r["mode"], r["impl"])
+                    == (shape, tok, weights, mode, "ours grouped"))
+        hf = [r for r in layers if r["impl"].startswith("HF") and (r["shape"], r["tokens"]) == (shape, tok)]
+        best_hf = min(hf, key=lambda r: r["ms"]) if hf else None
+        ok = ours["x_dense"] <= LAYER_VS_DENSE
+        line = (f"layer {shape}, {tok} tokens, {weights}, {mode}: {ours['x_dense']:.2f}x dense "
+                f"(target <= {LAYER_VS_DENSE}x) {'MET' if ok else 'MISSED'}")
+        if best_hf is not None:
+            line += (f"; vs fastest HF ({best_hf['impl']}, {best_hf['weights']}, {best_hf['ms']:.2f} ms): "
+                     f"{best_hf['ms'] / ours['ms']:.2f}x faster {'MET' if ours['ms'] < best_hf['ms'] else 'MISSED'}")
+        lines.append(line)
+    steps = {(r["config"], r["model"], r["mode"]): r for r in results["step"] if "error" not in r}
+    big = results["step"][-1]["config"] if results["step"] else None  # the largest config, measured last
+    for mode in ("eager", "compiled"):
+        for model, goal in (("dense", STEP_MFU_DENSE), ("moe", STEP_MFU_MOE)):
+            r = steps.get((big, model, mode))
+            if r and r["mfu"] is not None:
+                lines.append(f"step MFU, {big}, {model}, {mode}: {100 * r['mfu']:.1f}% (target >= {100 * goal:.0f}%) "
+                             f"{'MET' if r['mfu'] >= goal else 'MISSED'}")
+    for o in results["overhead"]:
+        lines.append(f"MoE overhead, {o['config']}, {o['mode']}: time ratio {o['time_ratio']:.2f} / FLOPs ratio "
+                     f"{o['flops_ratio']:.2f} = {o['overhead']:.2f} (target <= {OVERHEAD}) "
+                     f"{'MET' if o['overhead'] <= OVERHEAD else 'MISSED'}")
+    for r in steps.values():
+        if "graph_breaks" in r:
+            lines.append(f"torch.compile, {r['config']}, {r['model']}: {r['graphs']} graph(s), {r['graph_breaks']} "
+                         f"graph break(s) {'MET' if r['graph_breaks'] == 0 else 'MISSED'}")
+    return lines
+
+
+def markdown(results):
+    m = results["meta"]
+    md = [f"# bench.py results\n", f"- command: `{m['command']}`", f"- device: {m['device']}",
+          f"- software: torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}",
+          f"- date: {m['date']}", f"- bf16 dense peak used for MFU: {m['peak_tflops']} TFLOP/s",
+          f"- {results.get('hf_note', '')}", ""]
+    md += ["## 1. One MoE layer, forward + backward (8 experts, top-2)\n",
+           "Dense SwiGLU is top_k * d_ff wide: the same active FLOPs, the floor. `x dense` compares with the dense "
+           "layer in the same weights and mode. `rel err`: worst of output and gradients against our reference "
+           "loop; for HF, output and input gradient against our reference loop fed with HF's routing (their router "
+           "runs in bf16 under autocast, ours in fp32, so near-ties may pick other experts).\n",
+           "| shape | tokens | weights | implementation | mode | ms | TFLOP/s | x dense | rel err | peak MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["layer"]:
+        if "error" in r:
+            continue  # listed below the table
+        err = f"{r['rel_err']:.1e}{'' if r['agrees'] else ' MISMATCH'}" if "rel_err" in r else "(truth)" \
+            if r["impl"] == "ours reference" else ""
+        mode = r["mode"] + (f" ({r['compile_s']} s)" if "compile_s" in r else "")
+        pk = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else ""
+        md.append(f"| {r['shape']} | {r['tokens']} | {r['weights']} | {r['impl']} | {mode} | {r['ms']:.2f} | "
+                  f"{r['tflops']:.3g} | {r['x_dense']:.2f} | {err} | {pk} |")
+    failed = [r for r in results["layer"] if "error" in r]
+    if failed:
+        md += ["\nNot run here:\n"] + [f"- {r['impl']}, {r['weights']} weights, {r['shape']}, {r['tokens']} tokens: "
+                                         f"{r['error']}" for r in failed]
+    md += ["\n## 2. Whole training step (forward, backward, clip, fused AdamW; fp32 weights, bf16 autocast)\n",
+           "MFU = flops_per_token (active parameters, attention included) x tokens/s / peak. First step: "
+           "includes compilation when compiled.\n",
+           "| config | model | mode | ms/step | tokens/s | MFU | peak GiB | first step s | graphs / breaks |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["step"]:
+        if "error" in r:
+            md.append(f"| {r['config']} | {r['model']} | {r['mode']} | {r['error']} | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        gb = f"{r['graphs']} / {r['graph_breaks']}" if "graphs" in r else ""
+        mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
+        md.append(f"| {r['config']} | {r['model']} | {r['mode']} | {r['ms']:.2f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                  f"{mem} | {r['first_step_s']} | {gb} |")
+    md += ["\n## 3. MoE overhead: step-time ratio vs FLOPs ratio\n",
+           "| config | mode | MoE/dense step time | MoE/dense FLOPs | overhead |", "|---|---|---|---|---|"]
+    for o in results["overhead"]:
+        md.append(f"| {o['config']} | {o['mode']} | {o['time_ratio']:.2f} | {o['flops_ratio']:.2f} | {o['overhead']:.2f} |")
+    if results.get("explain"):
+        e = results["explain"]
+        md += [f"\ntorch._dynamo.explain on one MoE layer: {e['graphs']} graph(s), {e['graph_breaks']} graph "
+               f"break(s) {e['reasons'] or ''}"]
+    md += ["\n## Targets (issue 4)\n"] + [f"- {line}" for line in results["targets"]]
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/bench", help="folder for bench.md, bench.json (and the profile)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sections", default="layer,step", help="comma list of: layer, step")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile rows (default: on for CUDA, off for CPU)")
+    p.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face rows")
+    p.add_argument("--profile", action="store_true", help="also write torch.profiler tables to --out")
+    p.add_argument("--layer-compile-tokens", type=int, nargs="*", default=[32768],
+                   help="token counts at which the layer is also compiled (each shape compiles anew)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--tol", type=float, default=2e-2, help="relative error that counts as agreeing (bf16)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, if the GPU is not known")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.compile = cuda if args.compile is None else args.compile
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.iters = args.iters if args.iters is not None else (20 if cuda else 3)
+    if not cuda:
+        args.layer_compile_tokens = [t for shape in LAYER_SHAPES["cpu"] for t in shape[3]]
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+    except Exception:
+        hf_version = "absent"
+    peak = peak_flops(device, args.peak_tflops)
+    results = dict(meta=dict(command="python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+                             device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                             transformers=hf_version, python=sys.version.split()[0],
+                             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                             peak_tflops=peak / 1e12 if peak else None, args=vars(args)),
+                   layer=[], step=[], overhead=[], targets=[])
+
+    def record(kind, item):
+        if kind in ("layer", "step"):
+            results[kind].append(item)
+        else:
+            results[kind] = item
+        save(results, args.out)  # after every row: a run cut short keeps what it measured
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) as a training run has them
+    print(f"device: {results['meta']['device']}, torch {torch.__version__}, peak {results['meta']['peak_tflops']} TFLOP/s")
+    sections = args.sections.split(",")
+    if "layer" in sections:
+        bench_layers(args, device, record)
+    profiles = profile_layers(device) if args.profile else []
+    if "step" in sections:
+        bench_steps(args, device, record, profiles)
+        results["overhead"] = overheads(results["step"])
+    if args.compile:
+        try:
+            record("explain", explain_moe_layer(device))
+            print("torch._dynamo.explain, one MoE layer:", results["explain"])
+        except Exception as e:
+            record("explain", dict(graphs=None, graph_breaks=None, reasons=[f"explain failed: {e}"[:200]]))
+    results["targets"] = targets(results)
+    save(results, args.out)
+    print("\n" + markdown(results))
+    if args.profile:
+        with open(os.path.join(args.out, "bench.profile.txt"), "w") as f:
+            f.write("\n\n".join(profiles))
+        print(f"profiles written to {os.path.join(args.out, 'bench.profile.txt')}")
+    return results
+
+
+def save(results, out_dir):
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    if "meta" in results:
+        with open(os.path.join(out_dir, "bench.md"), "w") as f:
+            f.write(markdown(results) if results.get("targets") is not None else "")
+
+
+if __name__ == "__main__":
+    main()
