@@ -328,11 +328,14 @@ def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None):
     model = du.Transformer(cfg).to(device)  # fp32 master weights, bf16 autocast: as train.py
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    run = torch.compile(model) if mode == "compiled" else model
+    run = torch.compile(model, mode=args.compile_mode) if mode == "compiled" else model
     idx = torch.randint(0, 256, (batch, seq + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
+    cuda_graphs = mode == "compiled" and args.compile_mode == "reduce-overhead"
 
     def step():
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # this step's graph may overwrite the last one's outputs
         with torch.autocast(device.type, dtype=torch.bfloat16):
             _, loss = run(inputs, targets)
         loss.backward()
@@ -506,7 +509,9 @@ def markdown(results):
     if failed:
         md += ["\nNot run here:\n"] + [f"- {r['impl']}, {r['weights']} weights, {r['shape']}, {r['tokens']} tokens: "
                                          f"{r['error']}" for r in failed]
-    md += ["\n## 2. Whole training step (forward, backward, clip, fused AdamW; fp32 weights, bf16 autocast)\n",
+    mode = results["meta"]["args"].get("compile_mode") or "default"
+    md += [f"\n## 2. Whole training step (forward, backward, clip, fused AdamW; fp32 weights, bf16 autocast; "
+           f"torch.compile mode: {mode})\n",
            "MFU = flops_per_token (active parameters, attention included) x tokens/s / peak. First step: "
            "includes compilation when compiled.\n",
            "| config | model | mode | ms/step | tokens/s | MFU | peak GiB | first step s | graphs / breaks |",
@@ -539,6 +544,8 @@ def main(argv=None):
     p.add_argument("--sections", default="layer,step", help="comma list of: layer, step")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile rows (default: on for CUDA, off for CPU)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the training steps, e.g. "
+                   "reduce-overhead (CUDA graphs: fewer kernel launches from the CPU); default: torch's default")
     p.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face rows")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables to --out")
     p.add_argument("--layer-compile-tokens", type=int, nargs="*", default=[32768],
