@@ -217,7 +217,8 @@ def bench_layers(args, device, record):
                 rows.append(("dense SwiGLU (floor)", "eager", lambda t: dense(t)[0], list(dense.parameters()), False))
                 if compiled_here:
                     cdense = torch.compile(dense, dynamic=False)
-                    rows.append(("dense SwiGLU (floor)", "compiled", lambda t: cdense(t)[0], list(dense.parameters()), False))
+                    rows.append(("dense SwiGLU (floor)", "compiled", lambda t: cdense(t)[0], list(dense.parameters()),
+                                 False))
                 # MoE.forward: the grouped path on CUDA; on CPU it falls back to the reference loop
                 ours = "ours grouped" if device.type == "cuda" else "ours forward (reference on CPU)"
                 rows.append((ours, "eager", lambda t: moe(t)[0], moe_params, True))
@@ -285,7 +286,8 @@ def bench_layers(args, device, record):
 
 def fmt_layer_row(r):
     if "error" in r:
-        return f"{r['shape']:>13} {r['tokens']:>6} {r['weights']:>13} {r['impl'] + ' ' + r['mode']:>30}  -- {r['error']}"
+        return (f"{r['shape']:>13} {r['tokens']:>6} {r['weights']:>13} {r['impl'] + ' ' + r['mode']:>30}  "
+                f"-- {r['error']}")
     agree = "" if "rel_err" not in r else f"  rel err {r['rel_err']:.1e}{'' if r['agrees'] else ' MISMATCH'}"
     return (f"{r['shape']:>13} {r['tokens']:>6} {r['weights']:>13} {r['impl'] + ' ' + r['mode']:>30} "
             f"{r['ms']:8.2f} ms {r['tflops']:6.3g} TFLOP/s {r['x_dense']:5.2f}x dense{agree}")
@@ -364,7 +366,8 @@ def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None):
                params=model.num_params(), active_params=model.num_params(active=True))
     if profiles is not None:
         kind = "MoE" if cfg.is_moe else "dense"
-        profiles.append(profile_table(step, device, 3, f"training step, {kind}, {mode}, batch {batch} x {seq}, 3 steps"))
+        title = f"training step, {kind}, {mode}, batch {batch} x {seq}, 3 steps"
+        profiles.append(profile_table(step, device, 3, title))
     del model, opt, run
     return out
 
@@ -528,7 +531,8 @@ def markdown(results):
     md += ["\n## 3. MoE overhead: step-time ratio vs FLOPs ratio\n",
            "| config | mode | MoE/dense step time | MoE/dense FLOPs | overhead |", "|---|---|---|---|---|"]
     for o in results["overhead"]:
-        md.append(f"| {o['config']} | {o['mode']} | {o['time_ratio']:.2f} | {o['flops_ratio']:.2f} | {o['overhead']:.2f} |")
+        md.append(f"| {o['config']} | {o['mode']} | {o['time_ratio']:.2f} | {o['flops_ratio']:.2f} | "
+                  f"{o['overhead']:.2f} |")
     if results.get("explain"):
         e = results["explain"]
         md += [f"\ntorch._dynamo.explain on one MoE layer: {e['graphs']} graph(s), {e['graph_breaks']} graph "
@@ -585,7 +589,8 @@ def main(argv=None):
         save(results, args.out)  # after every row: a run cut short keeps what it measured
 
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) as a training run has them
-    print(f"device: {results['meta']['device']}, torch {torch.__version__}, peak {results['meta']['peak_tflops']} TFLOP/s")
+    meta = results["meta"]
+    print(f"device: {meta['device']}, torch {torch.__version__}, peak {meta['peak_tflops']} TFLOP/s")
     sections = args.sections.split(",")
     if "layer" in sections:
         bench_layers(args, device, record)
