@@ -1,0 +1,750 @@
+"""
+The paper's two analyses at small scale, and the small measurements behind the classroom exercises.
+
+    python analyze.py sweep   --preset cpu --out-dir out/cpu   # Sec. 5.3, Fig. 4: the re-initialisation ratio r
+    python analyze.py routing --preset cpu --out-dir out/cpu   # Sec. 5.4, Fig. 5: where each domain's tokens go
+    python analyze.py router-grad --r 0 0.5                    # does the router learn from the LM loss at step 0?
+    python analyze.py overlap --r 0.5                          # Sec. 3.2.2: two experts share (1 - r)^2 of the neurons
+    python analyze.py exercises                                # the classroom exercises, as markdown
+
+sweep and routing take every train.py flag (--preset, --out-dir, --data, model and step overrides, ...) and hand
+them to train.py, so one --out-dir holds one dense model, every MoE run made from it, and the analyses of them.
+
+Read top to bottom:
+  1. routing statistics: load balance and domain specialisation (plain functions of counts, tested with known numbers)
+  2. sweep: r in {0, 0.1, 0.25, 0.5, 0.75, 1} from one dense model, plus r = 0.5 with independent index sets
+  3. routing: held-out text of each domain through each MoE, per layer and expert
+  4. router-grad and overlap: two measurements right after upcycling, no training needed
+  5. exercises
+  6. main: every expected failure becomes one line on stderr and a non-zero exit
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import train
+from dropupcycle import ModelConfig, Transformer, drop_upcycle, load_balancing_loss
+from train import Fail
+
+# -----------------------------------------------------------------------------
+# 1. Routing statistics
+#
+# counts[d, e]: how many of domain d's top-k assignments went to expert e (a token counts once in each of its k
+# slots). Normalising a row gives the domain's routing distribution, which sums to 1.
+
+
+def count_assignments(experts, n_experts):
+    """experts [N, k] chosen expert ids -> [n_experts] assignment counts, every top-k slot counted."""
+    return torch.bincount(experts.flatten(), minlength=n_experts)
+
+
+def entropy(p):
+    """Shannon entropy in nats of each distribution along the last axis (normalised first; 0 log 0 = 0)."""
+    p = np.asarray(p, dtype=np.float64)
+    p = p / p.sum(axis=-1, keepdims=True)
+    logs = np.log(np.where(p > 0, p, 1.0))
+    return -(p * logs).sum(axis=-1)
+
+
+def load_balance(usage):
+    """Entropy of the expert-usage distribution relative to uniform's, log(n_experts): 1 when every expert gets
+    the same share, 0 when all tokens go to one expert. (With top-k, all on k experts gives log(k)/log(E).)"""
+    return float(entropy(usage) / math.log(len(usage)))
+
+
+def js_divergence(distributions):
+    """Jensen-Shannon divergence in nats of the rows, equal weights: H(mean) - mean(H). 0 when every domain is
+    routed alike, log(n_domains) (log 2 = 0.693 for two) when the domains use disjoint sets of experts."""
+    d = np.asarray(distributions, dtype=np.float64)
+    d = d / d.sum(axis=-1, keepdims=True)
+    return float(max(entropy(d.mean(axis=0)) - entropy(d).mean(), 0.0))  # max: rounding can give -1e-17
+
+
+def routing_stats(counts):
+    """counts [domains, experts] of one layer -> per-domain distributions, overall usage, balance, JS.
+
+    Every domain contributes the same number of tokens, so the overall usage is the mean of the domains'
+    distributions: the "expert usage" that the balance score rates.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    dists = counts / counts.sum(axis=1, keepdims=True)
+    usage = dists.mean(axis=0)
+    return dict(dists=dists, usage=usage, balance=load_balance(usage), js=js_divergence(dists))
+
+
+# -----------------------------------------------------------------------------
+# 2. The r sweep (Sec. 5.3, Figure 4)
+
+PAPER_RS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+
+
+def sweep_runs(r_values):
+    """(init, r, independent index sets) of every run: naive (r = 0) always, as the reference of the difference
+    panel; drop for each r > 0; r = 0.5 with independent sets (the released code); scratch, for the routing."""
+    runs = [("naive", None, False)]
+    runs += [("drop", r, False) for r in sorted(set(r_values)) if r > 0]
+    return runs + [("drop", 0.5, True), ("scratch", None, False)]
+
+
+def train_argv_checked(train_argv, command):
+    for flag in ("--init", "--r", "--independent-indices", "--sample"):
+        if any(a == flag or a.startswith(flag + "=") for a in train_argv):
+            raise Fail(f"{command} chooses {flag} itself; pass the train.py flags that all its runs share"
+                       + (" (and --r-values for the ratios)" if flag == "--r" else ""))
+    return train_argv
+
+
+def sweep(opts, train_argv):
+    train_argv = train_argv_checked(train_argv, "sweep")
+    runs = sweep_runs(opts.r_values)
+    args = train.parse_args(train_argv)
+    for i, (init, r, independent) in enumerate([] if opts.report_only else runs):
+        argv = list(train_argv) + ["--init", init] + (["--r", f"{r:g}"] if init == "drop" else [])
+        argv += ["--independent-indices"] if independent else []
+        args = train.parse_args(argv)
+        print(f"\n===== sweep run {i + 1}/{len(runs)}: python train.py {shlex.join(argv)}", flush=True)
+        train.experiment(args)  # trains the dense model the first time; later runs (and reruns) reuse it
+    sweep_report(args, runs, "python analyze.py sweep " + shlex.join(opts.argv))
+
+
+def sweep_label(init, r, independent):
+    if init == "naive":
+        return "r = 0 (naive Upcycling)"
+    if init == "scratch":
+        return "MoE from scratch"
+    return f"r = {r:g}" + (", independent S per matrix" if independent else "")
+
+
+def sweep_report(args, runs, command):
+    """Figure (loss against MoE-phase tokens for every r, and minus naive) and table of one sweep's runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, curves = [], {}
+    for init, r, independent in runs:
+        name = train.run_name(init, r if r is not None else 0.0, not independent)
+        folder = os.path.join(args.out_dir, name)
+        if not os.path.exists(os.path.join(folder, "result.json")):
+            print(f"{name}: no finished run in {folder}, left out")
+            continue
+        with open(os.path.join(folder, "result.json")) as f:
+            result = json.load(f)
+        curves[name] = train.val_curve(os.path.join(folder, "log.csv"))
+        rows.append((name, init, r, independent, result))
+    if "moe-naive" not in curves or not os.path.exists(os.path.join(args.out_dir, "dense", "result.json")):
+        raise Fail(f"no finished dense and naive runs in {args.out_dir} "
+                   f"(with --report-only: pass the training's flags)")
+    with open(os.path.join(args.out_dir, "dense", "result.json")) as f:
+        dense = json.load(f)
+
+    naive_steps, _, naive_loss = curves["moe-naive"]
+    lines = ["| run | r | index sets | val loss right after upcycling | final val loss | minus naive | "
+             "below naive from step (tokens) on | wall time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, init, r, independent, result in rows:
+        steps, tokens, loss = curves[name]
+        vs, cross = "", ""
+        if name != "moe-naive" and np.array_equal(steps, naive_steps):
+            vs = f"{loss[-1] - naive_loss[-1]:+.4f}"
+            s = train.overtake_step(steps, loss - naive_loss)
+            cross = "never" if s is None else f"{s} ({s * result['tokens'] / result['steps'] / 1e6:.1f}M)"
+        r_text = "0" if init == "naive" else "-" if init == "scratch" else f"{r:g}"
+        sets = "independent" if independent else ("shared" if init == "drop" else "-")
+        lines.append(f"| {name} | {r_text} | {sets} | {loss[0]:.4f} | {result['final_val_loss']:.4f} | {vs} | "
+                     f"{cross} | {train.fmt_time(result['wall_time'])} |")
+    moe_tokens = rows[0][4]["tokens"]
+    header = (f"Re-initialisation ratio sweep (paper Sec. 5.3, Fig. 4). Validation loss in nats/token "
+              f"({args.tokenizer} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
+              f"final dense val loss {dense['final_val_loss']:.4f}) and {rows[0][4]['steps']} MoE steps "
+              f"({moe_tokens / 1e6:.1f}M tokens), same data order for every run; device {dense['device']}, "
+              f"seed {args.seed}.")
+    table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
+    train.atomic_write_text(os.path.join(args.out_dir, "sweep_summary.md"), table)
+    print("\n" + table)
+
+    # Figure: the paper's Fig. 4 (left) as validation loss against MoE-phase tokens, plus each run minus naive
+    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(13, 5))
+    plotted, late = [], []
+    for name, init, r, independent, result in rows:
+        if init == "scratch":
+            continue  # far above every upcycled run at this scale; it is in the table
+        steps, tokens, loss = curves[name]
+        color = "black" if init == "naive" else plt.cm.viridis(0.9 * r)
+        style = dict(color=color, ls="--" if independent else "-", label=sweep_label(init, r, independent))
+        ax.plot(tokens / 1e6, loss, **style)
+        late.extend(loss[1:] if len(loss) > 1 else loss)
+        if name != "moe-naive" and np.array_equal(steps, naive_steps):
+            ax_diff.plot(tokens / 1e6, loss - naive_loss, **style)
+            plotted.extend((loss - naive_loss)[1:])
+    ax.axhline(dense["final_val_loss"], color="gray", ls=":", lw=1, label="dense model at upcycling")
+    if late:  # zoom on the training: high-r runs start far above (their step-0 loss is in the table)
+        lo = min(late)
+        hi = max(np.percentile(late, 90), dense["final_val_loss"])
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+    ax.set_xlabel("MoE-phase tokens (M)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("loss against tokens for each r (paper Fig. 4, left)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_diff.axhline(0, color="black", lw=1)
+    if plotted:
+        lo, hi = min(min(plotted), 0), max(max(plotted), 0)
+        hi = min(hi, max(np.percentile(plotted, 90), 0) + 0.3 * (max(np.percentile(plotted, 90), 0) - lo) + 1e-3)
+        ax_diff.set_ylim(lo - 0.1 * (hi - lo) - 1e-3, hi + 0.1 * (hi - lo) + 1e-3)
+    ax_diff.set_xlabel("MoE-phase tokens (M)")
+    ax_diff.set_ylabel("val loss minus naive Upcycling's (below 0: better)")
+    ax_diff.set_title("difference to naive Upcycling")
+    ax_diff.legend(fontsize=8)
+    ax_diff.grid(alpha=0.3)
+    fig.suptitle(header, fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the 2-line title
+    path = os.path.join(args.out_dir, "sweep_loss.png")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    print(f"figure: {path} | table: {os.path.join(args.out_dir, 'sweep_summary.md')}")
+
+
+# -----------------------------------------------------------------------------
+# 3. Routing specialisation (Sec. 5.4, Figure 5, Appendix C.2)
+
+FIGURE_MODELS = ["moe-naive", "moe-drop-r0.5", "moe-scratch"]  # the paper's Fig. 5 columns
+
+
+def pretty(run):
+    """moe-drop-r0.5-indep -> 'Drop-Upcycling r=0.5, independent S', for figure titles."""
+    names = {"moe-naive": "naive Upcycling", "moe-scratch": "MoE from scratch"}
+    if run in names or not run.startswith("moe-drop-r"):
+        return names.get(run, run)
+    return "Drop-Upcycling r=" + run[len("moe-drop-r"):].replace("-indep", ", independent S")
+
+
+def domain_of(key, default_corpus):
+    """The domain of a corpus file: its language for the built-in corpus, its top folder under --data."""
+    if default_corpus:
+        language = train.language_of(key)
+        return None if language == "other" else language
+    parts = key.split("/")  # "data/<domain>/.../<file>"
+    return parts[1] if len(parts) > 2 else None
+
+
+def heldout_tokens(args, enc, max_tokens):
+    """{domain: token ids} from the validation files only (the same file split train.py uses), at most
+    max_tokens per domain, every file followed by <|endoftext|>."""
+    try:
+        files = train.list_files(args.data)
+    except OSError as e:
+        raise Fail(f"--data {args.data}: cannot list files ({e.strerror or e})")
+    _, val_files = train.select_files(files, args.corpus_mb)
+    tokens = {}
+    for key, path, _, _ in val_files:
+        domain = domain_of(key, args.data is None)
+        if domain is None or len(tokens.get(domain, [])) >= max_tokens:
+            continue
+        text = train.read_text(path)
+        if text:
+            tokens.setdefault(domain, []).extend(enc.encode_ordinary(text) + [enc.eot_token])
+    if len(tokens) < 2:
+        where = "the built-in corpus" if args.data is None else f"--data {args.data} (one subfolder per domain)"
+        found = ", ".join(sorted(tokens)) or "none"
+        raise Fail(f"routing needs held-out files of two or more domains, but the validation split of {where} has "
+                   f"{found}; give more files per domain (about 1 in 20 is held out)")
+    return {d: t[:max_tokens] for d, t in sorted(tokens.items())}
+
+
+def moe_run_folders(out_dir, fingerprint):
+    """Every finished MoE run in out_dir trained on this data, in reading order: naive, drop by r, scratch."""
+    found, skipped = [], []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        folder = os.path.join(out_dir, name)
+        if not all(os.path.exists(os.path.join(folder, f)) for f in ("result.json", "settings.json", "ckpt.pt")):
+            continue
+        with open(os.path.join(folder, "settings.json")) as f:
+            settings = json.load(f)
+        if settings.get("phase") != "moe":
+            continue
+        if settings.get("data") != fingerprint:
+            skipped.append(name)
+            continue
+        init, r = settings["init"], settings.get("r") or 0.0
+        found.append(((["naive", "drop", "scratch"].index(init) if init in ("naive", "drop", "scratch") else 3, r,
+                       not settings.get("shared_indices", True), name), name, folder))
+    if skipped:
+        print(f"skipping {', '.join(skipped)}: trained on other data than these flags give "
+              f"(pass the training's --data and --corpus-mb)")
+    return [(name, folder) for _, name, folder in sorted(found)]
+
+
+@torch.no_grad()
+def route_counts(model, tokens, seq_len, batch_size, device):
+    """Route the tokens through the model; counts [n_layer, n_experts] of top-k assignments per layer."""
+    cfg = model.config
+    counts = torch.zeros(cfg.n_layer, cfg.n_experts, dtype=torch.long)
+    hooks = []
+    for layer, block in enumerate(model.layers):
+        def hook(module, inputs, output, layer=layer):
+            router_logits = output[1]  # [B*T, E]: MoE.forward returns (y, router logits)
+            experts = router_logits.topk(module.top_k, dim=-1).indices  # the choice MoE.route makes
+            counts[layer] += count_assignments(experts, cfg.n_experts).cpu()
+        hooks.append(block.ffn.register_forward_hook(hook))
+    try:
+        T = min(seq_len, len(tokens))
+        windows = torch.tensor(tokens[: len(tokens) // T * T], dtype=torch.long).view(-1, T)
+        for i in range(0, len(windows), batch_size):
+            with train.autocast(device):
+                model(windows[i : i + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def routing(opts, train_argv):
+    args = train.parse_args(train_argv_checked(train_argv, "routing"))
+    if opts.report_only:
+        return routing_replot(opts, args)
+    if args.data is not None and not os.path.isdir(args.data):
+        raise Fail(f"routing needs text of two or more domains: the built-in corpus (Python vs C/C++) or "
+                   f"--data FOLDER with one subfolder per domain; --data {args.data} is not a folder")
+    device = train.resolve_device(args.device)
+    enc = train.get_tokenizer(args.tokenizer)
+    _, _, data_info = train.load_data(args, enc)  # the fingerprint that tells which runs used this data
+    runs = moe_run_folders(args.out_dir, data_info["fingerprint"])
+    if not runs:
+        raise Fail(f"no finished MoE run in {args.out_dir} trained on this data; train some first, e.g. "
+                   f"python analyze.py sweep {shlex.join(train_argv)}")
+    texts = heldout_tokens(args, enc, opts.routing_tokens)
+    n = min(len(t) for t in texts.values())  # the same number of tokens from every domain ...
+    n = n // min(args.seq_len, n) * min(args.seq_len, n)  # ... in whole windows of --seq-len
+    domains = list(texts)
+    print(f"routing {n:,} held-out tokens of each domain ({', '.join(domains)}) through {len(runs)} MoE models")
+
+    results = {}
+    for name, folder in runs:
+        ckpt = train.load_checkpoint(os.path.join(folder, "ckpt.pt"))
+        model = Transformer(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        model.to(device).eval()
+        per_domain = [route_counts(model, texts[d][:n], model.config.max_seq_len, args.batch_size, device)
+                      for d in domains]
+        counts = torch.stack(per_domain, dim=1).numpy()  # [n_layer, domains, experts]
+        layers = [routing_stats(c) for c in counts]
+        results[name] = dict(counts=counts, layers=layers, top_k=model.config.top_k, settings=ckpt["settings"],
+                             tokens=int(counts[0, 0].sum()) // model.config.top_k)  # the tokens actually routed
+        del model, ckpt
+
+    command = "python analyze.py routing " + shlex.join(opts.argv)
+    routing_report(args, results, domains, n, command, opts)
+
+
+def routing_replot(opts, args):
+    """Figure and tables again from routing_counts.json (no models, no data): e.g. with --all-layers or --models."""
+    path = os.path.join(args.out_dir, "routing_counts.json")
+    if not os.path.exists(path):
+        raise Fail(f"--report-only: no {path}; run python analyze.py routing without --report-only first")
+    with open(path) as f:
+        raw = json.load(f)
+    results = {name: dict(counts=np.array(r["counts"]), layers=[routing_stats(c) for c in np.array(r["counts"])],
+                          top_k=r["top_k"], tokens=r["tokens_per_domain"]) for name, r in raw.items()}
+    first = next(iter(raw.values()))
+    command = (f"{first.get('command', 'unknown command')}, re-plotted with "
+               f"python analyze.py routing {shlex.join(opts.argv)}")
+    routing_report(args, results, first["domains"], first["tokens_per_domain"], command, opts)
+
+
+def routing_report(args, results, domains, n_tokens, command, opts):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layer = len(next(iter(results.values()))["layers"])
+    header = (f"Routing of {n_tokens:,} held-out tokens per domain ({', '.join(domains)}; validation files only). "
+              f"Load balance: entropy of the expert-usage distribution / log(n_experts), 1 = uniform. Domain "
+              f"specialisation: Jensen-Shannon divergence of the domains' routing distributions, nats (0 = routed "
+              f"alike, log {len(domains)} = {math.log(len(domains)):.3f} = disjoint experts). Both top-k slots "
+              f"counted.")
+    lines = [header, "", f"Made with: `{command}`", ""]
+    for key, title in (("balance", "Load balance"), ("js", "Domain specialisation (JS divergence, nats)")):
+        # the balancing loss pools all layers' router logits (Mixtral form), so it sees only the usage summed over
+        # layers: that column can be near 1 while every layer sends its tokens to a few experts of its own
+        pooled = " | all layers pooled (what the balancing loss sees)" if key == "balance" else ""
+        lines += [f"{title}, per layer:", "",
+                  "| model | " + " | ".join(f"layer {i}" for i in range(n_layer)) + f" | mean{pooled} |",
+                  "| --- " * (n_layer + 2 + bool(pooled)) + "|"]
+        for name, res in results.items():
+            values = [layer[key] for layer in res["layers"]]
+            extra = f" {load_balance(sum(l['usage'] for l in res['layers'])):.3f} |" if pooled else ""
+            lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} |{extra}")
+        lines.append("")
+    table = "\n".join(lines)
+    train.atomic_write_text(os.path.join(args.out_dir, "routing_summary.md"), table)
+    print("\n" + table)
+    made_with = command.split(", re-plotted with")[0]  # a re-plot keeps the command that routed the tokens
+    raw = {name: dict(command=made_with, domains=domains, tokens_per_domain=res["tokens"], top_k=res["top_k"],
+                      counts=res["counts"].tolist(), balance=[l["balance"] for l in res["layers"]],
+                      js=[l["js"] for l in res["layers"]]) for name, res in results.items()}
+    train.atomic_write_text(os.path.join(args.out_dir, "routing_counts.json"), json.dumps(raw, indent=1))
+
+    # Figure like the paper's Fig. 5: one column per model, one row per layer; a bar group per expert, a bar
+    # per domain, height = fraction of that domain's tokens sent to that expert (the k slots sum to k).
+    models = [m for m in (opts.models or FIGURE_MODELS) if m in results] or list(results)[:3]
+    layers = list(range(n_layer)) if opts.all_layers else sorted({0, n_layer // 2, n_layer - 1})
+    fig, axes = plt.subplots(len(layers), len(models), figsize=(4.2 * len(models), 2.4 * len(layers) + 0.8),
+                             squeeze=False, sharey=True)
+    colors = plt.cm.tab10(np.arange(len(domains)))
+    width = 0.8 / len(domains)
+    for col, name in enumerate(models):
+        res = results[name]
+        n_experts = res["counts"].shape[2]
+        for row, layer in enumerate(layers):
+            ax, stats = axes[row, col], res["layers"][layer]
+            for d, domain in enumerate(domains):
+                fraction = stats["dists"][d] * res["top_k"]  # share of the domain's tokens: sums to top_k
+                ax.bar(np.arange(n_experts) + (d - (len(domains) - 1) / 2) * width, fraction, width,
+                       color=colors[d], label=domain)
+            ax.axhline(res["top_k"] / n_experts, color="black", ls=":", lw=1, label="uniform")
+            ax.set_xticks(np.arange(n_experts))
+            ax.set_title(f"{pretty(name)}, layer {layer}\nbalance {stats['balance']:.3f} | JS {stats['js']:.3f}",
+                         fontsize=8)
+            ax.tick_params(labelsize=7)
+            if col == 0:
+                ax.set_ylabel("fraction of tokens", fontsize=8)
+            if row == len(layers) - 1:
+                ax.set_xlabel("expert", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)  # below the plots: hides no bar
+    fig.suptitle(header, fontsize=7, wrap=True)
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.45 / height))  # room for the legend and the 3-line title
+    path = os.path.join(args.out_dir, "routing_specialisation.png")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    print(f"figure: {path} | tables: {os.path.join(args.out_dir, 'routing_summary.md')} | counts: "
+          f"{os.path.join(args.out_dir, 'routing_counts.json')}")
+
+
+# -----------------------------------------------------------------------------
+# 4. Two measurements right after upcycling: router gradient, neuron overlap
+
+
+def dense_for_probe(opts):
+    """A trained dense model from --dense-ckpt (train.py's out/.../dense/ckpt.pt), else a freshly initialised
+    one of the cpu preset's shape: the effects measured here follow from the construction, not the training."""
+    if opts.dense_ckpt:
+        path = os.path.join(opts.dense_ckpt, "ckpt.pt") if os.path.isdir(opts.dense_ckpt) else opts.dense_ckpt
+        if not os.path.exists(path):
+            raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there (train one: python train.py --init dense)")
+        ckpt = train.load_checkpoint(path)
+        cfg = ModelConfig(**ckpt["model_config"])
+        if cfg.is_moe:
+            raise Fail(f"--dense-ckpt {opts.dense_ckpt}: that is an MoE checkpoint; give the dense one (out/.../dense)")
+        model = Transformer(cfg)
+        model.load_state_dict(ckpt["model"])
+        return model, ckpt.get("tokenizer", "byte"), path
+    p = train.PRESETS["cpu"]
+    cfg = ModelConfig(vocab_size=257, d_model=p["d_model"], n_layer=p["n_layer"], n_head=p["n_head"],
+                      n_kv_head=p["n_kv_head"], d_ff=p["d_ff"], max_seq_len=p["seq_len"])
+    torch.manual_seed(opts.seed)
+    return Transformer(cfg), "byte", "a freshly initialised dense model of the cpu preset's shape (no --dense-ckpt)"
+
+
+def check_experts(opts):
+    if opts.n_experts < 2:
+        raise Fail(f"--n-experts must be at least 2, got {opts.n_experts}")
+    if not 1 <= opts.top_k <= opts.n_experts:
+        raise Fail(f"--top-k must be between 1 and --n-experts ({opts.n_experts}), got {opts.top_k}")
+
+
+def router_grad_norms(dense, r, n_experts, top_k, aux_loss_coef, x, y, seed=0):
+    """Gradient norms right after upcycling with ratio r (all layers together): of the routers' weights from the
+    LM loss and from aux_loss_coef x the balancing loss, and of the experts' weights from the LM loss."""
+    moe = drop_upcycle(dense, n_experts=n_experts, top_k=top_k, r=r, seed=seed)
+    router_logits = []
+    hooks = [b.ffn.register_forward_hook(lambda m, i, out: router_logits.append(out[1])) for b in moe.layers]
+    logits, _ = moe(x)
+    for h in hooks:
+        h.remove()
+    lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    aux_loss = aux_loss_coef * load_balancing_loss(torch.cat(router_logits), top_k)
+    routers = [b.ffn.router.weight for b in moe.layers]
+    experts = [w for b in moe.layers for w in (b.ffn.gate, b.ffn.up, b.ffn.down)]
+    grads = torch.autograd.grad(lm_loss, routers + experts, retain_graph=True)
+    aux_grads = torch.autograd.grad(aux_loss, routers, allow_unused=True, materialize_grads=True)
+    norm = lambda gs: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])).item()
+    return dict(lm_router=norm(grads[: len(routers)]), aux_router=norm(aux_grads),
+                lm_experts=norm(grads[len(routers) :]))
+
+
+def router_grad(opts):
+    """Why naive Upcycling's router learns nothing from the LM loss at first: with r = 0 every expert is the dense
+    FFN, so y = sum_i g_i(x) FFN(x) = FFN(x) whatever the gates are, and the loss cannot tell the router anything.
+    With top-1 routing the one gate is softmax over one logit, 1 at any r: no LM gradient ever."""
+    check_experts(opts)
+    dense, tokenizer, source = dense_for_probe(opts)
+    enc = train.get_tokenizer(tokenizer)
+    with open(__file__, encoding="utf-8") as f:  # any real text will do: this file is always at hand
+        ids = enc.encode_ordinary(f.read())
+    T = min(128, dense.config.max_seq_len)
+    batch = torch.tensor(ids[: 8 * (T + 1)], dtype=torch.long).view(8, T + 1)
+    print(f"dense model: {source}; {opts.n_experts} experts, top-{opts.top_k}; one batch of 8 x {T} tokens "
+          f"(the text of analyze.py); gradients at step 0, before any MoE update")
+    print(f"| r | router grad from LM loss | router grad from {opts.aux_loss_coef:g} x balancing loss | "
+          f"expert-weight grad from LM loss |")
+    print("| --- | --- | --- | --- |")
+    for r in opts.r:
+        x, y = batch[:, :-1], batch[:, 1:]
+        g = router_grad_norms(dense, r, opts.n_experts, opts.top_k, opts.aux_loss_coef, x, y, opts.seed)
+        print(f"| {r:g} | {g['lm_router']:.3e} | {g['aux_router']:.3e} | {g['lm_experts']:.3e} |")
+
+
+def overlap_stats(dense, r, n_experts, shared_indices, seed=0):
+    """Which FFN neurons are still the dense model's right after upcycling (Sec. 3.2.2), averaged over layers
+    and expert pairs. A neuron j of an expert is row j of W_gate and W_up and column j of W_down; a matrix keeps
+    it when that row (column) equals the dense one. Expected, with r' = floor(r d_ff) / d_ff: two experts keep the
+    same neuron in a matrix with probability (1 - r')^2; a neuron is intact in all three matrices with probability
+    1 - r' for shared index sets and (1 - r')^3 for independent ones; intact in both of two experts: squared."""
+    moe = drop_upcycle(dense, n_experts=n_experts, top_k=min(2, n_experts), r=r, seed=seed,
+                       shared_indices=shared_indices)
+    pair_kept, intact, pair_intact = [], [], []
+    for dense_block, moe_block in zip(dense.layers, moe.layers):
+        kept = []  # per matrix: [E, d_ff], True where the expert's neuron is the dense one
+        for name in ("gate", "up", "down"):
+            w_dense, w_experts = getattr(dense_block.ffn, name).weight, getattr(moe_block.ffn, name)
+            if name == "down":  # neuron j is column j of W_down: make it row j like the others
+                w_dense, w_experts = w_dense.T, w_experts.transpose(1, 2)
+            kept.append((w_experts == w_dense).all(dim=-1))
+        whole = kept[0] & kept[1] & kept[2]
+        intact.append(whole.float().mean().item())
+        for i in range(n_experts):
+            for j in range(i + 1, n_experts):
+                pair_kept.extend((k[i] & k[j]).float().mean().item() for k in kept)
+                pair_intact.append((whole[i] & whole[j]).float().mean().item())
+    keep = 1 - math.floor(r * dense.config.d_ff) / dense.config.d_ff
+    expected_intact = keep if shared_indices else keep**3
+    return dict(pair_kept=float(np.mean(pair_kept)), expected_pair_kept=keep**2, intact=float(np.mean(intact)),
+                expected_intact=expected_intact, pair_intact=float(np.mean(pair_intact)),
+                expected_pair_intact=expected_intact**2)
+
+
+def overlap(opts):
+    check_experts(opts)
+    dense, _, source = dense_for_probe(opts)
+    shared = not opts.independent_indices
+    print(f"dense model: {source}; {opts.n_experts} experts; {'shared' if shared else 'independent'} index sets")
+    print("| r | two experts keep the same neuron, per matrix | expected (1-r)^2 | neurons intact in all 3 matrices, "
+          "per expert | expected | intact in both of two experts | expected |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in opts.r:
+        o = overlap_stats(dense, r, opts.n_experts, shared, opts.seed)
+        print(f"| {r:g} | {o['pair_kept']:.4f} | {o['expected_pair_kept']:.4f} | {o['intact']:.4f} | "
+              f"{o['expected_intact']:.4f} | {o['pair_intact']:.4f} | {o['expected_pair_intact']:.4f} |")
+
+
+# -----------------------------------------------------------------------------
+# 5. Classroom exercises
+#
+# The single source of the README's "Exercises" section (python analyze.py exercises prints it) and of the test
+# that runs every CPU command for a few steps. Commands run from the repository root; later ones reuse the
+# dense model and runs that earlier ones left in out/cpu.
+
+EXERCISES = [
+    dict(
+        title="What does the re-initialisation ratio r trade off? (Sec. 5.3, Fig. 4)",
+        question="From one dense model, train MoEs with r = 0, 0.1, 0.25, 0.5, 0.75 and 1 on the same data. Which r "
+                 "starts best, which learns fastest, which ends best at this scale?",
+        commands=["python analyze.py sweep --preset cpu --out-dir out/cpu"],
+        look_for="out/cpu/sweep_loss.png and sweep_summary.md. The loss right after upcycling rises with r (less of "
+                 "the dense model is kept); the slope afterwards is steeper for larger r. The paper's best, r = 0.5, "
+                 "needs long training to win: note where (or whether) each curve in the right panel crosses zero, and "
+                 "compare with the GPU run in figures/sweep_gpu_*. About 6 minutes on 2 idle CPU cores.",
+    ),
+    dict(
+        title="Why does naive Upcycling's router learn nothing from the language-modelling loss at first?",
+        question="Right after upcycling, how large is the router's gradient from the LM loss with r = 0, and with "
+                 "r = 0.1 or 0.5? Where does the router's gradient at r = 0 come from?",
+        commands=["python analyze.py router-grad --r 0 0.1 0.5 --dense-ckpt out/cpu/dense"],
+        look_for="With r = 0 every expert is the same FFN, so y = g_1 FFN(x) + g_2 FFN(x) = FFN(x) for any gates: the "
+                 "LM gradient of the router is 0 (up to float rounding) and only the balancing loss moves it. Any "
+                 "r > 0 makes the experts differ and gives the router a real LM gradient from step 0.",
+    ),
+    dict(
+        title="Top-1 against top-2 routing",
+        question="With one expert per token, does the router get an LM gradient at r = 0.5? How do the loss and the "
+                 "routing of a top-1 MoE compare with top-2?",
+        commands=["python analyze.py router-grad --r 0 0.5 --top-k 1 --dense-ckpt out/cpu/dense",
+                  "python train.py --preset cpu --init drop --r 0.5 --top-k 1 --out-dir out/cpu-top1",
+                  "python analyze.py routing --preset cpu --out-dir out/cpu-top1"],
+        look_for="The gate of a top-1 token is softmax over one logit, always 1, so the LM gradient of the router is "
+                 "exactly 0 at every r (Mixtral-style renormalised gates; Switch Transformer multiplies by the "
+                 "un-renormalised probability instead, which does pass a gradient). The router learns from the "
+                 "balancing loss alone. Compare the final loss in out/cpu-top1/summary.md with moe-drop-r0.5 in "
+                 "out/cpu/sweep_summary.md (top-1 also runs half the expert FLOPs per token), and the balance and JS "
+                 "columns of the two routing_summary.md files.",
+    ),
+    dict(
+        title="How many dense neurons do two experts share? (Sec. 3.2.2)",
+        question="Measure, right after upcycling, the fraction of FFN neurons two experts both keep from the dense "
+                 "model, for several r. Does it follow (1 - r)^2?",
+        commands=["python analyze.py overlap --r 0.1 0.25 0.5 0.75 1 --dense-ckpt out/cpu/dense"],
+        look_for="The per-matrix pair overlap sits on (1 - r)^2 (exactly so in expectation, with r rounded down to a "
+                 "whole number of neurons): at r = 0.5 two experts share a quarter of the dense neurons, so they "
+                 "start related but different.",
+    ),
+    dict(
+        title="One index set for all three matrices, or one per matrix?",
+        question="The paper's text drops the same neurons S in W_gate, W_up and W_down; the authors' released code "
+                 "draws a separate S for each. How many neurons stay fully intact in each case, and does it change "
+                 "training?",
+        commands=["python analyze.py overlap --r 0.5",
+                  "python analyze.py overlap --r 0.5 --independent-indices",
+                  "python train.py --preset cpu --init drop --r 0.5 --independent-indices --out-dir out/cpu"],
+        look_for="Per matrix both keep (1 - r)^2 between two experts, but with independent sets only (1 - r)^3 = 12.5% "
+                 "of an expert's neurons are intact in all three matrices (against 50%), and only r^3 are fully new: "
+                 "most neurons are part old, part new. Compare moe-drop-r0.5 and moe-drop-r0.5-indep in "
+                 "out/cpu/sweep_summary.md (the sweep already trained both; the train.py command reuses them).",
+    ),
+    dict(
+        title="Switch the balancing loss off",
+        question="Train naive Upcycling and Drop-Upcycling with --aux-loss-coef 0. What happens to the expert usage?",
+        commands=["python train.py --preset cpu --init naive --aux-loss-coef 0 --out-dir out/cpu-noaux",
+                  "python train.py --preset cpu --init drop --r 0.5 --aux-loss-coef 0 --out-dir out/cpu-noaux",
+                  "python analyze.py routing --preset cpu --out-dir out/cpu-noaux"],
+        look_for="The load-balance tables of out/cpu-noaux/routing_summary.md against out/cpu/routing_summary.md: "
+                 "without the loss nothing pulls tokens back to little-used experts, so usage drifts towards a few "
+                 "experts (1.0 is uniform; log(2)/log(8) = 0.33 would be everything on two experts); how far it gets "
+                 "in 240 steps is the question. With r = 0 the router starts with no gradient at all (exercise 2). "
+                 "Then look at the last column, 'all layers pooled': the balancing loss pools all layers' router "
+                 "logits, so it only sees that column, which can be near 1 while each layer uses a few experts of its "
+                 "own (figures/routing_gpu_summary.md, naive Upcycling). The --aux-loss-coef is part of the model's "
+                 "settings, so these runs need their own --out-dir (and train their own dense model).",
+    ),
+    dict(
+        title="A shorter or longer dense phase: where does the crossover move?",
+        question="Drop-Upcycling gives up part of the dense model's knowledge for faster learning. If the dense model "
+                 "knows less (fewer dense steps), does r = 0.5 catch up with naive Upcycling sooner?",
+        commands=["python train.py --preset cpu --init naive --dense-steps 100 --out-dir out/cpu-dense100",
+                  "python train.py --preset cpu --init drop --r 0.5 --dense-steps 100 --out-dir out/cpu-dense100",
+                  "python train.py --preset cpu --init naive --dense-steps 1600 --out-dir out/cpu-dense1600",
+                  "python train.py --preset cpu --init drop --r 0.5 --dense-steps 1600 --out-dir out/cpu-dense1600"],
+        look_for="The 'vs naive' and 'overtakes naive at step' columns of each folder's summary.md and the right panel "
+                 "of its loss_curves.png, against out/cpu (400 dense steps). A weaker dense model leaves less to lose, "
+                 "so the crossover should come earlier; a stronger one pushes it later. On a GPU: python analyze.py "
+                 "sweep --preset gpu --dense-steps 1000 --out-dir out/gpu-dense1000.",
+    ),
+    dict(
+        title="Do experts specialise by domain? (Sec. 5.4, Fig. 5)",
+        question="Route held-out Python and C/C++ text through naive, Drop-Upcycling (r = 0.5) and from-scratch MoEs. "
+                 "Which routes more evenly, and which sends the two languages to different experts?",
+        commands=["python analyze.py routing --preset cpu --out-dir out/cpu"],
+        look_for="out/cpu/routing_specialisation.png (first, middle and last layer; --all-layers for every layer, as "
+                 "in the paper's Appendix C.2) and the two tables of routing_summary.md: load balance (1 = uniform) "
+                 "and JS divergence between the languages (0 = routed alike, 0.693 = disjoint experts). The paper "
+                 "finds naive Upcycling less balanced and less domain-specific than the other two; check whether "
+                 "that holds here and in figures/routing_gpu_*.",
+    ),
+]
+
+
+def exercises_markdown():
+    out = ["## Exercises", "",
+           "Each exercise is a question, the commands that answer it (run from the repository root, CPU-sized: "
+           "minutes on a laptop) and what to look for. Run exercise 1 first: later ones reuse its dense model and "
+           "runs in `out/cpu`. `test_analyze.py` runs every command below for a few steps, so they stay valid. "
+           "Reference answers from one CPU run: `figures/sweep_cpu_exercises.md`.", ""]
+    for i, ex in enumerate(EXERCISES, 1):
+        out += [f"### {i}. {ex['title']}", "", ex["question"], "", "```bash", *ex["commands"], "```", "",
+                f"*Look for:* {ex['look_for']}", ""]
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# 6. Main
+
+
+def parse_args(argv):
+    p = train.OneLineParser(prog="analyze.py",
+                            description="The paper's analyses (r sweep, routing) and exercise helpers.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,routing,router-grad,overlap,exercises}")
+    s = sub.add_parser("sweep", allow_abbrev=False,
+                       help="Sec. 5.3: MoE runs for every r from one dense model; figure + table",
+                       description="MoE runs for every r (plus r = 0.5 with independent index sets, and from scratch) "
+                                   "from one dense model, then sweep_loss.png and sweep_summary.md in --out-dir. Every "
+                                   "other flag goes to train.py (see python train.py --help).")
+    s.add_argument("--r-values", type=train.unit_float, nargs="+", default=PAPER_RS, metavar="R",
+                   help="ratios to train (default: the paper's 0 0.1 0.25 0.5 0.75 1)")
+    s.add_argument("--report-only", action="store_true", help="no training: figure and table of the finished runs")
+    s = sub.add_parser("routing", allow_abbrev=False, help="Sec. 5.4: routing statistics of every MoE run in --out-dir",
+                       description="Routes held-out text of each domain through every finished MoE run in --out-dir; "
+                                   "writes routing_specialisation.png, routing_summary.md and routing_counts.json. "
+                                   "Pass the data flags the runs were trained with (--preset, --data, --corpus-mb, "
+                                   "--tokenizer); every other flag goes to train.py.")
+    s.add_argument("--routing-tokens", type=train.positive_int, default=65536,
+                   help="held-out tokens per domain (default 65536)")
+    s.add_argument("--models", nargs="+", metavar="RUN",
+                   help=f"runs in the figure (default: {' '.join(FIGURE_MODELS)})")
+    s.add_argument("--all-layers", action="store_true", help="every layer in the figure, not only first, middle, last")
+    s.add_argument("--report-only", action="store_true",
+                   help="no routing: figure and tables again from routing_counts.json")
+    for name, helptext in (("router-grad", "router gradient from the LM loss right after upcycling"),
+                           ("overlap", "fraction of dense neurons two experts share right after upcycling")):
+        s = sub.add_parser(name, allow_abbrev=False, help=helptext, description=helptext)
+        s.add_argument("--r", type=train.unit_float, nargs="+", default=[0.0, 0.5], metavar="R",
+                       help="ratios (default 0 0.5)")
+        s.add_argument("--dense-ckpt", metavar="PATH", help="a dense checkpoint (file or folder, e.g. out/cpu/dense); "
+                                                            "default: a fresh model of the cpu preset's shape")
+        s.add_argument("--n-experts", type=train.positive_int, default=8, help="experts per layer (default 8)")
+        s.add_argument("--seed", type=train.nonneg_int, default=0,
+                       help="seed of the upcycling (and of the fresh model)")
+        if name == "router-grad":
+            s.add_argument("--top-k", type=train.positive_int, default=2, help="experts per token (default 2)")
+            s.add_argument("--aux-loss-coef", type=train.nonneg_float, default=0.02,
+                           help="balancing-loss weight (default 0.02)")
+        else:
+            s.add_argument("--independent-indices", action="store_true",
+                           help="a separate S per matrix (the released code)")
+            s.set_defaults(top_k=2)
+    sub.add_parser("exercises", allow_abbrev=False, help="print the classroom exercises (markdown)")
+    opts, rest = p.parse_known_args(argv)
+    if rest and opts.command not in ("sweep", "routing"):
+        raise Fail(f"unrecognized arguments: {' '.join(rest)} (see python analyze.py {opts.command} --help)")
+    opts.argv = list(argv)[1:]  # what followed the command: recorded in the tables
+    return opts, rest
+
+
+def main(argv=None):
+    signal.signal(signal.SIGINT, train.on_signal)  # Ctrl-C in a sweep saves a checkpoint, as in train.py
+    signal.signal(signal.SIGTERM, train.on_signal)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        opts, rest = parse_args(argv)
+        if opts.command == "sweep":
+            sweep(opts, rest)
+        elif opts.command == "routing":
+            routing(opts, rest)
+        elif opts.command == "router-grad":
+            router_grad(opts)
+        elif opts.command == "overlap":
+            overlap(opts)
+        else:
+            print(exercises_markdown())
+    except Fail as e:
+        print(f"analyze.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("analyze.py: interrupted (finished runs and checkpoints are kept; rerun the same command, adding "
+              "--resume for an unfinished run)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
