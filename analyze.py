@@ -566,7 +566,7 @@ EXERCISES = [
         look_for="out/cpu/sweep_loss.png and sweep_summary.md. The loss right after upcycling rises with r (less of "
                  "the dense model is kept); the slope afterwards is steeper for larger r. The paper's best, r = 0.5, "
                  "needs long training to win: note where (or whether) each curve in the right panel crosses zero, and "
-                 "compare with the GPU run in figures/sweep_gpu_*. About 6 minutes on 2 idle CPU cores.",
+                 "compare with the GPU run in figures/sweep_gpu_*. Nine training runs: minutes on 2 CPU cores.",
     ),
     dict(
         title="Why does naive Upcycling's router learn nothing from the language-modelling loss at first?",
