@@ -659,7 +659,7 @@ def exercises_markdown():
     out = ["## Exercises", "",
            "Each exercise is a question, the commands that answer it (run from the repository root, CPU-sized: "
            "minutes on a laptop) and what to look for. Run exercise 1 first: later ones reuse its dense model and "
-           "runs in `out/cpu`. `test_analyze.py` runs every command below for a few steps, so they stay valid. "
+           "runs in `out/cpu`. `test_dropupcycle.py` runs every command below for a few steps, so they stay valid. "
            "Reference answers from one CPU run: `figures/sweep_cpu_exercises.md`.", ""]
     for i, ex in enumerate(EXERCISES, 1):
         out += [f"### {i}. {ex['title']}", "", ex["question"], "", "```bash", *ex["commands"], "```", "",
