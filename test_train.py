@@ -433,3 +433,17 @@ def test_cuda_oom_is_reported_with_sizes_and_a_suggestion(corpus, tmp_path, caps
     code, _, err = run_main(["--init", "dense", *tiny(corpus, tmp_path)], capsys)
     line = assert_one_line_error(code, err)
     assert "4 x 32 = 128 tokens" in line and "--batch-size 2 --grad-accum 2" in line
+
+
+def test_compile_keeps_the_moe_expert_function_eager(monkeypatch):
+    # compiled, the grouped-GEMM expert function drifted from eager mode on the H100 (figures/crossover_summary.md)
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the real compile takes too long for a CPU test
+    cfg = train.ModelConfig(vocab_size=257, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
+                            n_experts=4)
+    model = train.Transformer(cfg)
+    args = train.parse_args(["--compile", "--device", "cpu"])
+    x = torch.randint(0, 257, (2, 16))
+    assert train.maybe_compile(model, args, (x, x), "moe") is model
+    for block in model.layers:
+        assert "experts_grouped" in vars(block.ffn)  # an eager (compiler-disabled) wrapper on this instance only
+    assert "experts_grouped" not in vars(train.Transformer(cfg).layers[0].ffn)

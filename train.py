@@ -47,12 +47,16 @@ PRESETS = {
         eval_interval=40, eval_batches=8, log_interval=20, ckpt_interval=200,
         corpus_mb=8.0, compile=False,
     ),
-    # One H100: the whole --init all, compile included, in about 8 minutes (see figures/ for the reference run).
+    # One H100: the whole --init all, compile included, in 5-7 minutes (figures/crossover_summary.md). A small
+    # model (4.3M dense params; MoE 26M, 7.5M active) at 65k tokens a step sees many tokens per parameter: the dense
+    # model 131M (30 per parameter: trained long, like the paper's dense models), each MoE init 131M, enough for
+    # drop r=0.5 to overtake naive Upcycling at about a third of the MoE phase. The learning rates keep the paper's
+    # ratios (Appendix A.4): MoE peak 2/3 of the dense peak and about 7x the dense model's final learning rate.
     "gpu": dict(
-        d_model=384, n_layer=6, n_head=6, n_kv_head=6, d_ff=1024, n_experts=8, top_k=2, seq_len=512,
-        batch_size=64, grad_accum=1,
-        dense_steps=3000, dense_lr=2e-3, dense_warmup=100,
-        moe_steps=3000, moe_lr=1e-3, moe_warmup=100,
+        d_model=256, n_layer=4, n_head=4, n_kv_head=4, d_ff=1024, n_experts=8, top_k=2, seq_len=512,
+        batch_size=128, grad_accum=1,
+        dense_steps=2000, dense_lr=3e-3, dense_warmup=100,
+        moe_steps=2000, moe_lr=2e-3, moe_warmup=100,
         eval_interval=100, eval_batches=10, log_interval=50, ckpt_interval=1000,
         corpus_mb=0.0, compile=True,
     ),
@@ -795,9 +799,17 @@ def common_settings(args, data_info):
 
 def maybe_compile(model, args, check_batch, name):
     """model itself, or its torch.compile wrapper once that is seen to compute the same function on one
-    validation batch (else a warning, and eager mode: slower, never wrong)."""
+    validation batch (else a warning, and eager mode: slower, never wrong).
+
+    The MoE's grouped-GEMM expert function stays eager: compiled (PyTorch 2.11, H100) it drifted from eager mode
+    by about one bf16 rounding per element, which compounded over the layers to 0.015 nats at the upcycling point
+    (a naive-upcycled model no longer reproduced its dense parent's loss). Everything around it is compiled.
+    """
     if not args.compile:
         return model
+    for block in model.layers:
+        if model.config.is_moe:  # per instance, so other users of dropupcycle.MoE are not affected
+            block.ffn.experts_grouped = torch.compiler.disable(block.ffn.experts_grouped)
     compiled = torch.compile(model)
     x, y = check_batch
     model.eval()
@@ -805,7 +817,7 @@ def maybe_compile(model, args, check_batch, name):
         losses = [F.cross_entropy(m(x)[0].float().view(-1, model.config.vocab_size), y.reshape(-1)).item() for m in (model, compiled)]
     model.train()
     print(f"[{name}] torch.compile check on a validation batch: loss {losses[1]:.4f} compiled, {losses[0]:.4f} eager")
-    if not abs(losses[1] - losses[0]) < 0.02:
+    if not abs(losses[1] - losses[0]) < 0.005:  # bf16 differences are ~1e-3
         print(f"[{name}] WARNING: the compiled model disagrees with eager mode: training this model without compile")
         return model
     return compiled
@@ -984,39 +996,33 @@ def report(args, dense_run, moe_runs):
     # figure: (left) loss against tokens, dense then every MoE init, as the paper's Fig. 3 top row, with an inset
     # on the second half of the MoE phase; (right) each init's loss minus naive Upcycling's: the crossover is where
     # a curve goes below zero
-    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (ax, ax_zoom, ax_diff) = plt.subplots(1, 3, figsize=(19, 5.5), gridspec_kw=dict(width_ratios=[1.2, 1, 1]))
     label_of = lambda name: LABELS.get(name, f"Drop-Upcycling (r={name.split('-r')[-1]})")
     d_steps, d_tokens, d_loss = curves["dense"]
-    ax.plot(d_tokens / 1e6, d_loss, color="black", label="dense")
-    for name in runs:
-        steps, tokens, loss = curves[name]
-        ax.plot((dense_tokens + tokens) / 1e6, loss, color=COLORS.get(name), label=label_of(name))
-    ax.axvline(dense_tokens / 1e6, color="black", ls=":", lw=1)
+    for a in (ax, ax_zoom):
+        a.plot(d_tokens / 1e6, d_loss, color="black", label="dense")
+        for name in runs:
+            steps, tokens, loss = curves[name]
+            a.plot((dense_tokens + tokens) / 1e6, loss, color=COLORS.get(name), label=label_of(name))
+        a.axvline(dense_tokens / 1e6, color="black", ls=":", lw=1)
+        a.set_xlabel("training tokens (M): dense phase, then MoE phase")
+        a.grid(alpha=0.3)
     ax.text(dense_tokens / 1e6, 0.02, " upcycling", transform=ax.get_xaxis_transform(), va="bottom", fontsize=8)
     # y range: from the best loss up to the dense loss a tenth into its training (the first steps are off the chart)
     everything = np.concatenate([d_loss] + [curves[name][2] for name in runs])
     lo, hi = everything.min(), d_loss[min(len(d_loss) - 1, max(1, len(d_loss) // 10))]
     ax.set_ylim(lo - 0.03 * (hi - lo), hi)
-    ax.set_xlabel("training tokens (M): dense phase, then MoE phase")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("dense -> MoE: validation loss")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    upcycled = [name for name in runs if name != "moe-scratch"]
-    if upcycled and len(curves[upcycled[0]][0]) >= 4:  # inset: second half of the MoE phase, upcycled inits
-        inset = ax.inset_axes([0.45, 0.55, 0.52, 0.4])
-        window = []
-        for name in runs:
-            steps, tokens, loss = curves[name]
-            half = len(steps) // 2
-            inset.plot((dense_tokens + tokens[half:]) / 1e6, loss[half:], color=COLORS.get(name))
-            if name in upcycled:
-                window.extend(loss[half:])
-        pad = 0.1 * (max(window) - min(window)) + 1e-4
-        inset.set_ylim(min(window) - pad, max(window) + pad)
-        inset.set_title("second half of the MoE phase", fontsize=7)
-        inset.tick_params(labelsize=7)
-        inset.grid(alpha=0.3)
+    ax.set_title("dense, then each MoE init: validation loss")
+    ax.legend(fontsize=8, loc="upper right")
+    # zoom: from the upcycling point on, y range set by the upcycled inits after their first tenth of the MoE phase
+    upcycled = [name for name in runs if name != "moe-scratch"] or list(runs)
+    window = [v for name in upcycled for v in curves[name][2][max(1, len(curves[name][2]) // 10):]] or list(d_loss[-3:])
+    pad = 0.08 * (max(window) - min(window)) + 1e-4
+    ax_zoom.set_ylim(min(window) - pad, max(window) + pad)
+    ax_zoom.set_xlim(dense_tokens / 1e6 - 0.03 * args.moe_steps * results["dense"]["tokens"] / results["dense"]["steps"] / 1e6,
+                     None)
+    ax_zoom.set_title("zoom on the MoE phase")
     if naive is not None and len(runs) > 1:
         finals = []
         for name in runs:
