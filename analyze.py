@@ -19,7 +19,6 @@ Read top to bottom:
   6. main: every expected failure becomes one line on stderr and a non-zero exit
 """
 
-import argparse
 import json
 import math
 import os
