@@ -948,6 +948,12 @@ def test_default_corpus_is_this_pythons_source_code():
     languages = {train.language_of(f[0]) for f in files}
     assert "python" in languages and len(files) > 100
     assert any(f[0].endswith("json/decoder.py") for f in files)  # the standard library is in
+    # installed packages are listed once, from purelib/platlib: never through stdlib's site-packages, where a
+    # virtual environment's base Python keeps twins of them (same file on both sides of the split)
+    assert not [f[0] for f in files if f[0].split("/")[1] in ("site-packages", "dist-packages")]
+    assert any(f[0].startswith(("purelib/", "platlib/")) for f in files)
+    names = [f[0].split("/", 1)[1] for f in files]
+    assert len(names) == len(set(names))  # no file twice under two roots
 
 
 def test_token_cache_holds_whole_files_is_reused_and_rebuilt_when_data_change(train_corpus, tmp_path, capsys):

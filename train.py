@@ -248,6 +248,11 @@ def list_files(data):
     for label, root in roots:
         for folder, dirs, names in os.walk(root, onerror=None):
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+            if data is None and label in ("stdlib", "platstdlib") and folder == root:
+                # installed packages come from purelib/platlib only: in a virtual environment the base Python's
+                # site-packages (inside stdlib) holds twins of the venv's packages, which would put copies of the
+                # same file on both sides of the train/val split
+                dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages")]
             for name in sorted(names):
                 path = os.path.join(folder, name)
                 if name.startswith(".") or (wanted is not None and os.path.splitext(name)[1].lower() not in wanted):
@@ -303,7 +308,7 @@ def write_tokens(files, enc, out_path):
             nonlocal n_tokens, n_files
             texts = [t for t in (read_text(path) for path in batch) if t]
             if enc.name == "byte":
-                # the byte tokenizer's ids are exactly the UTF-8 bytes (test_train.py checks this against tiktoken):
+                # the byte tokenizer's ids are exactly the UTF-8 bytes (test_dropupcycle.py checks this against tiktoken):
                 # numpy gets them 10x faster than tiktoken's Python lists
                 encoded = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
             else:
