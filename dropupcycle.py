@@ -5,7 +5,7 @@ Read top to bottom next to the paper:
   1. ModelConfig                  - Table 4's columns
   2. RMSNorm, RoPE, Attention     - the Llama backbone (Appendix A.3)
   3. SwiGLU                       - the dense FFN, Eq. 1
-  4. MoE, load_balancing_loss     - the Mixtral layer, Eq. 2-3, and its auxiliary loss
+  4. MoE, load_balancing_loss     - the Mixtral layer, Eq. 2-3, and its auxiliary loss (App. A.4, Sec. 5.4)
   5. Transformer                  - dense (Llama) when n_experts == 1, MoE (Mixtral) otherwise
   6. drop_upcycle                 - Sec. 3: expert replication + diversity re-initialisation (Eq. 4)
   7. flops_per_token              - Appendix A.1, Table 3
@@ -224,7 +224,8 @@ class MoE(nn.Module):
 
 
 def load_balancing_loss(router_logits, top_k):
-    """Switch/Mixtral auxiliary loss over router logits [N, E] pooled from all MoE layers.
+    """Switch/Mixtral auxiliary loss over router logits [N, E] pooled from all MoE layers ("applied to all
+    layers collectively", Sec. 5.4), weighted by 0.02 in training (App. A.4).
 
     aux = E * sum_i f_i * P_i, f_i: fraction of top-k assignments to expert i (both slots counted, so
     sum_i f_i = top_k), P_i: mean router probability of expert i. Perfect balance gives aux = top_k;
@@ -331,7 +332,9 @@ def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True
     re-initialisation of a fraction r of every expert's FFN neurons. r = 0 is naive Upcycling.
 
     shared_indices=True drops the same neurons S in gate, up and down (the paper's text); False draws an
-    independent S per matrix (the authors' released code, which produced the paper's results).
+    independent S per matrix (the authors' released code, which produced the paper's results). Either way two
+    experts share about (1 - r)^2 of each matrix's dense neurons (Sec. 3.2.2); with shared sets a fraction
+    (1 - r) of an expert's neurons is intact in all three matrices, with independent ones only (1 - r)^3.
     The dense model is left untouched. Step 3, continued training, is train.py's job.
     """
     if not 0.0 <= r <= 1.0:
@@ -340,6 +343,8 @@ def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True
         raise ValueError("drop_upcycle needs a dense model (n_experts == 1)")
     cfg = replace(dense.config, n_experts=n_experts, top_k=top_k)  # validates n_experts and top_k
     param = next(dense.parameters())
+    # (its N(0, 0.02) init draws from torch's global generator; every value that survives below comes from
+    # the dense model or from the two seeded streams)
     moe = Transformer(cfg).to(device=param.device, dtype=param.dtype)
     # two independent random streams, so runs that differ only in r start from the same router
     router_rng = torch.Generator().manual_seed(2 * seed)
@@ -347,21 +352,22 @@ def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True
 
     # Sec. 3.2, expert replication: every non-FFN weight is copied as is ...
     dense_state = dense.state_dict()
-    moe.load_state_dict({k: v for k, v in dense_state.items() if ".ffn." not in k}, strict=False)
+    missing, unexpected = moe.load_state_dict({k: v for k, v in dense_state.items() if ".ffn." not in k}, strict=False)
+    assert not unexpected and all(".ffn." in k for k in missing)  # only the FFNs are left to fill in
     with torch.no_grad():
         for dense_block, moe_block in zip(dense.layers, moe.layers):
-            ffn, experts = dense_block.ffn, moe_block.ffn
+            ffn, moe_ffn = dense_block.ffn, moe_block.ffn
             # ... the router is new: U(-0.0346, 0.0346), std 0.02 (Appendix C.1) ...
             bound = 0.02 * math.sqrt(3)
-            router = torch.empty(experts.router.weight.shape).uniform_(-bound, bound, generator=router_rng)
-            experts.router.weight.copy_(router)
+            router = torch.empty(moe_ffn.router.weight.shape).uniform_(-bound, bound, generator=router_rng)
+            moe_ffn.router.weight.copy_(router)
             # ... and W_gate^(i) = W_gate, W_up^(i) = W_up, W_down^(i) = W_down for every expert i
-            experts.gate.copy_(ffn.gate.weight.expand_as(experts.gate))
-            experts.up.copy_(ffn.up.weight.expand_as(experts.up))
-            experts.down.copy_(ffn.down.weight.expand_as(experts.down))
+            moe_ffn.gate.copy_(ffn.gate.weight.expand_as(moe_ffn.gate))
+            moe_ffn.up.copy_(ffn.up.weight.expand_as(moe_ffn.up))
+            moe_ffn.down.copy_(ffn.down.weight.expand_as(moe_ffn.down))
             # Sec. 3.2.1, diversity re-initialisation, for every expert of every layer
             for i in range(n_experts):
-                diversity_reinit(experts.gate[i], experts.up[i], experts.down[i], r, shared_indices, drop_rng)
+                diversity_reinit(moe_ffn.gate[i], moe_ffn.up[i], moe_ffn.down[i], r, shared_indices, drop_rng)
     return moe
 
 
@@ -375,10 +381,10 @@ def diversity_reinit(w_gate, w_up, w_down, r, shared_indices, rng):
     n_drop = math.floor(r * d_ff)
     if n_drop == 0:
         return  # naive Upcycling
-    # Step 1: S, a random subset of floor(r * d_ff) of the d_ff intermediate indices
+    # Step 1: S, a random subset of floor(r * d_ff) of the d_ff intermediate indices ...
     S = torch.randperm(d_ff, generator=rng)[:n_drop]
     for w in (w_gate, w_up, w_down.T):
-        if not shared_indices:
+        if not shared_indices:  # ... or, as in the released code, a fresh S for each matrix
             S = torch.randperm(d_ff, generator=rng)[:n_drop]
         dropped = w[S.to(w.device)].float()  # [n_drop, d_model]
         # Step 2: two scalars per matrix, mean and std of the dropped slice only
@@ -401,11 +407,11 @@ def flops_per_token(config, seq_len):
     s = seq_len
     embeddings = 2 * s * v * d_h
     attention = (
-        4 * s * d_h * d_k * n_q  # key and value projections
-        + 2 * s * d_h * d_k * n_h  # query projection
-        + 2 * s * s * d_k * n_h  # key @ query logits
-        + 2 * s * s * d_k * n_h  # attention matrix @ values
-        + 2 * s * d_k * n_h * d_h  # output projection
+        4 * s * d_h * d_k * n_q  # "key and value projections"
+        + 2 * s * d_h * d_k * n_h  # "query projections"
+        + 2 * s * s * d_k * n_h  # "key @ query logits"
+        + 2 * s * s * d_k * n_h  # "attention matrix computation": attention weights @ values
+        + 2 * s * d_k * n_h * d_h  # "softmax @ value reductions": the output projection
     )
     ffn = 4 * s * d_h * d_f + 2 * s * d_f * d_h
     n_e = config.top_k if config.is_moe else 1

@@ -301,7 +301,7 @@ def test_moe_loss_is_cross_entropy_plus_weighted_balancing_loss():
     idx = torch.randint(0, TINY.vocab_size, (2, 16))
     logits, loss = model(idx, idx)
     ce = F.cross_entropy(logits.view(-1, TINY.vocab_size), idx.view(-1))
-    assert model.aux_loss is not None and model.aux_loss.item() >= 1.0
+    assert model.aux_loss is not None and model.aux_loss.item() > 0
     assert loss.item() == pytest.approx(ce.item() + 0.02 * model.aux_loss.item(), rel=1e-6)
     dense = Transformer(TINY)
     logits, loss = dense(idx, idx)
@@ -1252,13 +1252,22 @@ def test_cuda_oom_is_reported_with_sizes_and_a_suggestion(train_corpus, tmp_path
 
 def test_compile_keeps_the_moe_expert_function_eager(monkeypatch):
     # compiled, the grouped-GEMM expert function drifted from eager mode on the H100 (figures/crossover_summary.md)
-    monkeypatch.setattr(torch, "compile", lambda model: model)  # the real compile takes too long for a CPU test
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper: the real compile is too slow here
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *a):
+            return self.model(*a)
+
+    monkeypatch.setattr(torch, "compile", Compiled)
     cfg = train.ModelConfig(vocab_size=257, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
                             n_experts=4)
     model = train.Transformer(cfg)
     args = train.parse_args(["--compile", "--device", "cpu"])
     x = torch.randint(0, 257, (2, 16))
-    assert train.maybe_compile(model, args, (x, x), "moe") is model
-    for block in model.layers:
-        assert "experts_grouped" in vars(block.ffn)  # an eager (compiler-disabled) wrapper on this instance only
+    compiled = train.maybe_compile(model, args, (x, x), "moe")
+    assert isinstance(compiled, Compiled) and compiled.model is model  # compiled, since it agrees with eager
+    for block in model.layers:  # but each layer's expert function is wrapped so that dynamo leaves it eager
+        assert getattr(vars(block.ffn)["experts_grouped"], "_torchdynamo_disable", False)
     assert "experts_grouped" not in vars(train.Transformer(cfg).layers[0].ffn)
