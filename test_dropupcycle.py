@@ -979,6 +979,22 @@ def test_token_cache_holds_whole_files_is_reused_and_rebuilt_when_data_change(tr
     assert len(train_tokens3) + len(val_tokens3) == len(train_tokens) + len(val_tokens) + len("int extra;\n")
 
 
+def test_a_file_repeated_under_many_names_is_tokenized_once_so_validation_never_repeats_training(tmp_path, capsys):
+    data = tmp_path / "twins"
+    vendored = "def vendored(x):\n    return x + 1\n" * 40
+    for i in range(40):  # one module vendored by 40 packages: by name, some copies fall in val, some in train
+        (data / f"pkg{i}").mkdir(parents=True)
+        (data / f"pkg{i}" / "vendored.py").write_text(vendored)
+        (data / f"own{i}.py").write_text(f"def own_{i}(x):\n    return x * {i}\n" * 40)
+    train_files, val_files = train.select_files(train.list_files(str(data)), 0)
+    assert any(f[0].endswith("vendored.py") for f in train_files) and val_files
+    args = train.parse_args(tiny(str(data), tmp_path / "out"))
+    train_tokens, val_tokens, _ = train.load_data(args, train.get_tokenizer("byte"))
+    everything = bytes(np.asarray(train_tokens, dtype=np.uint8)) + bytes(np.asarray(val_tokens, dtype=np.uint8))
+    assert everything.count(vendored.encode()) == 1  # 40 copies, kept once
+    assert vendored.encode() not in bytes(np.asarray(val_tokens, dtype=np.uint8))  # and in train, as train is first
+
+
 # -----------------------------------------------------------------------------
 # the CLI end to end
 

@@ -300,13 +300,22 @@ def read_text(path):
     return raw.decode("utf-8", errors="replace")
 
 
-def write_tokens(files, enc, out_path):
-    """Tokenize files in batches (tiktoken's threads) and append them, each followed by <|endoftext|>, as uint16."""
+def write_tokens(files, enc, out_path, seen):
+    """Tokenize files in batches (tiktoken's threads) and append them, each followed by <|endoftext|>, as uint16.
+
+    A file whose text is already in `seen` (hashes of every file written so far, train before val) is skipped:
+    a module vendored by several packages would otherwise be trained on and also scored as held-out text.
+    """
     n_tokens, n_files, batch, batch_bytes = 0, 0, [], 0
     with open(out_path, "wb") as out:
         def flush():
             nonlocal n_tokens, n_files
-            texts = [t for t in (read_text(path) for path in batch) if t]
+            texts = []
+            for text in (read_text(path) for path in batch):
+                digest = hashlib.sha1(text.encode("utf-8")).digest() if text else None
+                if text and digest not in seen:
+                    seen.add(digest)
+                    texts.append(text)
             if enc.name == "byte":
                 # the byte tokenizer's ids are exactly the UTF-8 bytes (test_dropupcycle.py checks this against tiktoken):
                 # numpy gets them 10x faster than tiktoken's Python lists
@@ -365,7 +374,7 @@ def load_data(args, enc):
     train_files, val_files = select_files(files, corpus_mb)
     source = "python-sources" if args.data is None else os.path.abspath(args.data)
     listing = hashlib.sha1(json.dumps([f[0::2] + (f[3],) for f in train_files + val_files] + [f[0] for f in val_files]).encode())
-    settings = dict(format=1, source=source, tokenizer=args.tokenizer, corpus_mb=corpus_mb, val_fraction=VAL_FRACTION,
+    settings = dict(format=2, source=source, tokenizer=args.tokenizer, corpus_mb=corpus_mb, val_fraction=VAL_FRACTION,
                     files=listing.hexdigest())
     fingerprint = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     name = "python-sources" if args.data is None else os.path.basename(os.path.normpath(args.data)) or "data"
@@ -394,10 +403,10 @@ def load_data(args, enc):
         t0 = time.time()
         total_mb = sum(f[2] for f in train_files + val_files) / 1e6
         print(f"tokenizing {len(train_files) + len(val_files):,} files ({total_mb:.1f} MB) into {cache_dir} ...")
-        meta = dict(settings=settings)
+        meta, seen = dict(settings=settings), set()
         for split, split_files in (("train", train_files), ("val", val_files)):
             tmp = os.path.join(cache_dir, f"{split}.bin.tmp")
-            meta[f"{split}_tokens"], meta[f"{split}_files"] = write_tokens(split_files, enc, tmp)
+            meta[f"{split}_tokens"], meta[f"{split}_files"] = write_tokens(split_files, enc, tmp, seen)
             os.replace(tmp, os.path.join(cache_dir, f"{split}.bin"))
         langs = {}
         for f in train_files + val_files:
