@@ -310,16 +310,18 @@ def write_tokens(files, enc, out_path, seen):
     with open(out_path, "wb") as out:
         def flush():
             nonlocal n_tokens, n_files
-            texts = []
+            texts, utf8 = [], []
             for text in (read_text(path) for path in batch):
-                digest = hashlib.sha1(text.encode("utf-8")).digest() if text else None
-                if text and digest not in seen:
+                raw = text.encode("utf-8") if text else b""
+                digest = hashlib.sha1(raw).digest()
+                if raw and digest not in seen:
                     seen.add(digest)
                     texts.append(text)
+                    utf8.append(raw)
             if enc.name == "byte":
                 # the byte tokenizer's ids are exactly the UTF-8 bytes (test_dropupcycle.py checks this against tiktoken):
                 # numpy gets them 10x faster than tiktoken's Python lists
-                encoded = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+                encoded = [np.frombuffer(raw, dtype=np.uint8) for raw in utf8]
             else:
                 encoded = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
             for ids in encoded:
