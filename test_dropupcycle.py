@@ -1287,3 +1287,10 @@ def test_compile_keeps_the_moe_expert_function_eager(monkeypatch):
     for block in model.layers:  # but each layer's expert function is wrapped so that dynamo leaves it eager
         assert getattr(vars(block.ffn)["experts_grouped"], "_torchdynamo_disable", False)
     assert "experts_grouped" not in vars(train.Transformer(cfg).layers[0].ffn)
+
+
+def test_report_gives_runs_outside_init_all_a_colour_of_their_own():
+    # the default colour cycle starts with naive Upcycling's blue: r = 0.5-indep was drawn in it once
+    for name in ("moe-drop-r0.5-indep", "moe-drop-r0.75", "moe-drop-r0.1"):
+        assert train.color_of(name) not in train.COLORS.values()
+    assert train.color_of("moe-naive") == "tab:blue"
