@@ -1026,7 +1026,7 @@ def report(args, dense_run, moe_runs):
     label_of = lambda name: LABELS.get(name, f"Drop-Upcycling (r={name.split('-r')[-1]})")
     d_steps, d_tokens, d_loss = curves["dense"]
     for a in (ax, ax_zoom):
-        a.plot(d_tokens / 1e6, d_loss, color="black", label="dense")
+        a.plot(d_tokens / 1e6, d_loss, color=color_of("dense"), label="dense")
         for name in runs:
             steps, tokens, loss = curves[name]
             a.plot((dense_tokens + tokens) / 1e6, loss, color=color_of(name), label=label_of(name))
@@ -1065,7 +1065,7 @@ def report(args, dense_run, moe_runs):
                 ax_diff.axvline(x, color=color_of(name), ls=":", lw=1)
                 ax_diff.annotate(f"overtakes naive at step {s}\n({x:.3g}M tokens)", (x, 0), xytext=(6, -28),
                                  textcoords="offset points", fontsize=8, color=color_of(name))
-        ax_diff.axhline(0, color="tab:blue", lw=1, label=label_of("moe-naive"))
+        ax_diff.axhline(0, color=color_of("moe-naive"), lw=1, label=label_of("moe-naive"))
         # symmetric log scale: linear within +-linthresh (the small final gaps), logarithmic beyond (the large
         # differences right after upcycling), so both are readable in one panel
         linthresh = max(2 * min(finals)[1] if finals else 0.0, 1e-3)
