@@ -216,14 +216,14 @@ def bench_layers(args, device, record):
                 rows = []  # (label, mode, forward, parameters, check our parameters' gradients too); dense first
                 rows.append(("dense SwiGLU (floor)", "eager", lambda t: dense(t)[0], list(dense.parameters()), False))
                 if compiled_here:
-                    cdense = torch.compile(dense, dynamic=False)
+                    cdense = du.compile_model(dense, dynamic=False)
                     rows.append(("dense SwiGLU (floor)", "compiled", lambda t: cdense(t)[0], list(dense.parameters()),
                                  False))
                 # MoE.forward: the grouped path on CUDA; on CPU it falls back to the reference loop
                 ours = "ours grouped" if device.type == "cuda" else "ours forward (reference on CPU)"
                 rows.append((ours, "eager", lambda t: moe(t)[0], moe_params, True))
                 if compiled_here:
-                    cmoe = torch.compile(moe, dynamic=False)
+                    cmoe = du.compile_model(moe, dynamic=False)
                     rows.append((ours, "compiled", lambda t: cmoe(t)[0], moe_params, True))
                 rows.append(("ours reference", "eager", reference_forward(moe), moe_params, False))
                 for impl in impls or []:
@@ -330,7 +330,7 @@ def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None):
     model = du.Transformer(cfg).to(device)  # fp32 master weights, bf16 autocast: as train.py
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    run = torch.compile(model, mode=args.compile_mode) if mode == "compiled" else model
+    run = du.compile_model(model, mode=args.compile_mode) if mode == "compiled" else model
     idx = torch.randint(0, 256, (batch, seq + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
     cuda_graphs = mode == "compiled" and args.compile_mode == "reduce-overhead"

@@ -29,6 +29,7 @@ from dropupcycle import (
     Transformer,
     _grouped_mm,
     apply_rope,
+    compile_model,
     drop_upcycle,
     flops_per_token,
     load_balancing_loss,
@@ -262,6 +263,32 @@ def test_moe_uses_the_grouped_path_on_cuda_and_trains_under_autocast():
     assert relative_error(y.view(-1, 64), layer.experts_reference(x.view(-1, 64), experts, weights)) < 2e-2
     y.float().sum().backward()
     assert layer.gate.grad is not None and layer.router.weight.grad is not None
+
+
+def test_compile_model_tiles_only_moe_models_in_1d(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.setdefault(type(module).__name__, kw))
+    compile_model(Transformer(replace(TINY_MOE, n_experts=1)))
+    compile_model(random_moe_layer(), mode="max-autotune")
+    assert seen["Transformer"] == {}
+    assert seen["MoE"] == {"mode": "max-autotune", "options": {"triton.max_tiles": 1}}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_moe_model_gives_every_token_the_output_of_eager_mode():
+    # With inductor's default 2-D tiles, a few % of the tokens came out 5-90% wrong from the second MoE layer of
+    # a graph on (PyTorch 2.11, H100), in every multi-layer compile tried: compile_model tiles in 1-D.
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=256, n_layer=3, n_head=4, n_kv_head=4, d_ff=1024, max_seq_len=512)
+    moe = drop_upcycle(Transformer(cfg).cuda(), r=0.0)
+    x = torch.randint(0, 256, (64, 512), device="cuda")
+    torch._dynamo.reset()
+    compiled = compile_model(moe)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(2):  # the wrong tokens were different ones in every call
+            eager, fast = moe(x)[0].float().flatten(0, 1), compiled(x)[0].float().flatten(0, 1)
+            per_token = (fast - eager).norm(dim=-1) / eager.norm(dim=-1)
+            assert per_token.max() < 0.05, f"{int((per_token > 0.05).sum())} tokens off by more than 5%"
 
 
 def test_cpu_forward_uses_the_reference_path(monkeypatch):
@@ -1266,27 +1293,27 @@ def test_cuda_oom_is_reported_with_sizes_and_a_suggestion(train_corpus, tmp_path
     assert "4 x 32 = 128 tokens" in line and "--batch-size 2 --grad-accum 2" in line
 
 
-def test_compile_keeps_the_moe_expert_function_eager(monkeypatch):
-    # compiled, the grouped-GEMM expert function drifted from eager mode on the H100 (figures/crossover_summary.md)
+def test_compile_is_used_only_where_it_agrees_with_eager_mode(monkeypatch, capsys):
     class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper: the real compile is too slow here
-        def __init__(self, model):
+        def __init__(self, model, shift=0.0, **options):
             super().__init__()
-            self.model = model
+            self.model, self.shift = model, shift
 
         def forward(self, *a):
-            return self.model(*a)
+            logits, loss = self.model(*a)
+            return logits + self.shift * torch.arange(logits.shape[-1]), loss
 
-    monkeypatch.setattr(torch, "compile", Compiled)
     cfg = train.ModelConfig(vocab_size=257, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
                             n_experts=4)
     model = train.Transformer(cfg)
     args = train.parse_args(["--compile", "--device", "cpu"])
     x = torch.randint(0, 257, (2, 16))
+    monkeypatch.setattr(torch, "compile", Compiled)
     compiled = train.maybe_compile(model, args, (x, x), "moe")
-    assert isinstance(compiled, Compiled) and compiled.model is model  # compiled, since it agrees with eager
-    for block in model.layers:  # but each layer's expert function is wrapped so that dynamo leaves it eager
-        assert getattr(vars(block.ffn)["experts_grouped"], "_torchdynamo_disable", False)
-    assert "experts_grouped" not in vars(train.Transformer(cfg).layers[0].ffn)
+    assert isinstance(compiled, Compiled) and compiled.model is model
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: Compiled(m, shift=0.01))  # a compiler that gets it wrong
+    assert train.maybe_compile(model, args, (x, x), "moe") is model
+    assert "WARNING: the compiled model disagrees with eager mode" in capsys.readouterr().out
 
 
 def test_report_gives_runs_outside_init_all_a_colour_of_their_own():

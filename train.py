@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dropupcycle import ModelConfig, Transformer, drop_upcycle, flops_per_token
+from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token
 
 # -----------------------------------------------------------------------------
 # 1. Presets and command line
@@ -817,18 +817,11 @@ def common_settings(args, data_info):
 
 def maybe_compile(model, args, check_batch, name):
     """model itself, or its torch.compile wrapper once that is seen to compute the same function on one
-    validation batch (else a warning, and eager mode: slower, never wrong).
-
-    The MoE's grouped-GEMM expert function stays eager: compiled (PyTorch 2.11, H100) it drifted from eager mode
-    by about one bf16 rounding per element, which compounded over the layers to 0.015 nats at the upcycling point
-    (a naive-upcycled model no longer reproduced its dense parent's loss). Everything around it is compiled.
-    """
+    validation batch (else a warning, and eager mode: slower, never wrong). The whole model is one graph,
+    MoE layers included (dropupcycle.compile_model says what it takes to keep them right)."""
     if not args.compile:
         return model
-    for block in model.layers:
-        if model.config.is_moe:  # per instance, so other users of dropupcycle.MoE are not affected
-            block.ffn.experts_grouped = torch.compiler.disable(block.ffn.experts_grouped)
-    compiled = torch.compile(model)
+    compiled = compile_model(model)
     x, y = check_batch
     model.eval()
     with torch.no_grad(), autocast(model.embed.weight.device):
