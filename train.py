@@ -48,7 +48,7 @@ PRESETS = {
         eval_interval=40, eval_batches=8, log_interval=20, ckpt_interval=200,
         corpus_mb=8.0, compile=False,
     ),
-    # One H100: the whole --init all, compile included, in 5-7 minutes (figures/crossover_summary.md). A small
+    # One H100: the whole --init all, compile included, in 4m26s (figures/crossover_summary.md). A small
     # model (4.3M dense params; MoE 26M, 7.5M active) at 65k tokens a step sees many tokens per parameter: the dense
     # model 131M (30 per parameter: trained long, like the paper's dense models), each MoE init 131M, enough for
     # drop r=0.5 to overtake naive Upcycling at about a third of the MoE phase. The learning rates keep the paper's
