@@ -330,9 +330,12 @@ def compile_model(module, **kwargs):
     from the second MoE layer of a graph on, 2-15% of the tokens were 5-90% off, different ones in every call,
     in every multi-layer compile tried (over 20); with 1-D tiles in none of 9, and the training step as fast.
     """
-    if any(isinstance(m, MoE) for m in module.modules()):
-        kwargs["options"] = {"triton.max_tiles": 1, **kwargs.get("options", {})}
-    return torch.compile(module, **kwargs)
+    mode = kwargs.pop("mode", None)
+    if any(isinstance(m, MoE) for m in module.modules()):  # torch.compile takes a mode or options, not both
+        mode_options = torch._inductor.list_mode_options(mode) if mode else {}
+        kwargs["options"] = {**mode_options, **kwargs.get("options", {}), "triton.max_tiles": 1}
+        mode = None
+    return torch.compile(module, mode=mode, **kwargs)
 
 
 # -----------------------------------------------------------------------------

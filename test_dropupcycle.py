@@ -266,12 +266,13 @@ def test_moe_uses_the_grouped_path_on_cuda_and_trains_under_autocast():
 
 
 def test_compile_model_tiles_only_moe_models_in_1d(monkeypatch):
+    compile_model(random_moe_layer(), mode="reduce-overhead")  # a mode and options at once would raise
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.setdefault(type(module).__name__, kw))
-    compile_model(Transformer(replace(TINY_MOE, n_experts=1)))
-    compile_model(random_moe_layer(), mode="max-autotune")
-    assert seen["Transformer"] == {}
-    assert seen["MoE"] == {"mode": "max-autotune", "options": {"triton.max_tiles": 1}}
+    compile_model(Transformer(replace(TINY_MOE, n_experts=1)), mode="reduce-overhead")
+    compile_model(random_moe_layer(), mode="reduce-overhead")
+    assert seen["Transformer"] == {"mode": "reduce-overhead"}
+    assert seen["MoE"] == {"mode": None, "options": {"triton.cudagraphs": True, "triton.max_tiles": 1}}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
