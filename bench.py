@@ -30,18 +30,22 @@ import torch
 import torch.nn as nn
 
 import dropupcycle as du
+import train
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match on the name wins.
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12)]
 
-# What each device runs. CUDA: issue 4's shapes. CPU: tiny, so that the smoke test takes seconds.
+# What each device runs. CUDA: issue 4's shapes, train.py's gpu preset among them. CPU: tiny, so that the smoke
+# test takes seconds.
+GPU = train.PRESETS["gpu"]
 LAYER_SHAPES = {  # name, d_model, d_ff, token counts; 8 experts, top-2 everywhere
-    "cuda": [("demo 6x384", 384, 1024, [32768]), ("paper 8x152M", 512, 2048, [16384, 32768, 65536]),
-             ("1024/4096", 1024, 4096, [32768])],
+    "cuda": [("demo (GPU preset)", GPU["d_model"], GPU["d_ff"], [GPU["batch_size"] * GPU["seq_len"]]),
+             ("paper 8x152M", 512, 2048, [16384, 32768, 65536]), ("1024/4096", 1024, 4096, [32768])],
     "cpu": [("tiny", 32, 64, [256])],
 }
 STEP_CONFIGS = {  # name, model shape, batch, seq; vocab 257 (train.py's bytes)
-    "cuda": [("small (GPU preset)", dict(n_layer=6, d_model=384, d_ff=1024, n_head=6, n_kv_head=6), 64, 512),
+    "cuda": [("GPU preset", {k: GPU[k] for k in ("n_layer", "d_model", "d_ff", "n_head", "n_kv_head")},
+              GPU["batch_size"], GPU["seq_len"]),
              ("large (152M shape)", dict(n_layer=12, d_model=512, d_ff=2048, n_head=8, n_kv_head=8), 64, 512)],
     "cpu": [("tiny", dict(n_layer=2, d_model=32, d_ff=64, n_head=2, n_kv_head=2), 2, 32)],
 }
@@ -552,7 +556,7 @@ def main(argv=None):
                    "reduce-overhead (CUDA graphs: fewer kernel launches from the CPU); default: torch's default")
     p.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face rows")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables to --out")
-    p.add_argument("--layer-compile-tokens", type=int, nargs="*", default=[32768],
+    p.add_argument("--layer-compile-tokens", type=int, nargs="*", default=[32768, 65536],
                    help="token counts at which the layer is also compiled (each shape compiles anew)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
