@@ -328,7 +328,8 @@ def compile_model(module, **kwargs):
 
     With 2-D tiles (the default), a compiled MoE model gave some tokens wrong outputs (PyTorch 2.11, H100):
     from the second MoE layer of a graph on, 2-15% of the tokens were 5-90% off, different ones in every call,
-    in every multi-layer compile tried (over 20); with 1-D tiles in none of 9, and the training step as fast.
+    in every compile of a 4-layer d_model 256 model tried (over 20; a 12-layer d_model 512 one was right); with
+    1-D tiles in none, and the training step as fast.
     """
     mode = kwargs.pop("mode", None)
     if any(isinstance(m, MoE) for m in module.modules()):  # torch.compile takes a mode or options, not both
