@@ -1,7 +1,7 @@
 """
 bench.py: how fast dropupcycle.py trains on one GPU, and what its MoE layer costs over a dense one (issue 4).
 
-    python bench.py --out figures                  # CUDA: the full run (about 5 minutes on an H100)
+    python bench.py --out figures                  # CUDA: the full run (about 3 minutes on an H100)
     python bench.py --device cpu --out /tmp/bench  # CPU: tiny shapes, fewer rows; a smoke test, not a benchmark
 
 Three measurements, all in one process:

@@ -332,7 +332,8 @@ def compile_model(module, **kwargs):
     1-D tiles in none, and the training step as fast.
     """
     mode = kwargs.pop("mode", None)
-    if any(isinstance(m, MoE) for m in module.modules()):  # torch.compile takes a mode or options, not both
+    if any(isinstance(m, MoE) for m in module.modules()):
+        # torch.compile takes a mode or options, not both: the mode's options, then the caller's, then ours
         mode_options = torch._inductor.list_mode_options(mode) if mode else {}
         kwargs["options"] = {**mode_options, **kwargs.get("options", {}), "triton.max_tiles": 1}
         mode = None
