@@ -6,7 +6,7 @@ Read top to bottom next to the paper:
   2. RMSNorm, RoPE, Attention     - the Llama backbone (Appendix A.3)
   3. SwiGLU                       - the dense FFN, Eq. 1
   4. MoE, load_balancing_loss     - the Mixtral layer, Eq. 2-3, and its auxiliary loss (App. A.4, Sec. 5.4)
-  5. Transformer                  - dense (Llama) when n_experts == 1, MoE (Mixtral) otherwise
+  5. Transformer, compile_model   - dense (Llama) when n_experts == 1, MoE (Mixtral) otherwise; torch.compile
   6. drop_upcycle                 - Sec. 3: expert replication + diversity re-initialisation (Eq. 4)
   7. flops_per_token              - Appendix A.1, Table 3
 
