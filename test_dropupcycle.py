@@ -1330,6 +1330,7 @@ def test_compile_is_used_only_where_it_agrees_with_eager_mode(monkeypatch, capsy
 
 def test_report_gives_runs_outside_init_all_a_colour_of_their_own():
     # the default colour cycle starts with naive Upcycling's blue: r = 0.5-indep was drawn in it once
-    for name in ("moe-drop-r0.5-indep", "moe-drop-r0.75", "moe-drop-r0.1"):
-        assert train.color_of(name) not in train.COLORS.values()
-    assert train.color_of("moe-naive") == "tab:blue"
+    runs = ["moe-naive", "moe-drop-r0.5", "moe-drop-r0.5-indep", "moe-drop-r0.75", "moe-drop-r0.1", "moe-drop-r0.25"]
+    others = [train.color_of(name, runs) for name in runs[2:]]
+    assert len(set(others)) == len(others) and not set(others) & set(train.COLORS.values())
+    assert train.color_of("moe-naive", runs) == "tab:blue"

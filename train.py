@@ -940,10 +940,12 @@ COLORS = {"dense": "black", "moe-scratch": "tab:gray", "moe-naive": "tab:blue", 
 OTHER_COLORS = ["tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 
 
-def color_of(name):
-    """The fixed colour of an --init all run; any other run (another r, independent sets) one of the rest, never
-    matplotlib's default cycle, which starts with naive Upcycling's blue."""
-    return COLORS.get(name) or OTHER_COLORS[int(hashlib.sha1(name.encode()).hexdigest(), 16) % len(OTHER_COLORS)]
+def color_of(name, runs=()):
+    """The fixed colour of an --init all run; the other runs of a figure (another r, independent sets) take the
+    remaining colours in their order in runs, so that up to six of them never share one (and never take
+    matplotlib's default cycle, which starts with naive Upcycling's blue)."""
+    others = [run for run in runs if run not in COLORS]
+    return COLORS.get(name) or OTHER_COLORS[(others.index(name) if name in others else 0) % len(OTHER_COLORS)]
 
 
 def val_curve(csv_path):
@@ -1022,7 +1024,7 @@ def report(args, dense_run, moe_runs):
         a.plot(d_tokens / 1e6, d_loss, color=color_of("dense"), label="dense")
         for name in runs:
             steps, tokens, loss = curves[name]
-            a.plot((dense_tokens + tokens) / 1e6, loss, color=color_of(name), label=label_of(name))
+            a.plot((dense_tokens + tokens) / 1e6, loss, color=color_of(name, runs), label=label_of(name))
         a.axvline(dense_tokens / 1e6, color="black", ls=":", lw=1)
         a.set_xlabel("training tokens (M): dense phase, then MoE phase")
         a.grid(alpha=0.3)
@@ -1049,15 +1051,15 @@ def report(args, dense_run, moe_runs):
             if name == "moe-naive" or not np.array_equal(steps, naive[0]):
                 continue
             diff = loss - naive[2]
-            ax_diff.plot(tokens / 1e6, diff, color=color_of(name), label=label_of(name), marker=".", ms=3)
+            ax_diff.plot(tokens / 1e6, diff, color=color_of(name, runs), label=label_of(name), marker=".", ms=3)
             if name != "moe-scratch":
                 finals.append((name != "moe-drop-r0.5", abs(diff[-1])))  # drop r=0.5's final gap sorts first
             s = overtake_step(steps, diff)
             if name == "moe-drop-r0.5" and s is not None:
                 x = s * results[name]["tokens"] / results[name]["steps"] / 1e6
-                ax_diff.axvline(x, color=color_of(name), ls=":", lw=1)
+                ax_diff.axvline(x, color=color_of(name, runs), ls=":", lw=1)
                 ax_diff.annotate(f"overtakes naive at step {s}\n({x:.3g}M tokens)", (x, 0), xytext=(6, -28),
-                                 textcoords="offset points", fontsize=8, color=color_of(name))
+                                 textcoords="offset points", fontsize=8, color=color_of(name, runs))
         ax_diff.axhline(0, color=color_of("moe-naive"), lw=1, label=label_of("moe-naive"))
         # symmetric log scale: linear within +-linthresh (the small final gaps), logarithmic beyond (the large
         # differences right after upcycling), so both are readable in one panel
