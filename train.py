@@ -940,12 +940,12 @@ COLORS = {"dense": "black", "moe-scratch": "tab:gray", "moe-naive": "tab:blue", 
 OTHER_COLORS = ["tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 
 
-def color_of(name, runs=()):
+def color_of(name, runs):
     """The fixed colour of an --init all run; the other runs of a figure (another r, independent sets) take the
     remaining colours in their order in runs, so that up to six of them never share one (and never take
     matplotlib's default cycle, which starts with naive Upcycling's blue)."""
     others = [run for run in runs if run not in COLORS]
-    return COLORS.get(name) or OTHER_COLORS[(others.index(name) if name in others else 0) % len(OTHER_COLORS)]
+    return COLORS.get(name) or OTHER_COLORS[others.index(name) % len(OTHER_COLORS)]
 
 
 def val_curve(csv_path):
@@ -1021,7 +1021,7 @@ def report(args, dense_run, moe_runs):
     label_of = lambda name: LABELS.get(name, f"Drop-Upcycling (r={name.split('-r')[-1]})")
     d_steps, d_tokens, d_loss = curves["dense"]
     for a in (ax, ax_zoom):
-        a.plot(d_tokens / 1e6, d_loss, color=color_of("dense"), label="dense")
+        a.plot(d_tokens / 1e6, d_loss, color=color_of("dense", runs), label="dense")
         for name in runs:
             steps, tokens, loss = curves[name]
             a.plot((dense_tokens + tokens) / 1e6, loss, color=color_of(name, runs), label=label_of(name))
@@ -1060,7 +1060,7 @@ def report(args, dense_run, moe_runs):
                 ax_diff.axvline(x, color=color_of(name, runs), ls=":", lw=1)
                 ax_diff.annotate(f"overtakes naive at step {s}\n({x:.3g}M tokens)", (x, 0), xytext=(6, -28),
                                  textcoords="offset points", fontsize=8, color=color_of(name, runs))
-        ax_diff.axhline(0, color=color_of("moe-naive"), lw=1, label=label_of("moe-naive"))
+        ax_diff.axhline(0, color=color_of("moe-naive", runs), lw=1, label=label_of("moe-naive"))
         # symmetric log scale: linear within +-linthresh (the small final gaps), logarithmic beyond (the large
         # differences right after upcycling), so both are readable in one panel
         linthresh = max(2 * min(finals)[1] if finals else 0.0, 1e-3)
