@@ -444,27 +444,41 @@ def test_r0_keeps_and_r1_replaces_the_whole_ffn(r):
 
 
 def test_new_values_follow_the_mean_and_std_of_the_dropped_slice_only():
-    """Step 2 uses the statistics of the dropped neurons S, not of the whole matrix: with one outlier
-    neuron, experts whose S contains it get much wider new values than experts whose S does not."""
+    """Step 2 draws every new value of a matrix from N(mean, std^2), two scalars of the dropped neurons S (the
+    slice W[S]): not from the whole matrix's statistics, nor from each dropped neuron's own. The dense neurons
+    here have very different means (-1 .. 1) and small, different scales (0.01 .. 0.1), plus one outlier
+    neuron (mean 10, std 3): the slice's std is then set by the spread of the neuron means, so per-neuron
+    statistics would give new neurons that keep their old mean and a 5-50x smaller std; and the whole
+    matrix's std (outlier included) is far wider than that of a slice without the outlier."""
     cfg = replace(TINY, d_model=128, d_ff=64)
     dense = trained_looking_dense(cfg)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for block in dense.layers:
-            block.ffn.gate.weight[0] *= 30
-            block.ffn.up.weight[0] += 1.0
-            block.ffn.down.weight[:, 0] *= 30
+        for layer in range(cfg.n_layer):
+            for k, name in enumerate(("gate", "up", "down")):
+                w = dense_weight(dense, layer, name)  # [d_ff, d_model] view, neuron j = row j
+                means = 0.1 * (k - 1) + torch.linspace(-1, 1, cfg.d_ff)[torch.randperm(cfg.d_ff, generator=gen)]
+                scales = torch.linspace(0.01, 0.1, cfg.d_ff)[torch.randperm(cfg.d_ff, generator=gen)]
+                means[0], scales[0] = 10.0, 3.0  # the outlier neuron
+                w.copy_(means[:, None] + scales[:, None] * torch.randn(w.shape, generator=gen))
     moe = drop_upcycle(dense, n_experts=8, r=0.25)
     with_outlier = 0
     for layer in range(cfg.n_layer):
         for expert in range(8):
             for name in ("gate", "up", "down"):
+                where = (layer, expert, name)
                 S = sorted(reinitialised_neurons(moe, dense, layer, name, expert))
                 with_outlier += 0 in S
-                new = expert_weights(moe, layer, name)[expert][S]
+                new = expert_weights(moe, layer, name)[expert][S]  # [n_drop, d_model]
                 old = dense_weight(dense, layer, name)[S]
-                se = old.std().item() / math.sqrt(old.numel())  # standard error of the mean
-                assert abs(new.mean().item() - old.mean().item()) < 5 * se, (layer, expert, name)
-                assert new.std().item() == pytest.approx(old.std().item(), rel=0.1), (layer, expert, name)
+                mean, std = old.mean().item(), old.std().item()  # the two scalars of step 2
+                # the slice as a whole
+                assert abs(new.mean().item() - mean) < 5 * std / math.sqrt(old.numel()), where
+                assert new.std().item() == pytest.approx(std, rel=0.1), where
+                # every new neuron on its own follows the same two scalars, whatever its old mean and scale
+                row_se = std / math.sqrt(cfg.d_model)
+                assert (new.mean(dim=1) - mean).abs().max().item() < 5 * row_se, where
+                assert torch.allclose(new.std(dim=1), torch.full((len(S),), std), rtol=0.3), where
     assert 0 < with_outlier < 3 * cfg.n_layer * 8  # both kinds of S occurred
 
 
