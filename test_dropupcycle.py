@@ -430,8 +430,10 @@ def test_exactly_floor_r_d_ff_neurons_are_reinitialised_per_expert_and_matrix(r,
                 sets[name] = S
             if shared_indices:  # Sec. 3.2.1: one S for gate rows, up rows and down columns
                 assert sets["gate"] == sets["up"] == sets["down"]
-            else:  # the released code: an independent S per matrix
-                assert not (sets["gate"] == sets["up"] == sets["down"])
+            else:  # the released code: an independent S per matrix, so every pair of matrices differs
+                assert sets["gate"] != sets["up"], (layer, expert)
+                assert sets["gate"] != sets["down"], (layer, expert)
+                assert sets["up"] != sets["down"], (layer, expert)
 
 
 @pytest.mark.parametrize("r", [0.0, 1.0])
