@@ -793,7 +793,7 @@ def test_overlap_follows_one_minus_r_squared_and_index_sets():
 
 
 def test_sweep_trains_every_r_from_one_dense_model(swept):
-    out, _ = swept
+    out, flags = swept
     names = ["moe-naive", "moe-drop-r0.1", "moe-drop-r0.25", "moe-drop-r0.5", "moe-drop-r0.75", "moe-drop-r1",
              "moe-drop-r0.5-indep", "moe-scratch"]
     settings = {}
@@ -804,9 +804,27 @@ def test_sweep_trains_every_r_from_one_dense_model(swept):
     assert settings["moe-drop-r0.5-indep"]["shared_indices"] is False
     assert {settings[n]["r"] for n in names[:6]} == {0.0, 0.1, 0.25, 0.5, 0.75, 1.0}
     dense = [settings[n]["dense"] for n in names[:7]]
-    assert all(d == dense[0] for d in dense)  # one dense model
-    # the two r = 0.5 runs start from different experts, so their curves differ
+    assert all(d == dense[0] for d in dense)  # one dense model's settings
     logs = {n: train.val_curve(os.path.join(out, n, "log.csv")) for n in names}
+    # ... and its weights: every upcycled run's step-0 validation loss (logged before any MoE step) is that of
+    # drop_upcycle applied to the saved dense checkpoint with the run's settings, on the same validation windows
+    args = train.parse_args(flags)
+    _, val_tokens, _ = train.load_data(args, train.get_tokenizer(args.tokenizer))
+    val_rng = np.random.default_rng(1234)  # train.experiment's fixed validation windows
+    cpu = torch.device("cpu")
+    val_batches = [train.get_batch(val_tokens, args.batch_size, args.seq_len, val_rng, cpu) for _ in range(args.eval_batches)]
+    ckpt = train.load_checkpoint(os.path.join(out, "dense", "ckpt.pt"))
+    dense_model = Transformer(ModelConfig(**ckpt["model_config"]))
+    dense_model.load_state_dict(ckpt["model"])
+    dense_final = train.val_curve(os.path.join(out, "dense", "log.csv"))[2][-1]
+    assert train.evaluate(dense_model, val_batches, cpu) == dense_final  # the same windows as the runs'
+    assert logs["moe-naive"][2][0] == pytest.approx(dense_final, abs=1e-5)  # identical experts: the dense function
+    for n in names[:7]:
+        s = settings[n]
+        moe = drop_upcycle(dense_model, n_experts=s["model"]["n_experts"], top_k=s["model"]["top_k"], r=s["r"],
+                           seed=s["seed"], shared_indices=s["shared_indices"])
+        assert train.evaluate(moe, val_batches, cpu) == logs[n][2][0], n
+    # the two r = 0.5 runs start from different experts, so their curves differ
     assert all(np.array_equal(logs[n][0], logs["moe-naive"][0]) for n in names)  # same evaluation steps
     assert not np.array_equal(logs["moe-drop-r0.5"][2], logs["moe-drop-r0.5-indep"][2])
     with open(os.path.join(out, "sweep_summary.md")) as f:
