@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 import train
 from dropupcycle import ModelConfig, Transformer, drop_upcycle, load_balancing_loss
-from train import Fail
+from data import Fail
+import data
+import plot
 
 # -----------------------------------------------------------------------------
 # 1. Routing statistics
@@ -139,7 +141,7 @@ def sweep_report(args, runs, command):
             continue
         with open(os.path.join(folder, "result.json")) as f:
             result = json.load(f)
-        curves[name] = train.val_curve(os.path.join(folder, "log.csv"))
+        curves[name] = plot.val_curve(os.path.join(folder, "log.csv"))
         rows.append((name, init, r, independent, result))
     if "moe-naive" not in curves or not os.path.exists(os.path.join(args.out_dir, "dense", "result.json")):
         raise Fail(f"no finished dense and naive runs in {args.out_dir} "
@@ -147,20 +149,20 @@ def sweep_report(args, runs, command):
     with open(os.path.join(args.out_dir, "dense", "result.json")) as f:
         dense = json.load(f)
 
-    naive_steps, _, naive_loss = curves["moe-naive"]
+    naive_steps, _, naive_loss, _ = curves["moe-naive"]
     lines = ["| run | r | index sets | val loss right after upcycling | final val loss | minus naive | "
              "below naive from step (tokens) on | wall time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, init, r, independent, result in rows:
-        steps, tokens, loss = curves[name]
+        steps, tokens, loss, _ = curves[name]
         vs, cross = "", ""
         if name != "moe-naive" and np.array_equal(steps, naive_steps):
             vs = f"{loss[-1] - naive_loss[-1]:+.4f}"
-            s = train.overtake_step(steps, loss - naive_loss)
+            s = plot.overtake_step(steps, loss - naive_loss)
             cross = "never" if s is None else f"{s} ({s * result['tokens'] / result['steps'] / 1e6:.1f}M)"
         r_text = "0" if init == "naive" else "-" if init == "scratch" else f"{r:g}"
         sets = "independent" if independent else ("shared" if init == "drop" else "-")
         lines.append(f"| {name} | {r_text} | {sets} | {loss[0]:.4f} | {result['final_val_loss']:.4f} | {vs} | "
-                     f"{cross} | {train.fmt_time(result['wall_time'])} |")
+                     f"{cross} | {plot.fmt_time(result['wall_time'])} |")
     moe_tokens = rows[0][4]["tokens"]
     header = (f"Re-initialisation ratio sweep (paper Sec. 5.3, Fig. 4). Validation loss in nats/token "
               f"({args.tokenizer} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
@@ -168,7 +170,7 @@ def sweep_report(args, runs, command):
               f"({moe_tokens / 1e6:.1f}M tokens), same data order for every run; device {dense['device']}, "
               f"seed {args.seed}.")
     table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
-    train.atomic_write_text(os.path.join(args.out_dir, "sweep_summary.md"), table)
+    data.atomic_write_text(os.path.join(args.out_dir, "sweep_summary.md"), table)
     print("\n" + table)
 
     # Figure: the paper's Fig. 4 (left) as validation loss against MoE-phase tokens, plus each run minus naive
@@ -177,7 +179,7 @@ def sweep_report(args, runs, command):
     for name, init, r, independent, result in rows:
         if init == "scratch":
             continue  # far above every upcycled run at this scale; it is in the table
-        steps, tokens, loss = curves[name]
+        steps, tokens, loss, _ = curves[name]
         color = "black" if init == "naive" else plt.cm.viridis(0.9 * r)
         style = dict(color=color, ls="--" if independent else "-", label=sweep_label(init, r, independent))
         ax.plot(tokens / 1e6, loss, **style)
@@ -230,7 +232,7 @@ def pretty(run):
 def domain_of(key, default_corpus):
     """The domain of a corpus file: its language for the built-in corpus, its top folder under --data."""
     if default_corpus:
-        language = train.language_of(key)
+        language = data.language_of(key)
         return None if language == "other" else language
     parts = key.split("/")  # "data/<domain>/.../<file>"
     return parts[1] if len(parts) > 2 else None
@@ -240,20 +242,20 @@ def heldout_tokens(args, enc, max_tokens):
     """{domain: token ids} from the validation files only (the same file split train.py uses), at most
     max_tokens per domain, every file followed by <|endoftext|>."""
     try:
-        files = train.list_files(args.data)
+        files = data.list_files(args.data)
     except OSError as e:
         raise Fail(f"--data {args.data}: cannot list files ({e.strerror or e})")
-    _, val_files = train.select_files(files, args.corpus_mb)
+    _, val_files = data.select_files(files, args.corpus_mb)
     tokens = {}
     for key, path, _, _ in val_files:
-        domain = domain_of(key, args.data is None)
+        domain = domain_of(key, args.data in data.BUILTIN_CORPORA)
         if domain is None or len(tokens.get(domain, [])) >= max_tokens:
             continue
-        text = train.read_text(path)
+        text = data.read_text(path)
         if text:
             tokens.setdefault(domain, []).extend(enc.encode_ordinary(text) + [enc.eot_token])
     if len(tokens) < 2:
-        where = "the built-in corpus" if args.data is None else f"--data {args.data} (one subfolder per domain)"
+        where = "the built-in corpus" if args.data in data.BUILTIN_CORPORA else f"--data {args.data} (one subfolder per domain)"
         found = ", ".join(sorted(tokens)) or "none"
         raise Fail(f"routing needs held-out files of two or more domains, but the validation split of {where} has "
                    f"{found}; give more files per domain (about 1 in 20 is held out)")
@@ -311,12 +313,12 @@ def routing(opts, train_argv):
     args = train.parse_args(train_argv_checked(train_argv, "routing"))
     if opts.report_only:
         return routing_replot(opts, args)
-    if args.data is not None and not os.path.isdir(args.data):
+    if args.data not in data.BUILTIN_CORPORA and not os.path.isdir(args.data):
         raise Fail(f"routing needs text of two or more domains: the built-in corpus (Python vs C/C++) or "
                    f"--data FOLDER with one subfolder per domain; --data {args.data} is not a folder")
     device = train.resolve_device(args.device)
-    enc = train.get_tokenizer(args.tokenizer)
-    _, _, data_info = train.load_data(args, enc)  # the fingerprint that tells which runs used this data
+    enc = data.get_tokenizer(args.tokenizer)
+    _, _, data_info = data.load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)  # the fingerprint that tells which runs used this data
     runs = moe_run_folders(args.out_dir, data_info["fingerprint"])
     if not runs:
         raise Fail(f"no finished MoE run in {args.out_dir} trained on this data; train some first, e.g. "
@@ -386,13 +388,13 @@ def routing_report(args, results, domains, n_tokens, command, opts):
             lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} |{extra}")
         lines.append("")
     table = "\n".join(lines)
-    train.atomic_write_text(os.path.join(args.out_dir, "routing_summary.md"), table)
+    data.atomic_write_text(os.path.join(args.out_dir, "routing_summary.md"), table)
     print("\n" + table)
     made_with = command.split(", re-plotted with")[0]  # a re-plot keeps the command that routed the tokens
     raw = {name: dict(command=made_with, domains=domains, tokens_per_domain=res["tokens"], top_k=res["top_k"],
                       counts=res["counts"].tolist(), balance=[l["balance"] for l in res["layers"]],
                       js=[l["js"] for l in res["layers"]]) for name, res in results.items()}
-    train.atomic_write_text(os.path.join(args.out_dir, "routing_counts.json"), json.dumps(raw, indent=1))
+    data.atomic_write_text(os.path.join(args.out_dir, "routing_counts.json"), json.dumps(raw, indent=1))
 
     # Figure like the paper's Fig. 5: one column per model, one row per layer; a bar group per expert, a bar
     # per domain, height = fraction of that domain's tokens sent to that expert (the k slots sum to k).
@@ -490,7 +492,7 @@ def router_grad(opts):
     With top-1 routing the one gate is softmax over one logit, 1 at any r: no LM gradient ever."""
     check_experts(opts)
     dense, tokenizer, source = dense_for_probe(opts)
-    enc = train.get_tokenizer(tokenizer)
+    enc = data.get_tokenizer(tokenizer)
     with open(__file__, encoding="utf-8") as f:  # any real text will do: this file is always at hand
         ids = enc.encode_ordinary(f.read())
     T = min(128, dense.config.max_seq_len)

@@ -33,7 +33,6 @@ import dropupcycle as du
 import train
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match on the name wins.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12)]
 
 # What each device runs. CUDA: issue 4's shapes, train.py's gpu preset among them. CPU: tiny, so that the smoke
 # test takes seconds.
@@ -304,10 +303,7 @@ def fmt_layer_row(r):
 def peak_flops(device, override):
     if override:
         return override * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+    return train.gpu_peak_flops(device)
 
 
 def bench_steps(args, device, record, profiles):

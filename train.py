@@ -7,22 +7,19 @@ Drop-Upcycling, step 3: train a dense model, turn it into an MoE, keep training,
 
 Read top to bottom:
   1. presets and command line
-  2. tokenizer and data: the built-in corpus (this Python installation's source code), token cache, batches
-  3. one training run: optimizer, schedule, loop, validation, checkpoints, Ctrl-C
-  4. the experiment: dense once, then every requested MoE init from the same dense weights and data order
-  5. report: CSVs -> figure (the paper's Fig. 3, top row) and summary table
-  6. main: every expected failure becomes one line on stderr and a non-zero exit
+  2. one training run: optimizer, schedule, the loop ("once in a while: evaluate, log, save"), checkpoints
+  3. the experiment: dense once, then every requested MoE init from the same dense weights and data order
+  4. sampling and main: every expected failure becomes one line on stderr and a non-zero exit
+The data (corpus, tokenizer, token cache, batches) is data.py's job, the figure and summary plot.py's.
 """
 
 import argparse
-import csv
-import hashlib
+import fcntl
 import json
 import math
 import os
 import signal
 import sys
-import sysconfig
 import time
 from dataclasses import asdict, replace
 
@@ -30,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import plot
+from data import Fail, atomic_write_text, get_batch, get_tokenizer, load_data, make_dirs
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token
 
 # -----------------------------------------------------------------------------
@@ -37,40 +36,40 @@ from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, f
 
 # Every value can be overridden by the flag of the same name (underscores become dashes).
 PRESETS = {
-    # 2-core laptop CPU: the whole --init all in under 3 minutes. Shows the shape of the experiment (scratch far
-    # behind, naive starting lowest, drop starting higher and learning faster); drop r=0.5 only draws level with
-    # naive at the last step: too short for a clear crossover.
+    # 2-core laptop CPU: the whole --init all in about 4 minutes, on the standard library (the same text on every
+    # machine with the same Python version). Shows the shape of the experiment: scratch far behind, naive starting
+    # lowest, drop starting higher and learning faster; too short for a crossover beyond the noise.
     "cpu": dict(
         d_model=128, n_layer=2, n_head=4, n_kv_head=4, d_ff=512, n_experts=8, top_k=2, seq_len=128,
         batch_size=16, grad_accum=1,
         dense_steps=400, dense_lr=3e-3, dense_warmup=40,
         moe_steps=240, moe_lr=2e-3, moe_warmup=20,
         eval_interval=40, eval_batches=8, log_interval=20, ckpt_interval=200,
-        corpus_mb=8.0, compile=False,
+        data=":stdlib", corpus_mb=8.0, compile=False,
     ),
-    # One H100: the whole --init all, compile included, in 4m26s (figures/crossover_summary.md). A small
-    # model (4.3M dense params; MoE 26M, 7.5M active) at 65k tokens a step sees many tokens per parameter: the dense
-    # model 131M (30 per parameter: trained long, like the paper's dense models), each MoE init 131M, enough for
-    # drop r=0.5 to overtake naive Upcycling at about a third of the MoE phase. The learning rates keep the paper's
-    # ratios (Appendix A.4): MoE peak 2/3 of the dense peak and about 7x the dense model's final learning rate.
+    # One GPU: a small model (4.3M dense params; MoE 26M, 7.5M active) at 65k tokens a step sees many tokens per
+    # parameter: the dense model 131M (30 per parameter: trained long, like the paper's dense models), each MoE init
+    # 131M, enough for drop r=0.5 to overtake naive Upcycling. The learning rates keep the paper's ratios (Appendix
+    # A.4): MoE peak 2/3 of the dense peak and about 7x the dense model's final learning rate.
     "gpu": dict(
         d_model=256, n_layer=4, n_head=4, n_kv_head=4, d_ff=1024, n_experts=8, top_k=2, seq_len=512,
         batch_size=128, grad_accum=1,
         dense_steps=2000, dense_lr=3e-3, dense_warmup=100,
         moe_steps=2000, moe_lr=2e-3, moe_warmup=100,
         eval_interval=100, eval_batches=10, log_interval=50, ckpt_interval=1000,
-        corpus_mb=0.0, compile=True,
+        data=":python", corpus_mb=0.0, compile=True,
     ),
 }
 # The paper's recipe (Appendix A.4), the same for every preset
 BETAS, ADAM_EPS, MIN_LR_RATIO = (0.9, 0.95), 1e-8, 0.1
-VAL_FRACTION = 0.05  # share of files held out for validation
 MOE_INITS = ["scratch", "naive", "drop"]
-ALL_RUNS = [("scratch", None), ("naive", 0.0), ("drop", 0.5), ("drop", 1.0)]  # --init all, in this order
-
-
-class Fail(Exception):
-    """An expected failure (bad input, missing file, ...): main() prints its message as one line and exits."""
+# --init all, in this order: (init, r, shared index sets). Drop r = 0.5 twice: with one index set S for all three
+# matrices (the paper's text) and with one per matrix (the authors' released code, which made the paper's numbers).
+ALL_RUNS = [("scratch", None, True), ("naive", 0.0, True), ("drop", 0.5, True), ("drop", 0.5, False), ("drop", 1.0, True)]
+# bf16 dense peak FLOP/s of the GPUs MFU is reported for (the project's one table; bench.py reads it too).
+# Matched in this order against torch.cuda.get_device_name, so "H100 PCIe" comes before "H100".
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
+              ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("4090", 165e12), ("A10", 125e12)]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -78,45 +77,23 @@ class OneLineParser(argparse.ArgumentParser):
         raise Fail(f"{message} (see --help)")
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def number(kind, ok, expected):
+    """An argparse type: a finite kind (int or float) for which ok(value) holds, else 'must be <expected>'.
+    Integers stay below 2**31, which every seed, size and step count fits: larger ones fail late and obscurely."""
+    def convert(text):
+        value = kind(text)
+        if not ok(value) or math.isinf(value) or abs(value) >= 2**31:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+    convert.__name__ = "integer" if kind is int else "number"  # argparse names the type in its messages
+    return convert
 
 
-def nonneg_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def nonneg_float(text):
-    value = float(text)
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def unit_float(text):
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-# argparse names the converter in its messages ("invalid positive_int value"): say what was expected instead
-for _fn, _name in [(positive_int, "integer"), (nonneg_int, "integer"), (positive_float, "number"),
-                   (nonneg_float, "number"), (unit_float, "number")]:
-    _fn.__name__ = _name
+positive_int = number(int, lambda v: v >= 1, "a positive integer")
+nonneg_int = number(int, lambda v: v >= 0, "0 or more")
+positive_float = number(float, lambda v: v > 0, "a positive number")
+nonneg_float = number(float, lambda v: v >= 0, "0 or more")
+unit_float = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def build_parser():
@@ -125,7 +102,7 @@ def build_parser():
         epilog="With no arguments: the full comparison (--init all) with the preset for this machine.",
     )
     p.add_argument("--init", choices=["all", "dense", *MOE_INITS], default=None,
-                   help="which run: all (default) = dense, then scratch, naive, drop r=0.5, drop r=1.0")
+                   help="which run: all (default) = dense, then scratch, naive, drop r=0.5 (both index-set variants), drop r=1.0")
     p.add_argument("--r", type=unit_float, default=None, help="re-initialisation ratio for --init drop (default 0.5)")
     p.add_argument("--independent-indices", action="store_true",
                    help="with --init drop: a separate neuron set S for W_gate, W_up and W_down (the authors' released "
@@ -134,7 +111,8 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--out-dir", default="out", help="folder for token cache, checkpoints, CSVs, figure and summary")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seeds the dense init, the data order and the upcycling")
-    p.add_argument("--data", default=None, help="text file, folder of text files, or uint16 token file (.bin); default: this Python's source code")
+    p.add_argument("--data", default=None, help=":stdlib (cpu preset), :python (gpu preset: stdlib + installed packages), "
+                                                "a text file, a folder of text files, or a uint16 token file (.bin)")
     p.add_argument("--tokenizer", choices=["byte", "gpt2"], default="byte", help="byte (offline, 257 tokens) or gpt2 (tiktoken BPE, needs its files)")
     p.add_argument("--corpus-mb", type=nonneg_float, default=None, help="cap the text corpus at this many MB, half per language (0: no cap)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
@@ -162,7 +140,7 @@ def build_parser():
     g.add_argument("--aux-loss-coef", type=nonneg_float, default=0.02, help="weight of the MoE balancing loss")
     g.add_argument("--eval-interval", type=positive_int, help="steps between validation losses")
     g.add_argument("--eval-batches", type=positive_int, help="micro-batches per validation loss")
-    g.add_argument("--log-interval", type=positive_int, help="steps between progress lines")
+    g.add_argument("--log-interval", type=positive_int, help="steps between progress lines and train-loss rows")
     g.add_argument("--ckpt-interval", type=positive_int, help="steps between checkpoints")
     g = p.add_argument_group("sampling")
     g.add_argument("--sample", metavar="CKPT", help="print samples from a checkpoint (file or run folder) and exit")
@@ -175,11 +153,10 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-
-    # fill every unset value from the preset
     if args.preset is None:
-        args.preset = "gpu" if torch.cuda.is_available() and args.device in ("auto", "cuda") or args.device.startswith("cuda:") else "cpu"
-    for key, value in PRESETS[args.preset].items():
+        on_gpu = torch.cuda.is_available() and args.device in ("auto", "cuda") or args.device.startswith("cuda:")
+        args.preset = "gpu" if on_gpu else "cpu"
+    for key, value in PRESETS[args.preset].items():  # fill every unset value from the preset
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.r is not None and args.init != "drop":
@@ -192,273 +169,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# 2. Tokenizer and data
-
-EOT = "<|endoftext|>"
-# Byte-level: the 256 single bytes are the whole vocabulary, no merges, so a token is a UTF-8 byte. The split
-# pattern only cuts text into pieces for the encoder (lines of at most 128 bytes: fast, never an empty match).
-BYTE_PATTERN = r"[^\n]{1,128}\n?|\n"
-PY_EXTS = {".py"}
-C_EXTS = {".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".hxx", ".cu", ".cuh", ".inl"}
-
-
-def get_tokenizer(name):
-    import tiktoken
-
-    if name == "byte":
-        return tiktoken.Encoding(name="byte", pat_str=BYTE_PATTERN,
-                                 mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={EOT: 256})
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception as e:  # no network, no cached file, proxy error, ...: all mean the same to a user
-        reason = str(e).splitlines()[0][:150] if str(e) else type(e).__name__
-        raise Fail(f"--tokenizer {name}: tiktoken could not load its BPE files ({reason}); they are downloaded once "
-                   f"and cached (TIKTOKEN_CACHE_DIR): go online once, or use the offline --tokenizer byte")
-
-
-def language_of(path):
-    ext = os.path.splitext(path)[1].lower()
-    return "python" if ext in PY_EXTS else "c/c++" if ext in C_EXTS else "other"
-
-
-def stable_hash(text):
-    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
-
-
-def list_files(data):
-    """The files of the corpus as (key, path, size, mtime_ns), key being a machine-independent name.
-
-    Default: the .py and C/C++ files of this Python installation (stdlib, site-packages, headers).
-    --data FOLDER: every non-hidden file under it. --data FILE: that file.
-    """
-    if data is None:
-        paths = sysconfig.get_paths()
-        roots = []  # (label, folder), each folder once even where sysconfig names it twice
-        for label in ("stdlib", "platstdlib", "purelib", "platlib", "include", "platinclude"):
-            folder = os.path.realpath(paths.get(label, "") or "/nonexistent")
-            if os.path.isdir(folder) and folder not in [f for _, f in roots]:
-                roots.append((label, folder))
-        wanted = PY_EXTS | C_EXTS
-    elif os.path.isdir(data):
-        roots, wanted = [("data", data)], None
-    else:
-        st = os.stat(data)
-        return [(os.path.basename(data), data, st.st_size, st.st_mtime_ns)]
-    files, seen = [], set()
-    for label, root in roots:
-        for folder, dirs, names in os.walk(root, onerror=None):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-            if data is None and label in ("stdlib", "platstdlib") and folder == root:
-                # installed packages come from purelib/platlib only: in a virtual environment the base Python's
-                # site-packages (inside stdlib) holds twins of the venv's packages, which would put copies of the
-                # same file on both sides of the train/val split
-                dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages")]
-            for name in sorted(names):
-                path = os.path.join(folder, name)
-                if name.startswith(".") or (wanted is not None and os.path.splitext(name)[1].lower() not in wanted):
-                    continue
-                real = os.path.realpath(path)
-                if real in seen or not os.path.isfile(real):  # stdlib may contain site-packages: count once
-                    continue
-                seen.add(real)
-                st = os.stat(real)
-                files.append((f"{label}/{os.path.relpath(path, root)}", path, st.st_size, st.st_mtime_ns))
-    return files
-
-
-def select_files(files, corpus_mb):
-    """Deterministic order (by a hash of each file's name: well mixed, stable as files come and go), an optional
-    size cap that keeps every language (half the cap each), and the train/val split by file."""
-    files = sorted(files, key=lambda f: (stable_hash(f[0]), f[0]))
-    if corpus_mb > 0:
-        languages = sorted({language_of(f[0]) for f in files})
-        budget = corpus_mb * 1e6 / len(languages)
-        kept, used = [], {lang: 0 for lang in languages}
-        for f in files:
-            lang = language_of(f[0])
-            if used[lang] < budget:
-                kept.append(f)
-                used[lang] += f[2]
-        files = kept
-    val = [f for f in files if stable_hash("val:" + f[0]) % 10_000 < VAL_FRACTION * 10_000]
-    if not val and len(files) > 1:
-        val = [files[-1]]  # a small corpus still gets a held-out file
-    val_keys = {f[0] for f in val}
-    train = [f for f in files if f[0] not in val_keys]
-    return train, val
-
-
-def read_text(path):
-    """The file as text, or None for binary files. Invalid UTF-8 bytes become U+FFFD rather than failing."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise Fail(f"cannot read {path}: {e.strerror or e}")
-    if b"\0" in raw[:8192]:
-        return None
-    return raw.decode("utf-8", errors="replace")
-
-
-def write_tokens(files, enc, out_path, seen):
-    """Tokenize files in batches (tiktoken's threads) and append them, each followed by <|endoftext|>, as uint16.
-
-    A file whose text is already in `seen` (hashes of every file written so far, train before val) is skipped:
-    a module vendored by several packages would otherwise be trained on and also scored as held-out text.
-    """
-    n_tokens, n_files, batch, batch_bytes = 0, 0, [], 0
-    with open(out_path, "wb") as out:
-        def flush():
-            nonlocal n_tokens, n_files
-            texts, utf8 = [], []
-            for text in (read_text(path) for path in batch):
-                raw = text.encode("utf-8") if text else b""
-                digest = hashlib.sha1(raw).digest()
-                if raw and digest not in seen:
-                    seen.add(digest)
-                    texts.append(text)
-                    utf8.append(raw)
-            if enc.name == "byte":
-                # the byte tokenizer's ids are exactly the UTF-8 bytes (test_dropupcycle.py checks this against tiktoken):
-                # numpy gets them 10x faster than tiktoken's Python lists
-                encoded = [np.frombuffer(raw, dtype=np.uint8) for raw in utf8]
-            else:
-                encoded = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-            for ids in encoded:
-                np.append(np.asarray(ids, dtype=np.uint16), np.uint16(enc.eot_token)).tofile(out)
-                n_tokens += len(ids) + 1
-            n_files += len(texts)
-            batch.clear()
-
-        for _, path, size, _ in files:
-            batch.append(path)
-            batch_bytes += size
-            if batch_bytes > 16e6 or len(batch) >= 2048:
-                flush()
-                batch_bytes = 0
-        flush()
-    return n_tokens, n_files
-
-
-def load_data(args, enc):
-    """Train and val token arrays (memmapped uint16) and a description, built once and cached in out_dir/data.
-
-    The cache's meta.json holds the settings and the file listing's fingerprint it was made with; when they differ
-    from the current ones, the cache is rebuilt. meta.json is written last, so a half-built cache is never used.
-    """
-    vocab = enc.n_vocab
-    if args.data is not None and not os.path.exists(args.data):
-        raise Fail(f"--data {args.data}: no such file or folder")
-    if args.data is not None and os.path.isfile(args.data) and args.data.endswith(".bin"):
-        # a pre-tokenized uint16 token file (nanoGPT's format): no files to split by, so the last 5% is val
-        size = os.path.getsize(args.data)
-        if size < 2 or size % 2:
-            raise Fail(f"--data {args.data}: a token file holds uint16 values, but it has {size} bytes")
-        tokens = np.memmap(args.data, dtype=np.uint16, mode="r")
-        top = int(tokens.max())
-        if top >= vocab:
-            raise Fail(f"--data {args.data}: token id {top} is outside the vocabulary of --tokenizer {args.tokenizer} "
-                       f"({vocab} tokens); was it made with another tokenizer?")
-        n_val = max(int(len(tokens) * VAL_FRACTION), args.seq_len + 2)
-        train, val = tokens[:-n_val], tokens[-n_val:]
-        st = os.stat(args.data)
-        fingerprint = hashlib.sha1(f"{os.path.abspath(args.data)}:{size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        info = dict(fingerprint=fingerprint, description=f"token file {args.data}: {len(train):,} train / {len(val):,} val tokens (split by position)")
-        return check_split(train, val, args, info)
-
-    try:
-        files = list_files(args.data)
-    except OSError as e:
-        raise Fail(f"--data {args.data}: cannot list files ({e.strerror or e})")
-    if not files or sum(f[2] for f in files) == 0:
-        raise Fail(f"--data {args.data}: no text files found" if args.data else "no Python or C/C++ sources found in this Python installation; pass --data")
-    corpus_mb = args.corpus_mb
-    train_files, val_files = select_files(files, corpus_mb)
-    source = "python-sources" if args.data is None else os.path.abspath(args.data)
-    listing = hashlib.sha1(json.dumps([f[0::2] + (f[3],) for f in train_files + val_files] + [f[0] for f in val_files]).encode())
-    settings = dict(format=2, source=source, tokenizer=args.tokenizer, corpus_mb=corpus_mb, val_fraction=VAL_FRACTION,
-                    files=listing.hexdigest())
-    fingerprint = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    name = "python-sources" if args.data is None else os.path.basename(os.path.normpath(args.data)) or "data"
-    cache_dir = os.path.join(args.out_dir, "data", f"{name}-{args.tokenizer}")
-    meta_path = os.path.join(cache_dir, "meta.json")
-    meta = None
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
-            meta = None
-        if meta is not None and meta.get("settings") != settings:
-            changed = sorted(k for k in settings if meta.get("settings", {}).get(k) != settings[k])
-            print(f"token cache {cache_dir} was made with other settings ({', '.join(changed)} changed): rebuilding")
-            meta = None
-        elif meta is not None and any(not os.path.exists(os.path.join(cache_dir, f"{s}.bin")) or
-                                      os.path.getsize(os.path.join(cache_dir, f"{s}.bin")) != 2 * meta.get(f"{s}_tokens", -1)
-                                      for s in ("train", "val")):
-            print(f"token cache {cache_dir} is incomplete: rebuilding")
-            meta = None
-    if meta is None:
-        make_dirs(cache_dir)
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        t0 = time.time()
-        total_mb = sum(f[2] for f in train_files + val_files) / 1e6
-        print(f"tokenizing {len(train_files) + len(val_files):,} files ({total_mb:.1f} MB) into {cache_dir} ...")
-        meta, seen = dict(settings=settings), set()
-        for split, split_files in (("train", train_files), ("val", val_files)):
-            tmp = os.path.join(cache_dir, f"{split}.bin.tmp")
-            meta[f"{split}_tokens"], meta[f"{split}_files"] = write_tokens(split_files, enc, tmp, seen)
-            os.replace(tmp, os.path.join(cache_dir, f"{split}.bin"))
-        langs = {}
-        for f in train_files + val_files:
-            langs[language_of(f[0])] = langs.get(language_of(f[0]), 0) + 1
-        meta["languages"] = langs
-        meta["seconds"] = round(time.time() - t0, 1)
-        atomic_write_text(meta_path, json.dumps(meta, indent=1))
-        print(f"tokenized in {meta['seconds']:.1f} s")
-    if meta["train_tokens"] == 0 and meta["val_tokens"] == 0:
-        raise Fail(f"--data {args.data}: no text found (all files empty or binary)")
-    if meta["val_tokens"] == 0:
-        # a single file (or a single text file among binaries) cannot be split by file: split it by position
-        tokens = np.memmap(os.path.join(cache_dir, "train.bin"), dtype=np.uint16, mode="r")
-        n_val = max(int(len(tokens) * VAL_FRACTION), args.seq_len + 2)
-        train, val, how = tokens[:-n_val], tokens[-n_val:], "one file: split by position"
-    else:
-        train = np.memmap(os.path.join(cache_dir, "train.bin"), dtype=np.uint16, mode="r") if meta["train_tokens"] else np.zeros(0, np.uint16)
-        val = np.memmap(os.path.join(cache_dir, "val.bin"), dtype=np.uint16, mode="r")
-        how = "split by file"
-    langs = ", ".join(f"{n:,} {lang}" for lang, n in sorted(meta.get("languages", {}).items()))
-    desc = (f"{'this Python installation' if args.data is None else args.data}: {meta['train_files'] + meta['val_files']:,} "
-            f"files ({langs}), {len(train):,} train / {len(val):,} val tokens ({how}; cache {cache_dir})")
-    return check_split(train, val, args, dict(fingerprint=fingerprint, description=desc))
-
-
-def check_split(train, val, args, info):
-    for split, tokens in (("train", train), ("val", val)):
-        if len(tokens) < args.seq_len + 2:
-            raise Fail(f"the {split} split has only {len(tokens):,} tokens, fewer than --seq-len + 2 = {args.seq_len + 2}: "
-                       f"give more data or a smaller --seq-len")
-    return train, val, info
-
-
-def get_batch(tokens, batch_size, seq_len, rng, device):
-    """batch_size random windows of seq_len + 1 tokens -> inputs x and next-token targets y, [B, T] each."""
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
-    chunk = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
-    if device.type == "cuda":
-        chunk = chunk.pin_memory().to(device, non_blocking=True)  # overlaps the copy with the running step
-    return chunk[:, :-1], chunk[:, 1:]
-
-
-def step_rng(seed, phase, step):
-    # The data of a step is a function of (seed, phase, step) alone: every MoE init sees the same batches, and a
-    # resumed run continues the data stream exactly without saving any loader state.
-    return np.random.default_rng([seed, {"dense": 0, "moe": 1}[phase], step])
-
-
-# -----------------------------------------------------------------------------
-# 3. One training run
+# 2. One training run
 
 STOP = {"signal": None, "training": False}  # set by the SIGINT/SIGTERM handler, read once per step
 
@@ -489,7 +200,7 @@ def make_optimizer(model, lr, weight_decay, device):
 
 
 def autocast(device):
-    # bf16 on the GPU (norms and the loss stay fp32 inside the model); plain fp32 on the CPU: exact and reproducible
+    # bf16 on the GPU (norms, router and the loss stay fp32 inside the model); fp32 on the CPU: exact, reproducible
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -497,59 +208,47 @@ def autocast(device):
 
 @torch.no_grad()
 def evaluate(model, val_batches, device):
-    """Mean next-token cross-entropy on fixed held-out windows: the language-modelling loss alone, without the
-    balancing term that the model adds to its training loss, so dense and every MoE are comparable."""
+    """(mean, standard error) of the next-token cross-entropy over fixed held-out batches: the language-modelling
+    loss alone, without the balancing term, so dense and every MoE are comparable. The standard error over the
+    batches is the noise of this number: a difference between two runs smaller than it says nothing."""
     model.eval()
-    total = torch.zeros((), device=device)
+    losses = []
     for x, y in val_batches:
         with autocast(device):
             logits, _ = model(x)
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        losses.append(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1)))
     model.train()
-    return (total / len(val_batches)).item()
+    losses = torch.stack(losses).double().cpu()
+    se = losses.std().item() / math.sqrt(len(losses)) if len(losses) > 1 else float("nan")
+    return losses.mean().item(), se
 
 
 def gpu_peak_flops(device):
-    """bf16 dense peak of the GPU (for MFU), or None where unknown."""
+    """bf16 dense peak FLOP/s of the GPU (for MFU), or None where unknown."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, peak in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
-        if key in name:
-            return peak
-    return None
-
-
-def make_dirs(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise Fail(f"cannot create folder {path}: {e.strerror or e}")
-
-
-def atomic_write_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
 
 
 def save_checkpoint(state, path):
-    """Write to a temporary file, flush it to disk, then rename over the old checkpoint: a crash or a full disk
-    during the save leaves the previous checkpoint as it was."""
+    """Write to a temporary file, flush it to disk, then rename over the old checkpoint, with SIGINT/SIGTERM held
+    back meanwhile: a crash, a full disk or a second Ctrl-C during the save leaves the previous checkpoint as it was."""
     tmp = path + ".tmp"
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except Exception as e:  # a full disk is an OSError from open/fsync, a RuntimeError from torch.save's writer
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise Fail(f"could not write checkpoint {path} ({e.strerror or e}); the previous checkpoint is unchanged")
-        raise
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
+        raise Fail(f"could not write checkpoint {path} ({reason}); the previous checkpoint is unchanged")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
 
 
 def load_checkpoint(path):
@@ -558,212 +257,217 @@ def load_checkpoint(path):
     except Exception as e:
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise Fail(f"checkpoint {path} is unreadable (truncated or corrupt: {reason}); delete it to start that run over")
-    if not isinstance(ckpt, dict) or not {"model", "settings", "step"} <= set(ckpt):
+    if not isinstance(ckpt, dict) or not {"model", "settings", "step", "model_config"} <= set(ckpt):
         raise Fail(f"checkpoint {path} is not a train.py checkpoint; delete it to start that run over")
     return ckpt
 
 
-def flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+def settings_diff(old, new, prefix=""):
+    keys = sorted(set(old) | set(new))
+    diffs = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += settings_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k}: {a} -> {b}")
+    return diffs
 
 
-def settings_diff(old, new):
-    old, new = flatten(old), flatten(new)
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys[:6]) + (" ..." if len(keys) > 6 else "")
-
-
-CSV_FIELDS = ["step", "tokens", "train_loss", "val_loss", "aux_loss", "lr", "time"]
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def fmt_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+CSV_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_se", "aux_loss", "lr", "time"]
 
 
 class Run:
-    """One training run (the dense model, or one MoE init): its folder, settings and schedule."""
+    """One training run (the dense model, or one MoE init): its folder and its settings. The settings are the
+    run's identity: everything that changes a number it records. A checkpoint made with other settings is refused
+    rather than continued, and only runs with equal settings (but the init) are compared."""
 
-    def __init__(self, name, phase, model_cfg, settings, args):
-        self.name, self.phase, self.model_cfg, self.settings = name, phase, model_cfg, settings
-        self.dir = os.path.join(args.out_dir, name)
+    def __init__(self, name, out_dir, settings):
+        self.name, self.settings = name, settings
+        self.dir = os.path.join(out_dir, name)
         self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
         self.csv_path = os.path.join(self.dir, "log.csv")
         self.result_path = os.path.join(self.dir, "result.json")
-        self.steps = args.dense_steps if phase == "dense" else args.moe_steps
-        self.lr = args.dense_lr if phase == "dense" else args.moe_lr
-        self.warmup = args.dense_warmup if phase == "dense" else args.moe_warmup
 
-    def existing(self, args):
-        """The run's checkpoint if one exists and matches the current settings; None if there is none.
-        Refuses (Fail) a checkpoint made with other settings rather than mixing results."""
+    def existing(self, resume):
+        """The run's checkpoint if one exists and matches the current settings; None if there is none."""
         if not os.path.exists(self.ckpt_path):
             return None
         ckpt = load_checkpoint(self.ckpt_path)
         if ckpt["settings"] != self.settings:
-            raise Fail(f"{self.dir} holds a run with other settings ({settings_diff(ckpt['settings'], self.settings)}); "
+            diff = settings_diff(ckpt["settings"], self.settings)
+            raise Fail(f"{self.dir} holds a run with other settings ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}); "
                        f"use another --out-dir, or delete {self.dir} to replace it")
-        if not ckpt.get("finished") and not args.resume:
-            raise Fail(f"{self.dir} holds an unfinished run (step {ckpt['step']}/{self.steps}): pass --resume to "
-                       f"continue it, or delete {self.dir} to start it over")
+        if not ckpt.get("finished") and not resume:
+            raise Fail(f"{self.dir} holds an unfinished run (step {ckpt['step']}/{self.settings['steps']}): pass "
+                       f"--resume to continue it, or delete {self.dir} to start it over")
         return ckpt
 
 
-def train_run(run, model, train_model, args, data, device, ckpt=None):
-    """Train model from its current weights (or from ckpt, an unfinished checkpoint) for run.steps steps.
+def read_log(path, up_to_step):
+    """The rows of log.csv up to a checkpoint's step (a resumed run continues the log from there)."""
+    try:
+        rows = plot.read_csv(path)
+        return [r for r in rows if int(r["step"]) <= up_to_step]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise Fail(f"{path} is damaged (not a log.csv of train.py); delete the run's folder to start it over")
+
+
+def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_interval, ckpt=None, later_flops=0.0):
+    """Train model from its current weights (or from ckpt, an unfinished checkpoint) for the run's steps.
 
     model is the module, train_model the same module or its torch.compile wrapper. Writes log.csv, checkpoints
-    and result.json into run.dir; returns the result dict.
+    and result.json into run.dir and returns the result dict. A resumed run writes what an uninterrupted one would.
+    later_flops: the training FLOPs of the runs this command trains after this one, for the overall ETA.
     """
-    train_tokens, val_batches = data
-    cfg = run.model_cfg
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
-    optimizer = make_optimizer(model, run.lr, args.weight_decay, device)
-    start_step, elapsed = 0, 0.0
+    s = run.settings
+    cfg = ModelConfig(**s["model"])
+    tokens_per_step = s["batch_size"] * s["seq_len"] * s["grad_accum"]
+    optimizer = make_optimizer(model, s["lr"], s["weight_decay"], device)
+    start_step, elapsed, pending = 0, 0.0, []  # pending: (step, ce, aux) since the last log row
     make_dirs(run.dir)
-    if ckpt is not None:  # --resume: weights, optimizer, RNG, clock; the data stream follows from the step
+    rows = []
+    if ckpt is not None:  # --resume: weights, optimizer, RNG, clock, unlogged losses; the data follows from the step
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        start_step, elapsed = ckpt["step"], ckpt["elapsed"]
-        rows = [r for r in read_csv(run.csv_path) if int(r["step"]) <= start_step] if os.path.exists(run.csv_path) else []
-        print(f"[{run.name}] resuming at step {start_step}/{run.steps}")
-    else:
-        rows = []
-    with open(run.csv_path, "w", newline="") as f:  # rewrite: drops rows logged after the checkpoint
-        csv.DictWriter(f, CSV_FIELDS).writeheader()
-        csv.DictWriter(f, CSV_FIELDS).writerows(rows)
-    with open(os.path.join(run.dir, "settings.json"), "w") as f:
-        json.dump(run.settings, f, indent=1)
-    csv_file = open(run.csv_path, "a", newline="")
-    writer = csv.DictWriter(csv_file, CSV_FIELDS)
+        start_step, elapsed, pending = ckpt["step"], ckpt["elapsed"], [tuple(p) for p in ckpt.get("pending", [])]
+        rows = read_log(run.csv_path, start_step) if os.path.exists(run.csv_path) else []
+        print(f"[{run.name}] resuming at step {start_step}/{s['steps']}")
+    try:
+        atomic_write_text(run.csv_path, ",".join(CSV_FIELDS) + "\n" + "".join(",".join(r.get(k) or "" for k in CSV_FIELDS) + "\n" for r in rows))
+        atomic_write_text(os.path.join(run.dir, "settings.json"), json.dumps(s, indent=1))
+        csv_file = open(run.csv_path, "a", newline="")
+    except OSError as e:
+        raise Fail(f"cannot write in {run.dir} ({e.strerror or e})")
 
-    flops = flops_per_token(cfg, args.seq_len)
+    flops = flops_per_token(cfg, s["seq_len"])
     peak = gpu_peak_flops(device)
+    t_start = time.time()
     last_saved = start_step if ckpt is not None else None
 
     def checkpoint(step, finished=False):
         nonlocal last_saved
-        state = dict(model=model.state_dict(), settings=run.settings, step=step, finished=finished,
-                     model_config=asdict(cfg), tokenizer=args.tokenizer, elapsed=elapsed + time.time() - t_start,
+        # weights are written only when seen to give a finite loss: an update can turn them to NaN after the
+        # last loss that was checked, and such a checkpoint would fail again when resumed or sampled
+        if not finished:
+            check = evaluate(train_model, val_batches[:1], device)[0]
+            if not math.isfinite(check):
+                raise Fail(f"[{run.name}] the weights after step {step} give a validation loss of {check}: stopping "
+                           f"without saving them; {kept()}. Try a lower learning rate (--{s['phase']}-lr {s['lr'] / 3:.2g}) in a fresh --out-dir")
+        state = dict(model=model.state_dict(), settings=s, step=step, finished=finished, model_config=asdict(cfg),
+                     tokenizer=s["tokenizer"], elapsed=elapsed + time.time() - t_start, pending=pending,
                      rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
         if not finished:  # a finished run is only ever reused or sampled: no optimizer state needed (half the size)
             state["optimizer"] = optimizer.state_dict()
         save_checkpoint(state, run.ckpt_path)
         last_saved = step
 
-    def log_row(step, train_loss="", val_loss="", aux="", lr=""):
-        writer.writerow(dict(step=step, tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
-                             aux_loss=aux, lr=lr, time=round(elapsed + time.time() - t_start, 3)))
-        csv_file.flush()
+    def kept():
+        return (f"the last good checkpoint ({run.ckpt_path}, step {last_saved}) is kept" if last_saved is not None
+                else "no checkpoint had been written yet")
 
-    t_start = time.time()
+    def log_row(step, **values):
+        row = dict(step=step, tokens=step * tokens_per_step, time=round(elapsed + time.time() - t_start, 3), **values)
+        try:
+            csv_file.write(",".join(str(row.get(k, "")) for k in CSV_FIELDS) + "\n")
+            csv_file.flush()
+        except OSError as e:
+            raise Fail(f"could not write {run.csv_path} ({e.strerror or e}); --resume continues from the last checkpoint")
+
     if start_step == 0:
-        val = evaluate(train_model, val_batches, device)  # the loss at the upcycling point, before any MoE step
-        log_row(0, val_loss=repr(val))
-        print(f"[{run.name}] step 0/{run.steps} | val {val:.4f}")
-    pending = []  # (step, ce, aux) tensors since the last progress line: read back with one device sync
-    t_interval, steady_tokens, steady_time, interval_index = time.time(), 0, 0.0, 0
-    last_lr, result_val = 0.0, None
+        val, se = evaluate(train_model, val_batches, device)  # the loss at the upcycling point, before any MoE step
+        log_row(0, val_loss=repr(val), val_se=repr(se))
+        print(f"[{run.name}] step 0/{s['steps']} | val {val:.4f}")
+    t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
+    result_val = None
     STOP["training"] = True
     try:
-        for step in range(start_step, run.steps):
-            lr = lr_at(step, run.steps, run.lr, run.warmup)
+        for step in range(start_step, s["steps"]):
+            lr = lr_at(step, s["steps"], s["lr"], s["warmup"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            rng = step_rng(args.seed, run.phase, step)
+            rng = np.random.default_rng([s["seed"], {"dense": 0, "moe": 1}[s["phase"]], step])  # data of a step: (seed, phase, step)
             ce_sum, aux_sum = 0.0, 0.0
-            for _ in range(args.grad_accum):
-                x, y = get_batch(train_tokens, args.batch_size, args.seq_len, rng, device)
+            for _ in range(s["grad_accum"]):
+                x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device)
                 with autocast(device):
                     _, loss = train_model(x, y)
-                (loss / args.grad_accum).backward()
+                (loss / s["grad_accum"]).backward()
                 # log the cross-entropy alone (comparable with dense), the balancing loss separately
                 aux = model.aux_loss if cfg.is_moe else None
                 ce = loss.detach() - cfg.aux_loss_coef * aux if aux is not None else loss.detach()
-                ce_sum = ce_sum + ce / args.grad_accum
-                aux_sum = aux_sum + (aux / args.grad_accum if aux is not None else 0.0)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                ce_sum = ce_sum + ce / s["grad_accum"]
+                aux_sum = aux_sum + (aux / s["grad_accum"] if aux is not None else 0.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             pending.append((done, ce_sum, aux_sum))
-            last_lr = lr
 
-            is_eval = done % args.eval_interval == 0 or done == run.steps
-            is_ckpt = done % args.ckpt_interval == 0 or done == run.steps or STOP["signal"] is not None
-            if done % args.log_interval == 0 or is_eval or is_ckpt:
-                # one sync: the losses since the last line; a NaN stops the run before it can reach a checkpoint
-                losses = torch.stack([torch.as_tensor(c, device=device).float() for _, c, _ in pending]).cpu()
-                bad = (~torch.isfinite(losses)).nonzero()
-                if len(bad):
-                    bad_step = pending[bad[0, 0].item()][0]
-                    kept = f"the last good checkpoint ({run.ckpt_path}, step {last_saved}) is kept" if last_saved is not None else "no checkpoint had been written yet"
-                    raise Fail(f"[{run.name}] loss became {losses[bad[0, 0]].item()} at step {bad_step}: stopping; {kept}. "
-                               f"Try a lower learning rate (--{run.phase}-lr {run.lr / 3:.2g}) in a fresh --out-dir")
-                train_loss = losses.mean().item()
-                aux_mean = torch.stack([torch.as_tensor(a, device=device).float() for _, _, a in pending]).mean().item() if cfg.is_moe else None
-                now = time.time()
-                interval_time, interval_tokens = now - t_interval, len(pending) * tokens_per_step
-                if interval_index > 0:  # the first interval of a process includes warm-up (and compilation)
+            # once in a while: read the losses back (one device sync), log, evaluate, save
+            is_log = done % s["log_interval"] == 0 or done % s["eval_interval"] == 0 or done == s["steps"]
+            is_ckpt = (done % ckpt_interval == 0 or STOP["signal"] is not None) and done < s["steps"]
+            if not (is_log or is_ckpt):
+                continue
+            pending = [(st, float(c), float(a)) for st, c, a in pending]
+            bad = [(st, c) for st, c, _ in pending if not math.isfinite(c)]
+            if bad:
+                raise Fail(f"[{run.name}] loss became {bad[0][1]} at step {bad[0][0]}: stopping; {kept()}. Try a lower "
+                           f"learning rate (--{s['phase']}-lr {s['lr'] / 3:.2g}) in a fresh --out-dir")
+            if is_log:
+                train_loss = sum(c for _, c, _ in pending) / len(pending)
+                aux_mean = sum(a for _, _, a in pending) / len(pending) if cfg.is_moe else None
+                interval_time, interval_tokens = time.time() - t_interval, len(pending) * tokens_per_step
+                if not first_interval:  # the first interval of a process includes warm-up (and compilation)
                     steady_tokens, steady_time = steady_tokens + interval_tokens, steady_time + interval_time
-                interval_index += 1
+                first_interval = False
                 tok_s = interval_tokens / interval_time
                 mfu = f" | MFU {flops * tok_s / peak:.1%}" if peak else ""
                 rate = steady_time / steady_tokens * tokens_per_step if steady_tokens else interval_time / len(pending)
+                eta = rate * (s["steps"] - done)
+                eta_all = f" (all runs {plot.fmt_time(eta + later_flops / flops * rate / tokens_per_step)})" if later_flops else ""
                 aux_text = f" | aux {aux_mean:.3f}" if aux_mean is not None else ""
-                print(f"[{run.name}] step {done}/{run.steps} | loss {train_loss:.4f}{aux_text} | lr {lr:.2e} | "
-                      f"{tok_s / 1e3:,.1f}k tok/s{mfu} | ETA {fmt_time(rate * (run.steps - done))}", flush=True)
-                val_loss = ""
-                if is_eval:
-                    result_val = evaluate(train_model, val_batches, device)
+                print(f"[{run.name}] step {done}/{s['steps']} | loss {train_loss:.4f}{aux_text} | lr {lr:.2e} | "
+                      f"{tok_s / 1e3:,.1f}k tok/s{mfu} | ETA {plot.fmt_time(eta)}{eta_all}", flush=True)
+                val = dict(val_loss="", val_se="")
+                if done % s["eval_interval"] == 0 or done == s["steps"]:
+                    result_val, se = evaluate(train_model, val_batches, device)
                     if not math.isfinite(result_val):
-                        raise Fail(f"[{run.name}] validation loss became {result_val} at step {done}: stopping; "
-                                   f"the last good checkpoint ({run.ckpt_path}, step {last_saved}) is kept")
-                    val_loss = repr(result_val)
-                    print(f"[{run.name}] step {done}/{run.steps} | val {result_val:.4f}", flush=True)
-                log_row(done, repr(train_loss), val_loss, repr(aux_mean) if aux_mean is not None else "", repr(lr))
+                        raise Fail(f"[{run.name}] validation loss became {result_val} at step {done}: stopping; {kept()}")
+                    val = dict(val_loss=repr(result_val), val_se=repr(se))
+                    print(f"[{run.name}] step {done}/{s['steps']} | val {result_val:.4f} ± {se:.4f}", flush=True)
+                log_row(done, train_loss=repr(train_loss), aux_loss=repr(aux_mean) if aux_mean is not None else "",
+                        lr=repr(lr), **val)
                 pending = []
                 t_interval = time.time()  # evaluation time is not training time
-                if (is_ckpt or STOP["signal"] is not None) and done < run.steps:  # a signal may have come meanwhile
-                    checkpoint(done)
-                if STOP["signal"] is not None and done < run.steps:
-                    signum = STOP["signal"]
-                    csv_file.close()
-                    print(f"[{run.name}] stopped at step {done}/{run.steps}; checkpoint saved to {run.ckpt_path}. "
-                          f"Continue with the same command plus --resume", flush=True)
-                    raise SystemExit(128 + signum)
+            if is_ckpt or (STOP["signal"] is not None and done < s["steps"]):  # a signal may have come meanwhile
+                checkpoint(done)
+            if STOP["signal"] is not None and done < s["steps"]:
+                csv_file.close()
+                print(f"[{run.name}] stopped at step {done}/{s['steps']}; checkpoint saved to {run.ckpt_path}. "
+                      f"Continue with the same command plus --resume", flush=True)
+                raise SystemExit(128 + STOP["signal"])
     finally:
         STOP["training"] = False
     csv_file.close()
     wall = elapsed + time.time() - t_start
-    tok_s = steady_tokens / steady_time if steady_time else run.steps * tokens_per_step / max(wall, 1e-9)
-    result = dict(name=run.name, final_val_loss=result_val, steps=run.steps, tokens=run.steps * tokens_per_step,
+    tok_s = steady_tokens / steady_time if steady_time else s["steps"] * tokens_per_step / max(wall, 1e-9)
+    result = dict(name=run.name, final_val_loss=result_val, steps=s["steps"], tokens=s["steps"] * tokens_per_step,
                   wall_time=round(wall, 1), tokens_per_s=round(tok_s), mfu=round(flops * tok_s / peak, 4) if peak else None,
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", last_lr=last_lr)
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     atomic_write_text(run.result_path, json.dumps(result, indent=1))
-    checkpoint(run.steps, finished=True)
-    print(f"[{run.name}] done: val {result_val:.4f}, {fmt_time(wall)}, {tok_s / 1e3:,.1f}k tok/s")
+    checkpoint(s["steps"], finished=True)
+    print(f"[{run.name}] done: val {result_val:.4f}, {plot.fmt_time(wall)}, {tok_s / 1e3:,.1f}k tok/s")
     if STOP["signal"] is not None:  # the signal came during the last step: this run is complete, stop here
         raise SystemExit(128 + STOP["signal"])
     return result
 
 
 # -----------------------------------------------------------------------------
-# 4. The experiment
+# 3. The experiment
 
 
 def resolve_device(name):
@@ -796,12 +500,13 @@ def model_configs(args, vocab_size):
     return dense, moe
 
 
-def planned_inits(args):
-    if args.init in (None, "all"):
+def planned_runs(init, r, independent_indices):
+    """The MoE runs of a command as (init, r, shared index sets)."""
+    if init in (None, "all"):
         return list(ALL_RUNS)
-    if args.init == "dense":
+    if init == "dense":
         return []
-    return [(args.init, {"scratch": None, "naive": 0.0, "drop": args.r}[args.init])]
+    return [(init, {"scratch": None, "naive": 0.0, "drop": r}[init], not independent_indices)]
 
 
 def run_name(init, r, shared_indices=True):
@@ -809,17 +514,24 @@ def run_name(init, r, shared_indices=True):
     return (f"moe-drop-r{r:g}" + ("" if shared_indices else "-indep")) if init == "drop" else f"moe-{init}"
 
 
-def common_settings(args, data_info):
-    return dict(data=data_info["fingerprint"], tokenizer=args.tokenizer, seed=args.seed, seq_len=args.seq_len,
-                batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
-                grad_clip=args.grad_clip, betas=list(BETAS), eps=ADAM_EPS, min_lr_ratio=MIN_LR_RATIO)
+def run_settings(args, phase, model_cfg, data_fingerprint):
+    """What a run's numbers depend on: its identity (see Run)."""
+    return dict(phase=phase, model=asdict(model_cfg), data=data_fingerprint, tokenizer=args.tokenizer,
+                seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                steps=getattr(args, f"{phase}_steps"), lr=getattr(args, f"{phase}_lr"),
+                warmup=getattr(args, f"{phase}_warmup"), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                betas=list(BETAS), eps=ADAM_EPS, min_lr_ratio=MIN_LR_RATIO, eval_batches=args.eval_batches,
+                eval_interval=args.eval_interval, log_interval=args.log_interval, val_windows_seed=VAL_WINDOWS_SEED)
 
 
-def maybe_compile(model, args, check_batch, name):
+VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: every run and seed is scored on the same text
+
+
+def maybe_compile(model, compile, check_batch, name):
     """model itself, or its torch.compile wrapper once that is seen to compute the same function on one
     validation batch (else a warning, and eager mode: slower, never wrong). The whole model is one graph,
     MoE layers included (dropupcycle.compile_model says what it takes to keep them right)."""
-    if not args.compile:
+    if not compile:
         return model
     compiled = compile_model(model)
     x, y = check_batch
@@ -834,6 +546,28 @@ def maybe_compile(model, args, check_batch, name):
     return compiled
 
 
+LOCK = {}  # out_dir -> open lock file, held for the life of the process
+
+
+def lock_out_dir(out_dir):
+    """One writer per output folder: a second process would interleave its rows with ours. The lock is the
+    kernel's (flock), so it goes away with the process that held it, even after kill -9."""
+    path = os.path.join(out_dir, ".lock")
+    f = LOCK.get(out_dir) or open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise Fail(f"--out-dir {out_dir} is in use by {holder}; wait for it to finish, or use another --out-dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:4])} ...)")
+    f.flush()
+    LOCK[out_dir] = f
+
+
 def experiment(args):
     device = resolve_device(args.device)
     if args.compile and device.type != "cuda":
@@ -843,48 +577,44 @@ def experiment(args):
         torch.backends.cudnn.allow_tf32 = True
     enc = get_tokenizer(args.tokenizer)
     dense_cfg, moe_cfg = model_configs(args, enc.n_vocab)
-    inits = planned_inits(args)
+    planned = planned_runs(args.init, args.r, args.independent_indices)
     make_dirs(args.out_dir)
     if not os.access(args.out_dir, os.W_OK):
         raise Fail(f"--out-dir {args.out_dir}: folder is not writable")
+    lock_out_dir(args.out_dir)
 
     what = {None: "no --init given: running the full comparison (--init all)", "all": "--init all"}.get(args.init, f"--init {args.init}")
     print(f"{what} | preset {args.preset} | device {device}{' | compile' if args.compile else ''} | out {args.out_dir}")
-    names = ["dense"] + [run_name(i, r, not args.independent_indices) for i, r in inits]
+    names = ["dense"] + [run_name(*p) for p in planned]
     print("runs: " + ", ".join(names))
     if args.resume and not any(os.path.exists(os.path.join(args.out_dir, name, "ckpt.pt")) for name in names):
         raise Fail(f"--resume: no checkpoint in {args.out_dir} for these runs (nothing to resume); run without --resume")
-    train_tokens, val_tokens, data_info = load_data(args, enc)
+    train_tokens, val_tokens, data_info = load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)
     print(f"data: {data_info['description']}")
-
-    # fixed validation windows (independent of --seed): every run and every seed is scored on the same text
-    val_rng = np.random.default_rng(1234)
+    val_rng = np.random.default_rng(VAL_WINDOWS_SEED)
     val_batches = [get_batch(val_tokens, args.batch_size, args.seq_len, val_rng, device) for _ in range(args.eval_batches)]
-    data = (train_tokens, val_batches)
 
-    common = common_settings(args, data_info)
-    dense_settings = dict(phase="dense", model=asdict(dense_cfg), steps=args.dense_steps, lr=args.dense_lr,
-                          warmup=args.dense_warmup, **common)
-    dense_run = Run("dense", "dense", dense_cfg, dense_settings, args)
+    dense_run = Run("dense", args.out_dir, run_settings(args, "dense", dense_cfg, data_info["fingerprint"]))
     moe_runs = []
-    for init, r in inits:
-        settings = dict(phase="moe", init=init, r=r, model=asdict(moe_cfg), steps=args.moe_steps, lr=args.moe_lr,
-                        warmup=args.moe_warmup, shared_indices=not args.independent_indices, dense=dense_settings if init != "scratch" else None,
-                        **common)
-        moe_runs.append(Run(run_name(init, r, settings["shared_indices"]), "moe", moe_cfg, settings, args))
+    for init, r, shared in planned:
+        settings = dict(run_settings(args, "moe", moe_cfg, data_info["fingerprint"]), init=init, r=r, shared_indices=shared,
+                        dense=dense_run.settings if init != "scratch" else None)
+        moe_runs.append(Run(run_name(init, r, shared), args.out_dir, settings))
     # check every existing checkpoint before any work: settings mismatches and corrupt files fail fast
-    existing = {run.name: run.existing(args) for run in [dense_run] + moe_runs}
+    existing = {run.name: run.existing(args.resume) for run in [dense_run] + moe_runs}
+    todo = [run for run in [dense_run] + moe_runs if not (existing[run.name] or {}).get("finished")]
+    run_flops = {run.name: run.settings["steps"] * args.batch_size * args.seq_len * args.grad_accum *
+                 flops_per_token(ModelConfig(**run.settings["model"]), args.seq_len) for run in todo}
+    later_flops = lambda run: sum(run_flops[r.name] for r in todo[todo.index(run) + 1:])
 
     dense_model = Transformer(dense_cfg)
-    n_dense = dense_model.num_params()
     moe_probe = Transformer(moe_cfg) if moe_runs else None
-    print(f"dense: {n_dense / 1e6:.2f}M params" + (f" | MoE: {moe_probe.num_params() / 1e6:.2f}M params, "
-                                                    f"{moe_probe.num_params(active=True) / 1e6:.2f}M active" if moe_probe else ""))
+    print(f"dense: {dense_model.num_params() / 1e6:.2f}M params" + (f" | MoE: {moe_probe.num_params() / 1e6:.2f}M params, "
+                                                                    f"{moe_probe.num_params(active=True) / 1e6:.2f}M active" if moe_probe else ""))
     del moe_probe
     t_all = time.time()
 
     # Phase 1: the dense model. Trained once; any later command with the same settings reuses it.
-    needs_dense_weights = any(run.settings["init"] != "scratch" and not (existing[run.name] or {}).get("finished") for run in moe_runs)
     ckpt = existing["dense"]
     if ckpt is not None and ckpt.get("finished"):
         print(f"[dense] reusing the finished dense model in {dense_run.dir}")
@@ -893,10 +623,9 @@ def experiment(args):
     else:
         torch.manual_seed(args.seed)
         dense_model = Transformer(dense_cfg).to(device)
-        train_run(dense_run, dense_model, maybe_compile(dense_model, args, val_batches[0], "dense"), args, data, device, ckpt)
+        train_run(dense_run, dense_model, maybe_compile(dense_model, args.compile, val_batches[0], "dense"),
+                  train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(dense_run))
     del ckpt
-    if not needs_dense_weights:
-        dense_model = dense_model.to("cpu")
 
     # Phase 2: every MoE init, each from the same dense weights, with the same data stream and step count.
     # One MoE module is trained in turn with each init's weights, so torch.compile compiles it once.
@@ -906,7 +635,7 @@ def experiment(args):
         if ckpt is not None and ckpt.get("finished"):
             print(f"[{run.name}] reusing the finished run in {run.dir}")
             continue
-        print(f"--- MoE run {i + 1}/{len(moe_runs)}: {run.name} ({fmt_time(time.time() - t_all)} so far)")
+        print(f"--- MoE run {i + 1}/{len(moe_runs)}: {run.name} ({plot.fmt_time(time.time() - t_all)} so far)")
         if moe_model is None:
             moe_model = Transformer(moe_cfg).to(device)
         init, r = run.settings["init"], run.settings["r"]
@@ -920,171 +649,72 @@ def experiment(args):
             moe_model.load_state_dict(start.state_dict())
             del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
-            moe_train_model = maybe_compile(moe_model, args, val_batches[0], run.name)
-        train_run(run, moe_model, moe_train_model, args, data, device, ckpt)
+            moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name)
+        train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run))
         if init == "naive" and ckpt is None:  # identical experts compute the dense FFN: same loss at the start
-            start_val, dense_val = val_curve(run.csv_path)[2][0], val_curve(dense_run.csv_path)[2][-1]
+            start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
             print(f"[{run.name}] check: naive Upcycling starts at val {start_val:.4f}; the dense model ended at {dense_val:.4f}")
         del ckpt
-    report(args, dense_run, moe_runs)
-    print(f"total time {fmt_time(time.time() - t_all)}")
+    report(args.out_dir, dense_run, moe_runs, data_info["fingerprint"])
+    print(f"total time {plot.fmt_time(time.time() - t_all)}")
 
 
-# -----------------------------------------------------------------------------
-# 5. Report: figure and summary table from the runs' CSVs
-
-
-LABELS = {"moe-scratch": "MoE from scratch", "moe-naive": "naive Upcycling (r=0)"}
-COLORS = {"dense": "black", "moe-scratch": "tab:gray", "moe-naive": "tab:blue", "moe-drop-r0.5": "tab:green",
-          "moe-drop-r1": "tab:red"}
-OTHER_COLORS = ["tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-
-
-def color_of(name, runs):
-    """The fixed colour of an --init all run; the other runs of a figure (another r, independent sets) take the
-    remaining colours in their order in runs, so that up to six of them never share one (and never take
-    matplotlib's default cycle, which starts with naive Upcycling's blue)."""
-    others = [run for run in runs if run not in COLORS]
-    return COLORS.get(name) or OTHER_COLORS[others.index(name) % len(OTHER_COLORS)]
-
-
-def val_curve(csv_path):
-    rows = [r for r in read_csv(csv_path) if r["val_loss"]]
-    return np.array([int(r["step"]) for r in rows]), np.array([int(r["tokens"]) for r in rows]), np.array([float(r["val_loss"]) for r in rows])
-
-
-def overtake_step(steps, diff):
-    """First evaluation step from which diff (this init minus naive) stays below zero to the end, or None."""
-    above = np.nonzero(diff >= 0)[0]
-    first = 0 if len(above) == 0 else above[-1] + 1
-    return int(steps[first]) if first < len(steps) else None
-
-
-def report(args, dense_run, moe_runs):
-    """Figure and summary of the dense run and every finished MoE run in out_dir that shares its settings
-    (the ones trained now and any trained before with the same dense model and MoE settings)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = {}
-    candidates = [run_name(i, r) for i, r in ALL_RUNS] + [run.name for run in moe_runs]
+def finished_runs(out_dir, dense_run, moe_runs):
+    """{name: (result, curve)} of the dense run and every finished MoE run in out_dir comparable with this
+    command's (equal settings but the init: the ones trained now and any trained before from the same dense model)."""
+    names = ["dense"] + [run_name(*p) for p in ALL_RUNS] + [run.name for run in moe_runs]
     template = moe_runs[0].settings if moe_runs else None
-    for name in candidates:
-        folder = os.path.join(args.out_dir, name)
-        if name in runs or not os.path.exists(os.path.join(folder, "result.json")):
+    identity = lambda s: {k: v for k, v in s.items() if k not in ("init", "r", "dense", "shared_indices")}
+    found = {}
+    for name in dict.fromkeys(names):
+        folder = os.path.join(out_dir, name)
+        if not os.path.exists(os.path.join(folder, "result.json")):
             continue
-        with open(os.path.join(folder, "settings.json")) as f:
-            settings = json.load(f)
-        if template is None or {k: v for k, v in settings.items() if k not in ("init", "r", "dense", "shared_indices")} != \
-                {k: v for k, v in json.loads(json.dumps(template)).items() if k not in ("init", "r", "dense", "shared_indices")}:
+        try:
+            with open(os.path.join(folder, "settings.json")) as f:
+                settings = json.load(f)
+            with open(os.path.join(folder, "result.json")) as f:
+                result = json.load(f)
+            curve = plot.val_curve(os.path.join(folder, "log.csv"))
+            float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            print(f"warning: {folder} has a damaged result.json, settings.json or log.csv: left out of the summary")
+            continue
+        wanted = dense_run.settings if name == "dense" else template
+        if wanted is None or identity(settings) != identity(json.loads(json.dumps(wanted))):
             continue  # trained with other settings: not comparable
-        runs[name] = folder
-    if not os.path.exists(dense_run.result_path):
+        found[name] = (result, curve)
+    return found
+
+
+def report(out_dir, dense_run, moe_runs, fingerprint):
+    """Summary table and figure of the dense run and every comparable finished MoE run in out_dir."""
+    runs = finished_runs(out_dir, dense_run, moe_runs)
+    if "dense" not in runs:
         return
-    with open(dense_run.result_path) as f:
-        results = {"dense": json.load(f)}
-    curves = {"dense": val_curve(dense_run.csv_path)}
-    for name, folder in runs.items():
-        with open(os.path.join(folder, "result.json")) as f:
-            results[name] = json.load(f)
-        curves[name] = val_curve(os.path.join(folder, "log.csv"))
-    dense_tokens = results["dense"]["tokens"]
-
-    # summary table
-    naive = curves.get("moe-naive")
-    lines = ["| run | final val loss | vs naive | overtakes naive at step (tokens) | wall time | tokens/s | MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, res in results.items():
-        steps, tokens, loss = curves[name]
-        vs, cross = "", ""
-        if naive is not None and name not in ("dense", "moe-naive") and len(steps) == len(naive[0]) and np.array_equal(steps, naive[0]):
-            vs = f"{loss[-1] - naive[2][-1]:+.4f}"
-            s = overtake_step(steps, loss - naive[2])
-            cross = "never" if s is None else f"{s} ({s * res['tokens'] / res['steps'] / 1e6:.1f}M)"
-        mfu = f"{res['mfu']:.1%}" if res.get("mfu") else "n/a"
-        lines.append(f"| {name} | {res['final_val_loss']:.4f} | {vs} | {cross} | {fmt_time(res['wall_time'])} | "
-                     f"{res['tokens_per_s'] / 1e3:,.0f}k | {mfu} |")
-    device = results["dense"]["device"]
-    header = (f"Validation loss (cross-entropy, nats/token, {args.tokenizer} tokenizer) after {results['dense']['steps']} dense steps "
-              f"({dense_tokens / 1e6:.1f}M tokens) and {args.moe_steps} MoE steps "
-              f"({args.moe_steps * args.batch_size * args.seq_len * args.grad_accum / 1e6:.1f}M tokens); device {device}, seed {args.seed}.")
-    table = header + "\n\n" + "\n".join(lines) + "\n"
-    atomic_write_text(os.path.join(args.out_dir, "summary.md"), table)
+    results, curves = {n: r for n, (r, _) in runs.items()}, {n: c for n, (_, c) in runs.items()}
+    dense = results["dense"]
+    s = dense_run.settings
+    header = (f"Validation loss (cross-entropy, nats/token, {s['tokenizer']} tokenizer, corpus fingerprint "
+              f"{fingerprint[:8]}) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens)")
+    moe = [res for name, res in results.items() if name != "dense"]
+    if moe:
+        header += f" and {moe[0]['steps']} MoE steps ({moe[0]['tokens'] / 1e6:.1f}M tokens)"
+    header += (f"; device {dense['device']}, seed {s['seed']}. Noise: two standard errors of the difference of two "
+               f"final losses over the {s['eval_batches']} validation batches.")
+    table = plot.summary_table(header, curves, results)
+    summary_path, figure_path = os.path.join(out_dir, "summary.md"), os.path.join(out_dir, "loss_curves.png")
+    atomic_write_text(summary_path, table)
     print("\n" + table)
-
-    # figure: (left) loss against tokens, dense then every MoE init, as the paper's Fig. 3 top row, with an inset
-    # on the second half of the MoE phase; (right) each init's loss minus naive Upcycling's: the crossover is where
-    # a curve goes below zero
-    fig, (ax, ax_zoom, ax_diff) = plt.subplots(1, 3, figsize=(19, 5.5), gridspec_kw=dict(width_ratios=[1.2, 1, 1]))
-    label_of = lambda name: LABELS.get(name, f"Drop-Upcycling (r={name.split('-r')[-1]})")
-    d_steps, d_tokens, d_loss = curves["dense"]
-    for a in (ax, ax_zoom):
-        a.plot(d_tokens / 1e6, d_loss, color=color_of("dense", runs), label="dense")
-        for name in runs:
-            steps, tokens, loss = curves[name]
-            a.plot((dense_tokens + tokens) / 1e6, loss, color=color_of(name, runs), label=label_of(name))
-        a.axvline(dense_tokens / 1e6, color="black", ls=":", lw=1)
-        a.set_xlabel("training tokens (M): dense phase, then MoE phase")
-        a.grid(alpha=0.3)
-    ax.text(dense_tokens / 1e6, 0.02, " upcycling", transform=ax.get_xaxis_transform(), va="bottom", fontsize=8)
-    # y range: from the best loss up to the dense loss a tenth into its training (the first steps are off the chart)
-    everything = np.concatenate([d_loss] + [curves[name][2] for name in runs])
-    lo, hi = everything.min(), d_loss[min(len(d_loss) - 1, max(1, len(d_loss) // 10))]
-    ax.set_ylim(lo - 0.03 * (hi - lo), hi)
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("dense, then each MoE init: validation loss")
-    ax.legend(fontsize=8, loc="upper right")
-    # zoom: from the upcycling point on, y range set by the upcycled inits after their first tenth of the MoE phase
-    upcycled = [name for name in runs if name != "moe-scratch"] or list(runs)
-    window = [v for name in upcycled for v in curves[name][2][max(1, len(curves[name][2]) // 10):]] or list(d_loss[-3:])
-    pad = 0.08 * (max(window) - min(window)) + 1e-4
-    ax_zoom.set_ylim(min(window) - pad, max(window) + pad)
-    ax_zoom.set_xlim(dense_tokens / 1e6 - 0.03 * args.moe_steps * results["dense"]["tokens"] / results["dense"]["steps"] / 1e6,
-                     None)
-    ax_zoom.set_title("zoom on the MoE phase")
-    if naive is not None and len(runs) > 1:
-        finals = []
-        for name in runs:
-            steps, tokens, loss = curves[name]
-            if name == "moe-naive" or not np.array_equal(steps, naive[0]):
-                continue
-            diff = loss - naive[2]
-            ax_diff.plot(tokens / 1e6, diff, color=color_of(name, runs), label=label_of(name), marker=".", ms=3)
-            if name != "moe-scratch":
-                finals.append((name != "moe-drop-r0.5", abs(diff[-1])))  # drop r=0.5's final gap sorts first
-            s = overtake_step(steps, diff)
-            if name == "moe-drop-r0.5" and s is not None:
-                x = s * results[name]["tokens"] / results[name]["steps"] / 1e6
-                ax_diff.axvline(x, color=color_of(name, runs), ls=":", lw=1)
-                ax_diff.annotate(f"overtakes naive at step {s}\n({x:.3g}M tokens)", (x, 0), xytext=(6, -28),
-                                 textcoords="offset points", fontsize=8, color=color_of(name, runs))
-        ax_diff.axhline(0, color=color_of("moe-naive", runs), lw=1, label=label_of("moe-naive"))
-        # symmetric log scale: linear within +-linthresh (the small final gaps), logarithmic beyond (the large
-        # differences right after upcycling), so both are readable in one panel
-        linthresh = max(2 * min(finals)[1] if finals else 0.0, 1e-3)
-        ax_diff.set_yscale("symlog", linthresh=linthresh, linscale=1.5)
-        ax_diff.axhspan(-linthresh, linthresh, color="0.95", zorder=0)
-        ax_diff.set_xlabel("MoE-phase tokens (M)")
-        ax_diff.set_ylabel(f"val loss minus naive Upcycling's (symlog; linear within +-{linthresh:.2g})")
-        ax_diff.set_title("difference to naive Upcycling (below 0: better than naive)")
-        ax_diff.legend(fontsize=8)
-        ax_diff.grid(alpha=0.3)
-    else:
-        ax_diff.axis("off")
-        ax_diff.text(0.5, 0.5, "run --init naive too (or --init all)\nto see the difference to naive Upcycling",
-                     ha="center", va="center", transform=ax_diff.transAxes)
-    fig.suptitle(header, fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(args.out_dir, "loss_curves.png")
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    print(f"figure: {path} | summary: {os.path.join(args.out_dir, 'summary.md')} | CSVs: {args.out_dir}/*/log.csv")
+    try:
+        plot.loss_figure(figure_path, header, curves, dense["tokens"])
+    except OSError as e:
+        raise Fail(f"could not write {figure_path} ({e.strerror or e})")
+    print(f"figure: {figure_path} | summary: {summary_path} | CSVs: {out_dir}/*/log.csv")
 
 
 # -----------------------------------------------------------------------------
-# 6. Sampling and main
+# 4. Sampling and main
 
 
 def sample(args):
@@ -1094,8 +724,13 @@ def sample(args):
     ckpt = load_checkpoint(path)
     device = resolve_device(args.device)
     enc = get_tokenizer(ckpt.get("tokenizer", "byte"))
-    model = Transformer(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = Transformer(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise Fail(f"checkpoint {path} does not hold a model of its own config ({str(e).splitlines()[0][:100]})")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise Fail(f"checkpoint {path} holds non-finite weights (NaN or inf): nothing to sample from")
     model.to(device).eval()
     prompt = enc.encode_ordinary(args.prompt) or [enc.eot_token]
     torch.manual_seed(args.seed)
@@ -1105,6 +740,17 @@ def sample(args):
     for i, row in enumerate(out.tolist()):
         print(f"--- sample {i + 1} ({path}, step {ckpt['step']})")
         print(enc.decode([t for t in row if t < enc.n_vocab], errors="replace"))
+
+
+def oom_message(args, e):
+    where = ""
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        where = f"; GPU {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated by PyTorch, {total / 2**30:.1f} GiB total"
+    tokens = args.batch_size * args.seq_len
+    return (f"CUDA out of memory with micro-batches of {args.batch_size} x {args.seq_len} = {tokens:,} tokens "
+            f"(d_model {args.d_model}, {args.n_layer} layers, {args.n_experts} experts){where}. Try --batch-size "
+            f"{max(1, args.batch_size // 2)} --grad-accum {args.grad_accum * 2} (same tokens per step) or a smaller model")
 
 
 def main(argv=None):
@@ -1133,17 +779,9 @@ def main(argv=None):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def oom_message(args, e):
-    where = ""
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        where = f"; GPU {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated by PyTorch, {total / 2**30:.1f} GiB total"
-    tokens = args.batch_size * args.seq_len
-    return (f"CUDA out of memory with micro-batches of {args.batch_size} x {args.seq_len} = {tokens:,} tokens "
-            f"(d_model {args.d_model}, {args.n_layer} layers, {args.n_experts} experts){where}. Try --batch-size "
-            f"{max(1, args.batch_size // 2)} --grad-accum {args.grad_accum * 2} (same tokens per step) or a smaller model")
+        for f in LOCK.values():
+            f.close()
+        LOCK.clear()
 
 
 if __name__ == "__main__":

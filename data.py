@@ -1,0 +1,398 @@
+"""
+The data of train.py: tokenizers, the built-in corpus, the token cache and the batches.
+
+    python data.py                      # build the token cache of the cpu preset's corpus and describe it
+    python data.py --data my_text/      # the same for a folder of text files
+
+The built-in corpora are source code that every Python installation carries, so they work offline:
+  :stdlib   the standard library's .py files and C headers: the same files on every machine with the same
+            Python version, so a whole class trains on the same text (the cpu preset's corpus)
+  :python   the standard library plus every installed package (site-packages): much more text, but it depends
+            on what is installed (the gpu preset's corpus)
+Every corpus gets a short fingerprint of its tokens, printed in each summary, so two runs are comparable at a
+glance. Text is split into training and validation by file (5% of the files), or by position when there is a
+single file. Tokens are cached in OUT_DIR/data/ as uint16 (uint32 for vocabularies above 65,536 tokens).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sysconfig
+import time
+
+import numpy as np
+import torch
+
+EOT = "<|endoftext|>"
+# Byte-level: the 256 single bytes are the whole vocabulary, no merges, so a token is a UTF-8 byte. The split
+# pattern only cuts text into pieces for the encoder (lines of at most 128 bytes: fast, never an empty match).
+BYTE_PATTERN = r"[^\n]{1,128}\n?|\n"
+PY_EXTS = {".py"}
+C_EXTS = {".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".hxx", ".cu", ".cuh", ".inl"}
+BUILTIN_CORPORA = (":stdlib", ":python")
+VAL_FRACTION = 0.05  # share of files (or, for one file, of tokens) held out for validation
+CACHE_FORMAT = 3
+
+
+class Fail(Exception):
+    """An expected failure (bad input, missing file, full disk, ...): the tools print its message as one line
+    and exit non-zero."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+
+def get_tokenizer(name):
+    """byte (offline, 257 tokens) or a tiktoken BPE name such as gpt2 (needs its files, downloaded once)."""
+    import tiktoken
+
+    if name == "byte":
+        return tiktoken.Encoding(name="byte", pat_str=BYTE_PATTERN,
+                                 mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={EOT: 256})
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # no network, no cached file, proxy error, ...: all mean the same to a user
+        reason = str(e).splitlines()[0][:150] if str(e) else type(e).__name__
+        raise Fail(f"--tokenizer {name}: tiktoken could not load its BPE files ({reason}); they are downloaded once "
+                   f"and cached (TIKTOKEN_CACHE_DIR): go online once, or use the offline --tokenizer byte")
+
+
+def token_dtype(n_vocab):
+    return np.uint16 if n_vocab <= 2**16 else np.uint32
+
+
+# -----------------------------------------------------------------------------
+# The corpus: which files, in which order, train or validation
+
+
+def language_of(path):
+    ext = os.path.splitext(path)[1].lower()
+    return "python" if ext in PY_EXTS else "c/c++" if ext in C_EXTS else "other"
+
+
+def stable_hash(text):
+    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
+
+
+def list_files(data, exclude=None):
+    """The files of the corpus as (key, path, size, mtime_ns), key being a machine-independent name.
+
+    data: ":stdlib" or ":python" (see the module docstring), a folder (every non-hidden file under it) or a file.
+    exclude: a folder left out (train.py's --out-dir, when it lies inside --data: its caches are no corpus).
+    """
+    if data in BUILTIN_CORPORA:
+        paths = sysconfig.get_paths()
+        labels = ("stdlib", "include") if data == ":stdlib" else ("stdlib", "platstdlib", "purelib", "platlib", "include", "platinclude")
+        roots = []  # (label, folder), each folder once even where sysconfig names it twice
+        for label in labels:
+            folder = os.path.realpath(paths.get(label, "") or "/nonexistent")
+            if os.path.isdir(folder) and folder not in [f for _, f in roots]:
+                roots.append((label, folder))
+        wanted = PY_EXTS | C_EXTS
+    elif os.path.isdir(data):
+        roots, wanted = [("data", data)], None
+    else:
+        st = os.stat(data)
+        return [(os.path.basename(data), data, st.st_size, st.st_mtime_ns)]
+    exclude = os.path.realpath(exclude) if exclude else None
+    files, seen = [], set()
+    for label, root in roots:
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__"
+                             and os.path.realpath(os.path.join(folder, d)) != exclude)
+            if label in ("stdlib", "platstdlib") and folder == root:
+                # installed packages come from purelib/platlib only (or not at all, for :stdlib): in a virtual
+                # environment the base Python's site-packages holds twins of the venv's packages
+                dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages")]
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                if name.startswith(".") or (wanted is not None and os.path.splitext(name)[1].lower() not in wanted):
+                    continue
+                real = os.path.realpath(path)
+                if real in seen or not os.path.isfile(real):  # stdlib may contain site-packages: count once
+                    continue
+                seen.add(real)
+                st = os.stat(real)
+                files.append((f"{label}/{os.path.relpath(path, root)}", path, st.st_size, st.st_mtime_ns))
+    return files
+
+
+def select_files(files, corpus_mb):
+    """Deterministic order (by a hash of each file's name: well mixed, stable as files come and go), an optional
+    size cap that keeps every language (half the cap each), and the train/val split by file."""
+    files = sorted(files, key=lambda f: (stable_hash(f[0]), f[0]))
+    if corpus_mb > 0:
+        languages = sorted({language_of(f[0]) for f in files})
+        budget = corpus_mb * 1e6 / len(languages)
+        kept, used = [], {lang: 0 for lang in languages}
+        for f in files:
+            lang = language_of(f[0])
+            if used[lang] < budget:
+                kept.append(f)
+                used[lang] += f[2]
+        files = kept
+    if len(files) < 2:
+        return files, []  # one file cannot be split by file: load_data splits its tokens by position
+    val = [f for f in files if stable_hash("val:" + f[0]) % 10_000 < VAL_FRACTION * 10_000] or [files[-1]]
+    val_keys = {f[0] for f in val}
+    train = [f for f in files if f[0] not in val_keys]
+    return train, val
+
+
+def read_text(path):
+    """The file as text, or None for binary files. Invalid UTF-8 bytes become U+FFFD rather than failing."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise Fail(f"cannot read {path}: {e.strerror or e}")
+    if b"\0" in raw[:8192]:
+        return None
+    return raw.decode("utf-8", errors="replace")
+
+
+# -----------------------------------------------------------------------------
+# The token cache
+
+
+def write_tokens(files, enc, out_path, seen):
+    """Tokenize files in batches (tiktoken's threads) and write them, each followed by <|endoftext|>.
+
+    A file whose text is already in `seen` (hashes of every file written so far, train before val) is skipped:
+    a module vendored by several packages would otherwise be trained on and also scored as held-out text.
+    Returns (tokens, files) written.
+    """
+    dtype = token_dtype(enc.n_vocab)
+    n_tokens, n_files, batch, batch_bytes = 0, 0, [], 0
+    with open(out_path, "wb") as out:
+        def flush():
+            nonlocal n_tokens, n_files
+            texts, utf8 = [], []
+            for text in (read_text(path) for path in batch):
+                raw = text.encode("utf-8") if text else b""
+                digest = hashlib.sha1(raw).digest()
+                if raw and digest not in seen:
+                    seen.add(digest)
+                    texts.append(text)
+                    utf8.append(raw)
+            if enc.name == "byte":
+                # the byte tokenizer's ids are exactly the UTF-8 bytes (a test checks this against tiktoken):
+                # numpy gets them 10x faster than tiktoken's Python lists
+                encoded = [np.frombuffer(raw, dtype=np.uint8) for raw in utf8]
+            else:
+                encoded = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+            for ids in encoded:
+                np.append(np.asarray(ids, dtype=dtype), dtype(enc.eot_token)).tofile(out)
+                n_tokens += len(ids) + 1
+            n_files += len(texts)
+            batch.clear()
+
+        for _, path, size, _ in files:
+            batch.append(path)
+            batch_bytes += size
+            if batch_bytes > 16e6 or len(batch) >= 2048:
+                flush()
+                batch_bytes = 0
+        flush()
+    return n_tokens, n_files
+
+
+def file_sha1(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_meta(meta_path):
+    """The cache's meta.json as a dict, or None (with a warning) when it is missing, unreadable or foreign."""
+    if not os.path.exists(meta_path):
+        return None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if isinstance(meta, dict) and isinstance(meta.get("settings"), dict) and \
+                all(isinstance(meta.get(k), int) for k in ("train_tokens", "val_tokens", "train_files", "val_files")):
+            return meta
+    except (OSError, ValueError):
+        pass
+    print(f"warning: {meta_path} is damaged or not a token cache's: rebuilding the cache")
+    return None
+
+
+def build_cache(cache_dir, splits, enc, settings):
+    """Tokenize the (train, val) file lists into cache_dir and write meta.json last, so that a half-built cache
+    is never used. A full disk ends with one line and leaves no half-written file behind."""
+    meta_path = os.path.join(cache_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    t0 = time.time()
+    train_files, val_files = splits
+    total_mb = sum(f[2] for f in train_files + val_files) / 1e6
+    print(f"tokenizing {len(train_files) + len(val_files):,} files ({total_mb:.1f} MB) into {cache_dir} ...")
+    meta, seen, tmp = dict(settings=settings), set(), None
+    try:
+        for split, split_files in (("train", train_files), ("val", val_files)):
+            tmp = os.path.join(cache_dir, f"{split}.bin.tmp")
+            meta[f"{split}_tokens"], meta[f"{split}_files"] = write_tokens(split_files, enc, tmp, seen)
+            os.replace(tmp, os.path.join(cache_dir, f"{split}.bin"))
+        tmp = None
+        # the fingerprint of the tokens themselves: equal on two machines exactly when the text is equal
+        h = hashlib.sha1(enc.name.encode())
+        for split in ("train", "val"):
+            h.update(file_sha1(os.path.join(cache_dir, f"{split}.bin")).encode())
+        meta["tokens_sha1"] = h.hexdigest()
+        langs = {}
+        for f in train_files + val_files:
+            langs[language_of(f[0])] = langs.get(language_of(f[0]), 0) + 1
+        meta["languages"] = langs
+        meta["seconds"] = round(time.time() - t0, 1)
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        raise Fail(f"could not write the token cache in {cache_dir} ({e.strerror or e})")
+    print(f"tokenized in {meta['seconds']:.1f} s")
+    return meta
+
+
+def corpus_name(data):
+    return data[1:] if data in BUILTIN_CORPORA else os.path.basename(os.path.normpath(data)) or "data"
+
+
+def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
+    """(train tokens, val tokens, info), memmapped, built once and cached in out_dir/data.
+
+    info: fingerprint (16 hex digits of the tokens: what a run's results depend on) and a one-line description.
+    The cache's meta.json holds the settings and file listing it was made with; when they differ from the
+    current ones, the cache is rebuilt.
+    """
+    if data not in BUILTIN_CORPORA and not os.path.exists(data):
+        raise Fail(f"--data {data}: no such file or folder")
+    if os.path.isfile(data) and data.endswith(".bin"):
+        return load_token_file(data, tokenizer, enc, seq_len)
+    try:
+        files = list_files(data, exclude=out_dir)
+    except OSError as e:
+        raise Fail(f"--data {data}: cannot list files ({e.strerror or e})")
+    if not files or sum(f[2] for f in files) == 0:
+        raise Fail(f"--data {data}: no text files found" if data not in BUILTIN_CORPORA else
+                   "no Python or C/C++ sources found in this Python installation; pass --data")
+    train_files, val_files = select_files(files, corpus_mb)
+    source = data if data in BUILTIN_CORPORA else os.path.abspath(data)
+    listing = hashlib.sha1(json.dumps([f[0::2] + (f[3],) for f in train_files + val_files] + [f[0] for f in val_files]).encode())
+    settings = dict(format=CACHE_FORMAT, source=source, tokenizer=tokenizer, corpus_mb=corpus_mb,
+                    val_fraction=VAL_FRACTION, files=listing.hexdigest())
+    cache_dir = os.path.join(out_dir, "data", f"{corpus_name(data)}-{tokenizer}")
+    meta_path = os.path.join(cache_dir, "meta.json")
+    meta = read_meta(meta_path)
+    dtype = token_dtype(enc.n_vocab)
+    if meta is not None and meta["settings"] != settings:
+        changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
+        print(f"token cache {cache_dir} was made with other settings ({', '.join(changed)} changed): rebuilding")
+        meta = None
+    elif meta is not None and any(not os.path.exists(os.path.join(cache_dir, f"{s}.bin")) or
+                                  os.path.getsize(os.path.join(cache_dir, f"{s}.bin")) != np.dtype(dtype).itemsize * meta[f"{s}_tokens"]
+                                  for s in ("train", "val")):
+        print(f"token cache {cache_dir} is incomplete: rebuilding")
+        meta = None
+    if meta is None:
+        make_dirs(cache_dir)
+        meta = build_cache(cache_dir, (train_files, val_files), enc, settings)
+    if meta["train_tokens"] == 0 and meta["val_tokens"] == 0:
+        raise Fail(f"--data {data}: no text found (all files empty or binary)")
+    open_split = lambda s: np.memmap(os.path.join(cache_dir, f"{s}.bin"), dtype=dtype, mode="r") if meta[f"{s}_tokens"] else np.zeros(0, dtype)
+    if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
+        # one file (or one text file among binaries) cannot be split by file: split its tokens by position
+        tokens = open_split("train" if meta["train_tokens"] else "val")
+        n_val = max(int(len(tokens) * VAL_FRACTION), seq_len + 2)
+        train, val, how = tokens[:-n_val], tokens[-n_val:], "one file: split by position"
+    else:
+        train, val, how = open_split("train"), open_split("val"), "split by file"
+    langs = ", ".join(f"{n:,} {lang}" for lang, n in sorted(meta.get("languages", {}).items()))
+    what = {":stdlib": "this Python's standard library", ":python": "this Python installation"}.get(data, data)
+    fingerprint = meta.get("tokens_sha1", "")[:16]
+    desc = (f"{what}: {meta['train_files'] + meta['val_files']:,} files ({langs}), {len(train):,} train / "
+            f"{len(val):,} val tokens ({how}; fingerprint {fingerprint[:8]}; cache {cache_dir})")
+    return check_split(train, val, seq_len, dict(fingerprint=fingerprint, description=desc))
+
+
+def load_token_file(path, tokenizer, enc, seq_len):
+    """A pre-tokenized uint16 token file (nanoGPT's format): no files to split by, so the last 5% is val."""
+    size = os.path.getsize(path)
+    if size < 2 or size % 2:
+        raise Fail(f"--data {path}: a token file holds uint16 values, but it has {size} bytes")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    top = int(tokens.max())
+    if top >= enc.n_vocab:
+        raise Fail(f"--data {path}: token id {top} is outside the vocabulary of --tokenizer {tokenizer} "
+                   f"({enc.n_vocab} tokens); was it made with another tokenizer?")
+    n_val = max(int(len(tokens) * VAL_FRACTION), seq_len + 2)
+    train, val = tokens[:-n_val], tokens[-n_val:]
+    fingerprint = file_sha1(path)[:16]
+    info = dict(fingerprint=fingerprint, description=f"token file {path}: {len(train):,} train / {len(val):,} val "
+                                                     f"tokens (split by position; fingerprint {fingerprint[:8]})")
+    return check_split(train, val, seq_len, info)
+
+
+def check_split(train, val, seq_len, info):
+    for split, tokens in (("train", train), ("val", val)):
+        if len(tokens) < seq_len + 2:
+            raise Fail(f"the {split} split has only {len(tokens):,} tokens, fewer than --seq-len + 2 = {seq_len + 2}: "
+                       f"give more data or a smaller --seq-len")
+    return train, val, info
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+
+def get_batch(tokens, batch_size, seq_len, rng, device):
+    """batch_size random windows of seq_len + 1 tokens -> inputs x and next-token targets y, [B, T] each."""
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    chunk = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    if device.type == "cuda":
+        chunk = chunk.pin_memory().to(device, non_blocking=True)  # overlaps the copy with the running step
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+
+def make_dirs(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise Fail(f"cannot create folder {path}: {e.strerror or e}")
+
+
+def atomic_write_text(path, text):
+    """Write through a temporary file and rename: readers see the old or the new file, never half of one. A full
+    disk ends with one line and leaves the old file and no temporary one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise Fail(f"could not write {path} ({e.strerror or e})")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Build the token cache of a corpus and describe it.")
+    p.add_argument("--data", default=":stdlib", help=":stdlib (default), :python, a folder or a text file")
+    p.add_argument("--tokenizer", default="byte")
+    p.add_argument("--corpus-mb", type=float, default=8.0, help="size cap in MB, half per language (0: none)")
+    p.add_argument("--out-dir", default="out")
+    a = p.parse_args()
+    try:
+        enc = get_tokenizer(a.tokenizer)
+        print(load_data(a.data, a.tokenizer, enc, a.out_dir, a.corpus_mb, seq_len=128)[2]["description"])
+    except Fail as e:
+        raise SystemExit(f"data.py: error: {e}")

@@ -1,0 +1,260 @@
+"""
+Every figure and summary table of the project, drawn from the runs' log.csv files (and routing counts).
+train.py and analyze.py call it; it imports neither.
+
+  1. reading a run: validation curve, with the noise of each validation number
+  2. comparing with naive Upcycling: the gap, its noise, and where a curve crosses
+  3. the training figure (the paper's Fig. 3, top row) and summary table
+  4. the r sweep figure (Fig. 4) and the routing figure (Fig. 5)
+"""
+
+import csv
+
+import numpy as np
+
+COLORS = {"dense": "black", "moe-scratch": "tab:gray", "moe-naive": "tab:blue", "moe-drop-r0.5": "tab:green",
+          "moe-drop-r0.5-indep": "tab:orange", "moe-drop-r1": "tab:red"}
+OTHER_COLORS = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+
+
+def color_of(name, names):
+    """The fixed colour of an --init all run; the other runs of a figure (another r, ...) take the remaining
+    colours in their order in names, so that they never share one (nor take naive Upcycling's blue)."""
+    others = [n for n in names if n not in COLORS]
+    return COLORS.get(name) or OTHER_COLORS[others.index(name) % len(OTHER_COLORS)]
+
+
+def label_of(name):
+    """moe-drop-r0.5-indep -> 'Drop-Upcycling r=0.5, independent S'."""
+    names = {"dense": "dense", "moe-naive": "naive Upcycling (r=0)", "moe-scratch": "MoE from scratch"}
+    if name in names or not name.startswith("moe-drop-r"):
+        return names.get(name, name)
+    return "Drop-Upcycling r=" + name[len("moe-drop-r"):].replace("-indep", ", independent S")
+
+
+# -----------------------------------------------------------------------------
+# 1. Reading a run
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def val_curve(csv_path):
+    """steps, tokens, val loss, standard error of each val loss (over its validation batches), as arrays."""
+    rows = [r for r in read_csv(csv_path) if r.get("val_loss")]
+    se = [float(r["val_se"]) if r.get("val_se") else np.nan for r in rows]
+    return (np.array([int(r["step"]) for r in rows]), np.array([int(r["tokens"]) for r in rows]),
+            np.array([float(r["val_loss"]) for r in rows]), np.array(se))
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# 2. Comparing with naive Upcycling
+
+
+def overtake_step(steps, diff):
+    """First evaluation step from which diff (this init minus naive) stays below zero to the end, or None."""
+    above = np.nonzero(diff >= 0)[0]
+    first = 0 if len(above) == 0 else above[-1] + 1
+    return int(steps[first]) if first < len(steps) else None
+
+
+def compare_to_naive(curve, naive):
+    """(final gap, its noise, verdict) of a run against naive Upcycling, or None when the curves do not share
+    their evaluation steps. The noise is two standard errors of the difference of the two final losses (each
+    over its validation batches); a gap inside it is 'level within noise', never a crossover."""
+    steps, _, loss, se = curve
+    if len(steps) != len(naive[0]) or not np.array_equal(steps, naive[0]):
+        return None
+    gap = loss[-1] - naive[2][-1]
+    noise = 2 * float(np.hypot(se[-1], naive[3][-1]))
+    if not np.isfinite(noise) or abs(gap) > noise:
+        s = overtake_step(steps, loss - naive[2]) if gap < 0 else None
+        verdict = f"below from step {s}" if s is not None else "above naive" if gap > 0 else "below at the end"
+    else:
+        verdict = "level within noise"
+    return gap, noise, verdict
+
+
+# -----------------------------------------------------------------------------
+# 3. The training figure and summary table
+
+
+def summary_table(header, curves, results):
+    """Markdown: one row per run, its final loss, the gap to naive with its noise, and the crossover."""
+    lines = [header, "", "| run | final val loss | minus naive (noise) | vs naive | wall time | tokens/s | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    naive = curves.get("moe-naive")
+    for name, res in results.items():
+        gap = compare_to_naive(curves[name], naive) if naive is not None and name not in ("dense", "moe-naive") else None
+        vs, verdict = ("", "") if gap is None else (f"{gap[0]:+.4f} (±{gap[1]:.4f})", gap[2])
+        mfu = f"{res['mfu']:.1%}" if res.get("mfu") else "n/a"
+        lines.append(f"| {name} | {res['final_val_loss']:.4f} | {vs} | {verdict} | {fmt_time(res['wall_time'])} | "
+                     f"{res['tokens_per_s'] / 1e3:,.0f}k | {mfu} |")
+    return "\n".join(lines) + "\n"
+
+
+def diff_to_naive_panel(ax, curves, names, colors):
+    """Each run's validation loss minus naive Upcycling's against MoE-phase tokens, on a linear axis. The large
+    differences right after upcycling are clipped (the y range is set by the last 90% of the phase), so the final
+    gaps and the crossover stay readable; the shaded band is the noise of the difference."""
+    naive = curves["moe-naive"]
+    late = []
+    for name in names:
+        if name == "moe-naive" or compare_to_naive(curves[name], naive) is None:
+            continue
+        steps, tokens, loss, se = curves[name]
+        diff = loss - naive[2]
+        ax.plot(tokens / 1e6, diff, color=colors[name], label=label_of(name), marker=".", ms=3)
+        late.extend(diff[max(1, len(diff) // 10):])
+        gap, noise, verdict = compare_to_naive(curves[name], naive)
+        if verdict.startswith("below from step"):
+            s = int(verdict.split()[-1])
+            x = tokens[list(steps).index(s)] / 1e6
+            ax.axvline(x, color=colors[name], ls=":", lw=1)
+    band = 2 * np.hypot(naive[3], naive[3])  # the noise of a difference of two losses like naive's
+    if np.all(np.isfinite(band)):
+        ax.fill_between(naive[1] / 1e6, -band, band, color="0.9", zorder=0, label="noise (2 s.e.)")
+    ax.axhline(0, color=COLORS["moe-naive"], lw=1, label=label_of("moe-naive"))
+    if late:
+        lo, hi = min(min(late), 0), max(max(late), 0)
+        pad = 0.15 * (hi - lo) + 1e-3
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel("MoE-phase tokens (M)")
+    ax.set_ylabel("val loss minus naive Upcycling's (nats/token)")
+    ax.set_title("difference to naive Upcycling (below 0: better; early values clipped)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def loss_figure(path, header, curves, dense_tokens):
+    """The paper's Fig. 3 (top row) at small scale: dense then every MoE init against tokens, a zoom on the MoE
+    phase, and the difference to naive Upcycling. curves: {name: val_curve(...)}, "dense" among them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in curves if n != "dense"]
+    colors = {n: color_of(n, list(curves)) for n in curves}
+    fig, (ax, ax_zoom, ax_diff) = plt.subplots(1, 3, figsize=(19, 5.5), gridspec_kw=dict(width_ratios=[1.2, 1, 1]))
+    d_loss = curves["dense"][2]
+    for a in (ax, ax_zoom):
+        a.plot(curves["dense"][1] / 1e6, d_loss, color=colors["dense"], label="dense")
+        for name in names:
+            a.plot((dense_tokens + curves[name][1]) / 1e6, curves[name][2], color=colors[name], label=label_of(name))
+        a.axvline(dense_tokens / 1e6, color="black", ls=":", lw=1)
+        a.set_xlabel("training tokens (M): dense phase, then MoE phase")
+        a.grid(alpha=0.3)
+    ax.text(dense_tokens / 1e6, 0.02, " upcycling", transform=ax.get_xaxis_transform(), va="bottom", fontsize=8)
+    # y range: from the best loss up to the dense loss a tenth into its training (the first steps are off the chart)
+    everything = np.concatenate([curves[n][2] for n in curves])
+    lo, hi = everything.min(), d_loss[min(len(d_loss) - 1, max(1, len(d_loss) // 10))]
+    ax.set_ylim(lo - 0.03 * (hi - lo), hi)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("dense, then each MoE init: validation loss")
+    ax.legend(fontsize=8, loc="upper right")
+    # zoom: the MoE phase, y range set by the upcycled inits after their first tenth
+    upcycled = [n for n in names if n != "moe-scratch"] or names or ["dense"]
+    window = [v for n in upcycled for v in curves[n][2][max(1, len(curves[n][2]) // 10):]] or list(d_loss[-3:])
+    pad = 0.08 * (max(window) - min(window)) + 1e-4
+    ax_zoom.set_ylim(min(window) - pad, max(window) + pad)
+    moe_tokens = max((curves[n][1][-1] for n in names), default=0)
+    ax_zoom.set_xlim(dense_tokens / 1e6 - 0.03 * moe_tokens / 1e6, None)
+    ax_zoom.set_title("zoom on the MoE phase")
+    if "moe-naive" in curves and len(names) > 1:
+        diff_to_naive_panel(ax_diff, curves, names, colors)
+    else:
+        ax_diff.axis("off")
+        ax_diff.text(0.5, 0.5, "run --init naive too (or --init all)\nto see the difference to naive Upcycling",
+                     ha="center", va="center", transform=ax_diff.transAxes)
+    fig.suptitle(header, fontsize=8, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# 4. The r sweep (Fig. 4) and routing (Fig. 5)
+
+
+def sweep_figure(path, header, curves, dense_final):
+    """Loss against MoE-phase tokens for every r (the paper's Fig. 4, left), and each run minus naive."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(13, 5))
+    names = [n for n in curves if n != "moe-scratch"]  # far above every upcycled run at this scale: in the table
+    colors = {}
+    for name in names:
+        r = 0.0 if name == "moe-naive" else float(name[len("moe-drop-r"):].replace("-indep", ""))
+        colors[name] = "black" if name == "moe-naive" else plt.cm.viridis(0.9 * r)
+    late = []
+    for name in names:
+        _, tokens, loss, _ = curves[name]
+        ax.plot(tokens / 1e6, loss, color=colors[name], ls="--" if name.endswith("-indep") else "-", label=label_of(name))
+        late.extend(loss[1:] if len(loss) > 1 else loss)
+    ax.axhline(dense_final, color="gray", ls=":", lw=1, label="dense model at upcycling")
+    if late:  # high-r runs start far above (their step-0 loss is in the table)
+        lo, hi = min(late), max(np.percentile(late, 90), dense_final)
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+    ax.set_xlabel("MoE-phase tokens (M)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("loss against tokens for each r (paper Fig. 4, left)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    diff_to_naive_panel(ax_diff, curves, names, colors)
+    for line in ax_diff.get_lines():
+        if line.get_label().endswith("independent S"):
+            line.set_linestyle("--")
+    fig.suptitle(header, fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def routing_figure(path, header, results, domains, models, layers):
+    """Like the paper's Fig. 5: one column per model, one row per layer; a bar group per expert, a bar per
+    domain, height = share of that domain's expert assignments that went to that expert (sums to 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(layers), len(models), figsize=(4.2 * len(models), 2.4 * len(layers) + 0.8),
+                             squeeze=False, sharey=True)
+    colors = plt.cm.tab10(np.arange(len(domains)))
+    width = 0.8 / len(domains)
+    for col, name in enumerate(models):
+        res = results[name]
+        n_experts = res["counts"].shape[2]
+        for row, layer in enumerate(layers):
+            ax, stats = axes[row, col], res["layers"][layer]
+            for d, domain in enumerate(domains):
+                ax.bar(np.arange(n_experts) + (d - (len(domains) - 1) / 2) * width, stats["dists"][d], width,
+                       color=colors[d], label=domain)
+            ax.axhline(1 / n_experts, color="black", ls=":", lw=1, label="uniform")
+            ax.set_xticks(np.arange(n_experts))
+            ax.set_title(f"{label_of(name)}, layer {layer}\nbalance {stats['balance']:.3f} | JS {stats['js']:.3f}",
+                         fontsize=8)
+            ax.tick_params(labelsize=7)
+            if col == 0:
+                ax.set_ylabel("share of assignments", fontsize=8)
+            if row == len(layers) - 1:
+                ax.set_xlabel("expert", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)  # below the plots: hides no bar
+    fig.suptitle(header, fontsize=7, wrap=True)
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.45 / height))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+

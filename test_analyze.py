@@ -1,0 +1,285 @@
+"""analyze.py: the paper's analyses (Sec. 5.3 r sweep, Sec. 5.4 routing) and the classroom exercises.
+Routing statistics with known routing in and known numbers out, the commands end to end on a tiny corpus."""
+
+import csv
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, tiny, write_corpus
+
+import analyze
+import plot
+import data
+import train
+from dropupcycle import ModelConfig, Transformer, drop_upcycle
+
+
+# A model and schedule small enough that a whole sweep (dense + 8 MoE runs) takes seconds on one CPU core
+TINY_CLI = ["--d-model", "32", "--n-layer", "2", "--n-head", "2", "--n-kv-head", "2", "--d-ff", "64", "--n-experts", "4",
+        "--seq-len", "32", "--batch-size", "4", "--dense-steps", "4", "--moe-steps", "4", "--eval-interval", "2",
+        "--eval-batches", "1", "--log-interval", "2", "--dense-warmup", "1", "--moe-warmup", "1"]
+
+
+def make_corpus(root):
+    """Two domains, one folder each, of made-up Python-ish and C-ish text, with at least one held-out
+    (validation) file per domain: file names are picked by train.py's own split rule."""
+    rng = random.Random(0)
+    vocab = {"python": (".py", "def return self import lambda for in yield".split()),
+             "c": (".c", "int void struct return { } ; #include".split())}
+    for domain, (ext, words) in vocab.items():
+        os.makedirs(os.path.join(root, domain))
+        n_val, i = 0, 0
+        while i < 12 or n_val == 0:
+            key = f"data/{domain}/f{i}{ext}"
+            is_val = data.stable_hash("val:" + key) % 10_000 < data.VAL_FRACTION * 10_000
+            if i < 12 or is_val:
+                n_val += is_val
+                with open(os.path.join(root, domain, f"f{i}{ext}"), "w") as f:
+                    f.write(" ".join(rng.choice(words) for _ in range(300)) + "\n")
+            i += 1
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "data")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, corpus):
+    """One tiny sweep (dense, naive, five r, r = 0.5 independent, scratch) and its routing analysis."""
+    out = str(tmp_path_factory.mktemp("sweep"))
+    flags = ["--preset", "cpu", "--out-dir", out, "--data", corpus, *TINY_CLI]
+    analyze.main(["sweep", *flags])
+    analyze.main(["routing", *flags])
+    return out, flags
+
+
+# -----------------------------------------------------------------------------
+# Routing statistics: known routing in, known numbers out
+
+
+def test_count_assignments_counts_every_top_k_slot():
+    experts = torch.tensor([[0, 1], [0, 2], [3, 0]])  # 3 tokens, top-2
+    assert analyze.count_assignments(experts, 5).tolist() == [3, 1, 1, 1, 0]
+
+
+def test_load_balance_is_one_for_uniform_and_zero_for_one_expert():
+    assert analyze.load_balance(np.ones(8)) == pytest.approx(1.0)
+    assert analyze.load_balance([5, 0, 0, 0, 0, 0, 0, 0]) == pytest.approx(0.0)
+    # all on two of eight experts (what the paper saw for naive Upcycling): log 2 / log 8 = 1/3
+    assert analyze.load_balance([1, 1, 0, 0, 0, 0, 0, 0]) == pytest.approx(1 / 3)
+    # unnormalised counts give the same as the distribution
+    assert analyze.load_balance([30, 10]) == pytest.approx(analyze.load_balance([0.75, 0.25]))
+
+
+def test_js_divergence_known_values():
+    assert analyze.js_divergence([[0.1, 0.2, 0.7], [0.1, 0.2, 0.7]]) == pytest.approx(0.0, abs=1e-12)
+    assert analyze.js_divergence([[1, 0], [0, 1]]) == pytest.approx(math.log(2))  # disjoint experts
+    assert analyze.js_divergence(np.eye(3)) == pytest.approx(math.log(3))  # three domains, disjoint
+    # against the textbook form 0.5 KL(P||M) + 0.5 KL(Q||M)
+    P, Q = np.array([1.0, 0.0]), np.array([0.5, 0.5])
+    M = (P + Q) / 2
+    kl = lambda a, b: sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+    assert analyze.js_divergence([P, Q]) == pytest.approx(0.5 * kl(P, M) + 0.5 * kl(Q, M))
+    assert 0.2157 < analyze.js_divergence([P, Q]) < 0.2159
+
+
+def test_routing_stats_of_known_counts():
+    # python tokens all to experts 0-1, C tokens all to experts 2-3: perfectly balanced overall, fully specialised
+    s = analyze.routing_stats([[5, 5, 0, 0], [0, 0, 5, 5]])
+    assert s["balance"] == pytest.approx(1.0) and s["js"] == pytest.approx(math.log(2))
+    np.testing.assert_allclose(s["dists"][0], [0.5, 0.5, 0, 0])
+    # both domains on the same two experts: routed alike, and badly balanced
+    s = analyze.routing_stats([[5, 5, 0, 0], [4, 6, 0, 0]])
+    assert s["balance"] == pytest.approx(0.5, abs=0.01) and s["js"] < 0.01
+
+
+def test_route_counts_match_the_models_own_routing():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=32, max_seq_len=16,
+                      n_experts=4, top_k=2)
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, 64, (40,)).tolist()  # 2 windows of 16; the last 8 tokens do not fill a window
+    counts = analyze.route_counts(model, tokens, 16, 1, torch.device("cpu"))
+    # independently: the inputs of each MoE layer, routed by MoE.route
+    expected = torch.zeros(2, 4, dtype=torch.long)
+    inputs = []
+    hooks = [b.ffn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in model.layers]
+    with torch.no_grad():
+        model(torch.tensor(tokens[:32]).view(2, 16))
+        for layer, (block, x) in enumerate(zip(model.layers, inputs)):
+            _, experts, _ = block.ffn.route(x.reshape(-1, 32))
+            expected[layer] = torch.bincount(experts.flatten(), minlength=4)
+    for h in hooks:
+        h.remove()
+    assert counts.tolist() == expected.tolist()
+    assert counts.sum(dim=1).tolist() == [32 * 2, 32 * 2]  # every token counted in both of its slots
+
+
+# -----------------------------------------------------------------------------
+# Step-0 measurements: router gradient and neuron overlap
+
+
+def test_router_gets_no_lm_gradient_at_r0_and_never_with_top1():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16)
+    dense = Transformer(cfg)
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    naive = analyze.router_grad_norms(dense, 0.0, 4, 2, 0.02, x, y)
+    drop = analyze.router_grad_norms(dense, 0.5, 4, 2, 0.02, x, y)
+    assert naive["lm_router"] < 1e-6 * drop["lm_router"]  # identical experts: the gates do not matter
+    assert naive["aux_router"] > 0 and naive["lm_experts"] > 0  # the balancing loss still moves the router
+    top1 = analyze.router_grad_norms(dense, 0.5, 4, 1, 0.02, x, y)
+    assert top1["lm_router"] == 0.0 and top1["aux_router"] > 0  # a top-1 gate is always exactly 1
+
+
+def test_overlap_follows_one_minus_r_squared_and_index_sets():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layer=2, n_head=2, n_kv_head=2, d_ff=256, max_seq_len=16)
+    dense = Transformer(cfg)
+    shared = analyze.overlap_stats(dense, 0.5, 8, shared_indices=True)
+    assert shared["intact"] == pytest.approx(0.5)  # exactly floor(r d_ff) dropped, the same in all three matrices
+    assert shared["pair_kept"] == pytest.approx(0.25, abs=0.02)
+    independent = analyze.overlap_stats(dense, 0.5, 8, shared_indices=False)
+    assert independent["pair_kept"] == pytest.approx(0.25, abs=0.02)
+    assert independent["intact"] == pytest.approx(0.125, abs=0.02)  # (1 - r)^3
+    assert analyze.overlap_stats(dense, 0.0, 4, True)["pair_intact"] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# sweep and routing end to end on a tiny corpus
+
+
+def test_sweep_trains_every_r_from_one_dense_model(swept):
+    out, flags = swept
+    names = ["moe-naive", "moe-drop-r0.1", "moe-drop-r0.25", "moe-drop-r0.5", "moe-drop-r0.75", "moe-drop-r1",
+             "moe-drop-r0.5-indep", "moe-scratch"]
+    settings = {}
+    for name in names:
+        with open(os.path.join(out, name, "settings.json")) as f:
+            settings[name] = json.load(f)
+    assert settings["moe-drop-r0.5"]["shared_indices"] is True
+    assert settings["moe-drop-r0.5-indep"]["shared_indices"] is False
+    assert {settings[n]["r"] for n in names[:6]} == {0.0, 0.1, 0.25, 0.5, 0.75, 1.0}
+    dense = [settings[n]["dense"] for n in names[:7]]
+    assert all(d == dense[0] for d in dense)  # one dense model's settings
+    logs = {n: plot.val_curve(os.path.join(out, n, "log.csv")) for n in names}
+    # ... and its weights: every upcycled run's step-0 validation loss (logged before any MoE step) is that of
+    # drop_upcycle applied to the saved dense checkpoint with the run's settings, on the same validation windows
+    args = train.parse_args(flags)
+    _, val_tokens, _ = data.load_data(args.data, args.tokenizer, data.get_tokenizer(args.tokenizer), args.out_dir, args.corpus_mb, args.seq_len)
+    val_rng = np.random.default_rng(train.VAL_WINDOWS_SEED)  # the runs' fixed validation windows
+    cpu = torch.device("cpu")
+    val_batches = [data.get_batch(val_tokens, args.batch_size, args.seq_len, val_rng, cpu) for _ in range(args.eval_batches)]
+    ckpt = train.load_checkpoint(os.path.join(out, "dense", "ckpt.pt"))
+    dense_model = Transformer(ModelConfig(**ckpt["model_config"]))
+    dense_model.load_state_dict(ckpt["model"])
+    dense_final = plot.val_curve(os.path.join(out, "dense", "log.csv"))[2][-1]
+    assert train.evaluate(dense_model, val_batches, cpu)[0] == dense_final  # the same windows as the runs'
+    assert logs["moe-naive"][2][0] == pytest.approx(dense_final, abs=1e-5)  # identical experts: the dense function
+    for n in names[:7]:
+        s = settings[n]
+        moe = drop_upcycle(dense_model, n_experts=s["model"]["n_experts"], top_k=s["model"]["top_k"], r=s["r"],
+                           seed=s["seed"], shared_indices=s["shared_indices"])
+        assert train.evaluate(moe, val_batches, cpu)[0] == logs[n][2][0], n
+    # the two r = 0.5 runs start from different experts, so their curves differ
+    assert all(np.array_equal(logs[n][0], logs["moe-naive"][0]) for n in names)  # same evaluation steps
+    assert not np.array_equal(logs["moe-drop-r0.5"][2], logs["moe-drop-r0.5-indep"][2])
+    with open(os.path.join(out, "sweep_summary.md")) as f:
+        table = f.read()
+    assert all(f"| {n} |" in table for n in names) and "python analyze.py sweep" in table
+    assert os.path.getsize(os.path.join(out, "sweep_loss.png")) > 10_000
+
+
+def test_routing_writes_consistent_statistics(swept):
+    out, _ = swept
+    with open(os.path.join(out, "routing_counts.json")) as f:
+        raw = json.load(f)
+    assert set(raw) >= {"moe-naive", "moe-drop-r0.5", "moe-scratch", "moe-drop-r0.5-indep"}
+    for name, res in raw.items():
+        assert res["domains"] == ["c", "python"]
+        counts = np.array(res["counts"])  # [layers, domains, experts]
+        assert counts.shape == (2, 2, 4)
+        assert (counts.sum(axis=2) == res["tokens_per_domain"] * res["top_k"]).all()
+        for layer in range(2):
+            assert res["balance"][layer] == pytest.approx(analyze.load_balance(counts[layer].sum(axis=0)))
+            assert res["js"][layer] == pytest.approx(analyze.js_divergence(counts[layer]))
+    with open(os.path.join(out, "routing_summary.md")) as f:
+        assert "| moe-naive |" in f.read()
+    assert os.path.getsize(os.path.join(out, "routing_specialisation.png")) > 10_000
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
+    out, flags = swept
+    cases = [
+        ["sweep", "--r", "0.5", "--out-dir", str(tmp_path)],  # sweep chooses --r itself
+        ["routing", "--out-dir", str(tmp_path / "empty"), *flags[flags.index("--data") :]],  # no runs there
+        ["routing", "--preset", "cpu", "--out-dir", out, "--data", __file__],  # one file: no domains
+        ["overlap", "--r", "1.5"],
+        ["router-grad", "--dense-ckpt", os.path.join(out, "moe-naive")],  # an MoE, not a dense checkpoint
+        ["router-grad", "--top-k", "9"],
+        ["nonsense"],
+    ]
+    for argv in cases:
+        with pytest.raises(SystemExit) as e:
+            analyze.main(argv)
+        assert e.value.code == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("analyze.py: error:") and "\n" not in err, (argv, err)
+    # and from the shell: no traceback
+    proc = subprocess.run([sys.executable, "analyze.py", "overlap", "--n-experts", "1"], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# The classroom exercises: every command runs (a few steps each), and the README lists them
+
+
+def exercise_commands():
+    return [cmd for ex in analyze.EXERCISES for cmd in ex["commands"]]
+
+
+def test_every_exercise_command_runs(tmp_path, corpus, swept, capsys):
+    """Each command as written, with out/ moved to tmp_path and the tiny model and schedule appended. out/cpu
+    starts as a copy of the tiny sweep (same flags), so exercise 1's sweep finds its runs done: this checks
+    the command, not the training, which test_sweep_* covers."""
+    shutil.copytree(swept[0], tmp_path / "out" / "cpu")
+    for command in exercise_commands():
+        words = shlex.split(command)
+        assert words[0] == "python" and words[1] in ("train.py", "analyze.py"), command
+        argv = [str(tmp_path / w) if w.startswith("out/") else w for w in words[2:]]
+        takes_train_flags = words[1] == "train.py" or argv[0] in ("sweep", "routing")
+        if takes_train_flags:
+            argv += ["--data", corpus, *TINY_CLI]
+        main = train.main if words[1] == "train.py" else analyze.main
+        try:
+            main(argv)
+        except SystemExit as e:
+            pytest.fail(f"{command} exited with {e.code}: {capsys.readouterr().err}")
+    assert os.path.exists(tmp_path / "out/cpu-noaux/routing_summary.md")
+
+
+def test_readme_lists_every_exercise_command():
+    text = analyze.exercises_markdown()
+    assert all(cmd in text for cmd in exercise_commands()) and len(analyze.EXERCISES) in range(6, 9)
+    readme = os.path.join(HERE, "README.md")
+    with open(readme) as f:
+        readme_text = f.read()
+    assert "## Exercises" in readme_text
+    missing = [cmd for cmd in exercise_commands() if cmd not in readme_text]
+    assert not missing, f"README.md's Exercises section lacks {missing}; paste python analyze.py exercises"
+
+

@@ -1,0 +1,47 @@
+"""bench.py: a CPU smoke test (tiny shapes). It checks that the benchmark runs end to end and writes its report,
+not how fast anything is: speed is measured on the GPU (figures/bench.md)."""
+
+import json
+import sys
+
+import bench
+
+
+def test_bench_runs_on_cpu_and_writes_markdown_and_json(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as on a machine without transformers: rows left out
+    results = bench.main(["--device", "cpu", "--out", str(tmp_path), "--warmup", "0", "--iters", "1"])
+
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["meta"]["device"] == "cpu" and saved["layer"] and saved["step"]
+    assert "transformers not importable" in saved["hf_note"]
+    md = (tmp_path / "bench.md").read_text()
+    for heading in ("## 1. One MoE layer", "## 2. Whole training step", "## 3. MoE overhead", "## Targets"):
+        assert heading in md
+
+    # section 1: the MoE layer, our two paths and the dense floor, timed; ours agrees with the reference loop
+    layer = {r["impl"]: r for r in results["layer"] if r["weights"] == "fp32+autocast"}
+    assert {"dense SwiGLU (floor)", "ours reference"} <= set(layer)
+    ours = next(r for name, r in layer.items() if name.startswith("ours forward"))
+    assert "error" not in ours and ours["agrees"] and ours["ms"] > 0
+    assert layer["dense SwiGLU (floor)"]["x_dense"] == 1.0
+
+    # section 2 and 3: a dense and an MoE training step, and their time ratio next to their FLOPs ratio
+    steps = {r["model"]: r for r in results["step"]}
+    assert set(steps) == {"dense", "moe"} and all("error" not in r and r["tokens_per_s"] > 0 for r in steps.values())
+    assert steps["moe"]["active_params"] < steps["moe"]["params"]
+    (overhead,) = results["overhead"]
+    assert overhead["flops_ratio"] > 1 and overhead["overhead"] > 0
+
+
+def test_bench_reports_a_failing_implementation_instead_of_crashing(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(bench.du.MoE, "experts_reference", broken)  # every MoE path on the CPU goes through it
+    results = bench.main(["--device", "cpu", "--out", str(tmp_path), "--warmup", "0", "--iters", "1",
+                          "--no-hf", "--sections", "step"])
+    moe = next(r for r in results["step"] if r["model"] == "moe")
+    assert "no kernel for this" in moe["error"]
+    assert "| moe |" in (tmp_path / "bench.md").read_text()
+
+

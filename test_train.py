@@ -1,0 +1,418 @@
+"""train.py, data.py and plot.py: the data, the real CLI end to end, resume, and every expected failure:
+one line on stderr, a non-zero exit, no lost work."""
+
+import csv
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, tiny, write_corpus
+
+import data
+import plot
+import train
+from dropupcycle import ModelConfig, Transformer
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and data
+
+
+def test_byte_tokenizer_round_trip_and_ids_are_utf8_bytes():
+    enc = data.get_tokenizer("byte")
+    assert enc.n_vocab == 257 and enc.eot_token == 256
+    for text in ["def f(x):\n    return x\n", "naïve → Drop-Upcycling 🙂", "", "\n\n\t  x", "<|endoftext|> is text here"]:
+        ids = enc.encode_ordinary(text)
+        assert ids == list(text.encode("utf-8"))  # what the corpus builder's numpy fast path writes
+        assert enc.decode(ids) == text
+
+
+def test_corpus_listing_is_deterministic_and_split_by_file(train_corpus):
+    files = data.list_files(train_corpus)
+    assert len(files) == 13
+    train1, val1 = data.select_files(files, corpus_mb=0)
+    train2, val2 = data.select_files(list(reversed(files)), corpus_mb=0)
+    assert (train1, val1) == (train2, val2)  # order of discovery does not matter
+    keys_train, keys_val = {f[0] for f in train1}, {f[0] for f in val1}
+    assert keys_val and keys_train and not keys_train & keys_val
+    assert keys_train | keys_val == {f[0] for f in files}
+
+
+def test_corpus_cap_keeps_both_languages_deterministically():
+    files = [(f"lib/m{i}.py", f"/x/m{i}.py", 1000, 0) for i in range(50)] + \
+            [(f"inc/h{i}.h", f"/x/h{i}.h", 1000, 0) for i in range(50)]
+    train_a, val_a = data.select_files(files, corpus_mb=0.02)  # 20 kB: 10 kB per language
+    train_b, val_b = data.select_files(files[::-1], corpus_mb=0.02)
+    kept = train_a + val_a
+    assert (train_a, val_a) == (train_b, val_b)
+    assert {data.language_of(f[0]) for f in kept} == {"python", "c/c++"}
+    assert sum(data.language_of(f[0]) == "python" for f in kept) == 10
+    assert len(kept) == 20
+
+
+def test_default_corpus_is_this_pythons_source_code():
+    files = data.list_files(":python")
+    languages = {data.language_of(f[0]) for f in files}
+    assert "python" in languages and len(files) > 100
+    assert any(f[0].endswith("json/decoder.py") for f in files)  # the standard library is in
+    # installed packages are listed once, from purelib/platlib: never through stdlib's site-packages, where a
+    # virtual environment's base Python keeps twins of them (same file on both sides of the split)
+    assert not [f[0] for f in files if f[0].split("/")[1] in ("site-packages", "dist-packages")]
+    assert any(f[0].startswith(("purelib/", "platlib/")) for f in files)
+    names = [f[0].split("/", 1)[1] for f in files]
+    assert len(names) == len(set(names))  # no file twice under two roots
+
+
+def test_token_cache_holds_whole_files_is_reused_and_rebuilt_when_data_change(train_corpus, tmp_path, capsys):
+    folder = write_corpus(str(tmp_path / "data"))
+    args = train.parse_args(tiny(folder, tmp_path / "out"))
+    enc = data.get_tokenizer("byte")
+    train_tokens, val_tokens, info = data.load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)
+    assert "tokenizing" in capsys.readouterr().out
+    # val.bin is whole held-out files, each followed by <|endoftext|>
+    _, val_files = data.select_files(data.list_files(folder), 0)
+    expected = b"".join(open(f[1], "rb").read() + b"<|endoftext|>" for f in val_files)
+    assert enc.decode_bytes(list(val_tokens)) == expected
+    assert len(train_tokens) + len(val_tokens) == sum(len(open(p, "rb").read()) + 1 for _, p, _, _ in data.list_files(folder)
+                                                      if p.endswith((".py", ".c")))
+    # same settings: reused, not rebuilt
+    _, _, info2 = data.load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)
+    assert "tokenizing" not in capsys.readouterr().out and info2["fingerprint"] == info["fingerprint"]
+    # a file changed: rebuilt, with a message saying why
+    with open(os.path.join(folder, "src0.c"), "a") as f:
+        f.write("int extra;\n")
+    train_tokens3, val_tokens3, info3 = data.load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)
+    assert "rebuilding" in capsys.readouterr().out and info3["fingerprint"] != info["fingerprint"]
+    assert len(train_tokens3) + len(val_tokens3) == len(train_tokens) + len(val_tokens) + len("int extra;\n")
+
+
+def test_a_file_repeated_under_many_names_is_tokenized_once_so_validation_never_repeats_training(tmp_path, capsys):
+    folder = tmp_path / "twins"
+    vendored = "def vendored(x):\n    return x + 1\n" * 40
+    for i in range(40):  # one module vendored by 40 packages: by name, some copies fall in val, some in train
+        (folder / f"pkg{i}").mkdir(parents=True)
+        (folder / f"pkg{i}" / "vendored.py").write_text(vendored)
+        (folder / f"own{i}.py").write_text(f"def own_{i}(x):\n    return x * {i}\n" * 40)
+    train_files, val_files = data.select_files(data.list_files(str(folder)), 0)
+    assert any(f[0].endswith("vendored.py") for f in train_files) and val_files
+    args = train.parse_args(tiny(str(folder), tmp_path / "out"))
+    train_tokens, val_tokens, _ = data.load_data(args.data, args.tokenizer, data.get_tokenizer("byte"), args.out_dir, args.corpus_mb, args.seq_len)
+    everything = bytes(np.asarray(train_tokens, dtype=np.uint8)) + bytes(np.asarray(val_tokens, dtype=np.uint8))
+    assert everything.count(vendored.encode()) == 1  # 40 copies, kept once
+    assert vendored.encode() not in bytes(np.asarray(val_tokens, dtype=np.uint8))  # and in train, as train is first
+
+
+# -----------------------------------------------------------------------------
+# the CLI end to end
+
+
+def test_cli_drop_run_writes_csvs_checkpoints_figure_and_summary(drop_run):
+    out, result = drop_run
+    assert "[moe-drop-r0.5] done" in result.stdout
+    for path in ["dense/ckpt.pt", "dense/log.csv", "moe-drop-r0.5/ckpt.pt", "moe-drop-r0.5/log.csv",
+                 "loss_curves.png", "summary.md"]:
+        assert os.path.getsize(out / path) > 0, path
+    rows = csv_rows(out / "moe-drop-r0.5" / "log.csv")
+    assert list(rows[0]) == ["step", "tokens", "train_loss", "val_loss", "val_se", "aux_loss", "lr", "time"]
+    assert [int(r["step"]) for r in rows] == list(range(0, 121, 5))
+    assert int(rows[-1]["tokens"]) == 120 * 4 * 32
+    vals = [float(r["val_loss"]) for r in rows if r["val_loss"]]
+    assert len(vals) == 13 and all(math.isfinite(v) for v in vals) and vals[-1] < vals[1]
+    # the balancing loss is logged: positive and at most n_experts (= 4; f_i <= 1, sum_i P_i = 1). It has no
+    # lower bound of 1 or top_k: perfect balance gives top_k, unbalanced routing can give less
+    assert all(0.0 < float(r["aux_loss"]) <= 4.0 for r in rows[1:])
+    ckpt = torch.load(out / "moe-drop-r0.5" / "ckpt.pt", weights_only=True)
+    assert ckpt["finished"] and ckpt["step"] == 120 and ckpt["settings"]["r"] == 0.5
+    with open(out / "summary.md") as f:
+        assert "moe-drop-r0.5" in f.read()
+
+
+def test_second_init_reuses_dense_and_naive_starts_at_the_dense_loss(drop_run, train_corpus, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(drop_run[0], out)
+    code, stdout, err = run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)
+    assert code == 0, err
+    assert "reusing the finished dense model" in stdout
+    dense_final = float(csv_rows(out / "dense" / "log.csv")[-1]["val_loss"])
+    naive_start = float(csv_rows(out / "moe-naive" / "log.csv")[0]["val_loss"])
+    drop_start = float(csv_rows(out / "moe-drop-r0.5" / "log.csv")[0]["val_loss"])
+    assert naive_start == pytest.approx(dense_final, abs=1e-5)  # identical experts: the dense function
+    assert drop_start > naive_start + 1e-3  # half the FFN neurons re-initialised: worse at first
+    summary = open(out / "summary.md").read()
+    assert "moe-naive" in summary and "moe-drop-r0.5" in summary
+
+
+def test_sample_prints_text_from_a_checkpoint(drop_run, capsys):
+    code, stdout, err = run_main(["--sample", str(drop_run[0] / "moe-drop-r0.5"), "--sample-tokens", "16",
+                                  "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert stdout.count("--- sample") == 2
+
+
+def test_help_has_one_line_per_option():
+    parser = train.build_parser()
+    for action in parser._actions:
+        assert action.help and "\n" not in action.help, action.option_strings
+    assert len(parser.format_help()) > 0
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    lrs = [train.lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+
+
+def test_overtake_step_is_the_last_sign_change():
+    steps = np.array([0, 10, 20, 30, 40])
+    assert plot.overtake_step(steps, np.array([0.1, 0.05, -0.01, -0.02, -0.03])) == 20
+    assert plot.overtake_step(steps, np.array([0.1, -0.05, 0.01, -0.02, -0.03])) == 30
+    assert plot.overtake_step(steps, np.array([0.1, 0.05, 0.01, 0.02, -0.0])) is None
+
+
+# -----------------------------------------------------------------------------
+# no lost work: interrupt and resume, NaN, failed saves
+
+
+def test_sigint_saves_and_resume_reproduces_the_uninterrupted_run_exactly(drop_run, train_corpus, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, TRAIN_PY, "--init", "drop", "--r", "0.5", *tiny(train_corpus, out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE)
+    for line in proc.stdout:  # interrupt once the MoE phase is under way
+        if line.startswith("[moe-drop-r0.5] step 10/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stdout
+    ckpt = torch.load(out / "moe-drop-r0.5" / "ckpt.pt", weights_only=True)
+    assert not ckpt["finished"] and 10 <= ckpt["step"] < 120
+    resumed = cli(["--init", "drop", "--r", "0.5", "--resume", *tiny(train_corpus, out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {ckpt['step']}/120" in resumed.stdout
+    reference = csv_rows(drop_run[0] / "moe-drop-r0.5" / "log.csv")
+    rows = csv_rows(out / "moe-drop-r0.5" / "log.csv")
+    drop_time = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs]
+    assert drop_time(rows) == drop_time(reference)  # every loss, bit for bit
+    final = torch.load(out / "moe-drop-r0.5" / "ckpt.pt", weights_only=True)["model"]
+    ref_final = torch.load(drop_run[0] / "moe-drop-r0.5" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)
+
+
+def test_sigterm_during_dense_phase_saves_a_checkpoint(train_corpus, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, TRAIN_PY, "--init", "dense", *tiny(train_corpus, out, dense_steps=2000)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE)
+    for line in proc.stdout:
+        if line.startswith("[dense] step 5/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout + stderr
+    assert "Traceback" not in stderr
+    assert os.path.exists(out / "dense" / "ckpt.pt"), stdout
+    ckpt = torch.load(out / "dense" / "ckpt.pt", weights_only=True)
+    assert 5 <= ckpt["step"] < 2000 and "optimizer" in ckpt
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train_corpus, tmp_path, capsys, monkeypatch):
+    real_lr_at = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, *a: float("nan") if step >= 12 else real_lr_at(step, *a))
+    code, _, err = run_main(["--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)
+    line = assert_one_line_error(code, err)
+    assert "at step 14" in line and "step 10) is kept" in line  # update 13 wrote NaNs: step 14 sees them
+    ckpt = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def crash_mid_write(obj, f):
+        real_save(obj, f)
+        f.seek(0)
+        f.truncate(10)  # half-written file ...
+        raise OSError(28, "No space left on device")  # ... then the disk is full
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(data.Fail, match="previous checkpoint is unchanged"):
+        train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, non-zero exit, no traceback
+
+
+def test_cli_errors_for_invalid_r_and_missing_data_are_one_line(tmp_path):
+    for args, expected in [(["--init", "drop", "--r", "1.5"], "--r: must be in [0, 1]"),
+                           (["--data", str(tmp_path / "missing")], "no such file or folder")]:
+        result = cli([*args, "--out-dir", str(tmp_path / "out")])
+        line = assert_one_line_error(result.returncode, result.stderr)
+        assert expected in line and result.stdout.count("step") == 0
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--r", "abc", "--init", "drop"], "invalid number value: 'abc'"),
+    (["--r", "-0.1", "--init", "drop"], "must be in [0, 1]"),
+    (["--r", "0.5", "--init", "naive"], "--r applies to --init drop only"),
+    (["--init", "bogus"], "invalid choice: 'bogus'"),
+    (["--top-k", "5"], "top_k (5) must be between 1 and n_experts (4)"),
+    (["--n-experts", "1"], "at least 2 experts"),
+    (["--d-model", "30", "--n-head", "4"], "n_head (4) must divide d_model (30)"),
+    (["--n-kv-head", "3", "--n-head", "4"], "n_kv_head (3) must divide n_head (4)"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--seq-len", "-3"], "--seq-len: must be a positive integer"),
+    (["--dense-lr", "0"], "--dense-lr: must be a positive number"),
+    (["--seq-len", "100000"], "fewer than --seq-len + 2"),
+])
+def test_bad_flags_give_one_clear_line(flags, expected, train_corpus, tmp_path, capsys):
+    code, _, err = run_main([*tiny(train_corpus, tmp_path), *flags], capsys)
+    assert expected in assert_one_line_error(code, err)
+
+
+def test_bad_data_gives_one_clear_line(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    binary_only = tmp_path / "binary"
+    binary_only.mkdir()
+    (binary_only / "x.py").write_bytes(b"\0" * 100)
+    big_ids = tmp_path / "tokens.bin"
+    np.array([1, 2, 300, 4] * 100, dtype=np.uint16).tofile(big_ids)
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"abc")
+    for path, expected in [(empty, "no text files found"), (binary_only, "no text found"),
+                           (big_ids, "token id 300 is outside the vocabulary"), (odd, "holds uint16 values")]:
+        code, _, err = run_main(tiny(str(path), tmp_path / "out"), capsys)
+        assert expected in assert_one_line_error(code, err), path
+    # an unreadable file (as root, permissions do not stop reads: make open() fail the way it would)
+    unreadable = write_corpus(str(tmp_path / "unreadable"))
+    target = os.path.join(unreadable, "src3.c")
+
+    def deny(path, *a, **kw):
+        if path == target:
+            raise PermissionError(13, "Permission denied", path)
+        return open(path, *a, **kw)
+
+    monkeypatch.setattr(data, "open", deny, raising=False)
+    code, _, err = run_main(tiny(unreadable, tmp_path / "out2"), capsys)
+    assert f"cannot read {target}: Permission denied" in assert_one_line_error(code, err)
+
+
+def test_token_file_data_trains(tmp_path, capsys):
+    tokens = tmp_path / "tokens.bin"
+    np.frombuffer(("int main(void) { return 0; }\n" * 400).encode(), dtype=np.uint8).astype(np.uint16).tofile(tokens)
+    code, stdout, err = run_main(["--init", "dense", *tiny(str(tokens), tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert "split by position" in stdout
+
+
+def test_gpt2_tokenizer_offline_is_one_clear_line(train_corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))  # no cached BPE files ...
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):  # ... and no network
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    code, _, err = run_main(["--tokenizer", "gpt2", *tiny(train_corpus, tmp_path / "out")], capsys)
+    assert "--tokenizer gpt2: tiktoken could not load its BPE files" in assert_one_line_error(code, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(train_corpus, tmp_path, capsys):
+    code, _, err = run_main([*tiny(train_corpus, tmp_path), "--device", "cuda"], capsys)
+    assert "CUDA is not available" in assert_one_line_error(code, err)
+
+
+def test_unwritable_out_dir(train_corpus, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = run_main(tiny(train_corpus, blocker / "out"), capsys)
+    assert "cannot create folder" in assert_one_line_error(code, err)
+
+
+def test_resume_errors(drop_run, train_corpus, tmp_path, capsys):
+    import shutil
+
+    # nothing to resume
+    code, _, err = run_main(["--resume", "--init", "drop", *tiny(train_corpus, tmp_path / "fresh")], capsys)
+    assert "no checkpoint" in assert_one_line_error(code, err)
+    # a checkpoint made with other settings: refused with the difference, with or without --resume
+    out = tmp_path / "copy"
+    shutil.copytree(drop_run[0], out)
+    for extra in ([], ["--resume"]):
+        code, _, err = run_main([*extra, "--init", "drop", *tiny(train_corpus, out), "--d-ff", "128"], capsys)
+        line = assert_one_line_error(code, err)
+        assert "other settings" in line and "model.d_ff: 64 -> 128" in line
+    # a truncated checkpoint, and one that is garbage
+    ckpt = out / "moe-drop-r0.5" / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    code, _, err = run_main(["--resume", "--init", "drop", *tiny(train_corpus, out)], capsys)
+    assert "is unreadable (truncated or corrupt" in assert_one_line_error(code, err)
+    ckpt.write_bytes(b"not a checkpoint at all")
+    code, _, err = run_main(["--resume", "--init", "drop", *tiny(train_corpus, out)], capsys)
+    assert "is unreadable" in assert_one_line_error(code, err)
+
+
+def test_unfinished_run_is_not_overwritten_without_resume(train_corpus, tmp_path, capsys, monkeypatch):
+    real_lr_at = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, *a: float("nan") if step >= 12 else real_lr_at(step, *a))
+    run_main(["--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)  # dies at step 13, ckpt at 10
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    code, _, err = run_main(["--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)
+    assert "unfinished run (step 10/40): pass --resume" in assert_one_line_error(code, err)
+
+
+def test_cuda_oom_is_reported_with_sizes_and_a_suggestion(train_corpus, tmp_path, capsys, monkeypatch):
+    def oom(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_run", oom)
+    code, _, err = run_main(["--init", "dense", *tiny(train_corpus, tmp_path)], capsys)
+    line = assert_one_line_error(code, err)
+    assert "4 x 32 = 128 tokens" in line and "--batch-size 2 --grad-accum 2" in line
+
+
+def test_compile_is_used_only_where_it_agrees_with_eager_mode(monkeypatch, capsys):
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper: the real compile is too slow here
+        def __init__(self, model, shift=0.0, **kwargs):
+            super().__init__()
+            self.model, self.shift, self.kwargs = model, shift, kwargs
+
+        def forward(self, *a):
+            logits, loss = self.model(*a)
+            return logits + self.shift * torch.arange(logits.shape[-1]), loss
+
+    cfg = train.ModelConfig(vocab_size=257, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
+                            n_experts=4)
+    model = train.Transformer(cfg)
+    args = train.parse_args(["--compile", "--device", "cpu"])
+    x = torch.randint(0, 257, (2, 16))
+    monkeypatch.setattr(torch, "compile", Compiled)
+    compiled = train.maybe_compile(model, args, (x, x), "moe")
+    assert isinstance(compiled, Compiled) and compiled.model is model
+    assert compiled.kwargs["options"]["triton.max_tiles"] == 1  # through compile_model
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: Compiled(m, shift=0.01))  # a compiler that gets it wrong
+    assert train.maybe_compile(model, args, (x, x), "moe") is model
+    assert "WARNING: the compiled model disagrees with eager mode" in capsys.readouterr().out
+
+
+def test_report_gives_runs_outside_init_all_a_colour_of_their_own():
+    # the default colour cycle starts with naive Upcycling's blue: r = 0.5-indep was drawn in it once
+    runs = ["moe-naive", "moe-drop-r0.5", "moe-drop-r0.5-indep", "moe-drop-r0.75", "moe-drop-r0.1", "moe-drop-r0.25"]
+    others = [plot.color_of(name, runs) for name in runs[3:]]
+    assert len(set(others)) == len(others) and not set(others) & set(plot.COLORS.values())
+    assert plot.color_of("moe-naive", runs) == "tab:blue"
+
