@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
 from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
@@ -310,24 +311,30 @@ def test_cli_export_writes_a_train_checkpoint_as_hf(tmp_path):
         torch.testing.assert_close(mixtral(idx).logits, model(idx)[0], rtol=0, atol=1e-5)
 
 
+def test_cli_bad_path_gives_one_line_and_exit_1(tmp_path):
+    p = run_cli("drop-upcycle", tmp_path / "missing", tmp_path / "out")
+    assert p.returncode == 1 and p.stderr == f"hf.py: error: {tmp_path / 'missing'}: not a folder\n"
+
+
 @pytest.mark.parametrize("args, message", [
-    (("drop-upcycle", "nobody/nothing", "OUT"), "huggingface-cli download nobody/nothing"),  # looks like a hub id
+    (("drop-upcycle", "nobody/nothing", "OUT"), "huggingface-cli download nobody/nothing"),  # a hub id, offline
     (("drop-upcycle", "./missing", "OUT"), "not a folder"),
     (("export", "missing.pt", "OUT"), "no checkpoint there"),
-    (("drop-upcycle", "x", "OUT", "--r", "2"), None),
+    (("export", "llama", "OUT"), "llama/ckpt.pt: no checkpoint there"),
+    (("drop-upcycle", "llama", "OUT", "--r", "2"), "--r must be in [0, 1]"),
+    (("drop-upcycle", "llama", "OUT", "--top-k", "9"), "top_k (9) must be between 1 and n_experts (8)"),
+    (("drop-upcycle", "llama", "llama"), "already holds a checkpoint"),
+    (("drop-upcycle", "llama", "OUT", "--dtype", "fp8"), "invalid choice"),
     (("frobnicate",), "invalid choice"),
 ])
-def test_cli_bad_input_gives_one_line_and_exit_1(tmp_path, args, message):
-    if args[:2] == ("drop-upcycle", "x"):
-        hf_llama(tmp_path / "x", shard="1GB")
-        message = "--r must be in [0, 1]"
-    p = subprocess.run([sys.executable, os.path.join(HERE, "hf.py"), *args], capture_output=True, text=True,
-                       cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert p.returncode == 1 and p.stderr.count("\n") == 1 and p.stderr.startswith("hf.py: error: "), p.stderr
-    assert message in p.stderr
-
-
-def test_cli_refuses_to_overwrite_a_checkpoint(tmp_path):
+def test_cli_bad_input_gives_one_line_and_exit_1(tmp_path, monkeypatch, capsys, args, message):
     hf_llama(tmp_path / "llama", shard="1GB")
-    p = run_cli("drop-upcycle", tmp_path / "llama", tmp_path / "llama", "--n-experts", 2)
-    assert p.returncode == 1 and "already holds a checkpoint" in p.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()  # whatever transformers printed while saving the folder
+    with pytest.raises(SystemExit) as e:
+        hf.main(list(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("hf.py: error: "), err
+    assert message in err
+    assert not os.path.exists(tmp_path / "OUT")
