@@ -22,6 +22,7 @@ router as block_sparse_moe.gate; transformers 5.x renames them in memory, so thi
 import argparse
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, replace
 
@@ -41,6 +42,10 @@ DEFAULTS = {
     "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None),
 }
 DEFAULT_SHARD_BYTES = 5 * 10**9
+# what drop-upcycle carries over from the source folder unchanged, so that the Mixtral is usable as it is
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class HFError(ValueError):
@@ -283,16 +288,20 @@ class ShardWriter:
                 json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2)
 
 
-def prepare_out_dir(out_dir):
+def check_out_dir(out_dir):
     if os.path.exists(os.path.join(out_dir, "config.json")) or os.path.exists(os.path.join(out_dir, "model.safetensors.index.json")):
         raise HFError(f"{out_dir}: already holds a checkpoint; choose a new folder")
+
+
+def prepare_out_dir(out_dir):
+    check_out_dir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise HFError(f"{out_dir}: cannot create it ({e.strerror or e})") from None
 
 
-def write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer=None):
+def write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer=None, extra_config=None):
     """Write config.json and the weights; tensor_of(our name) gives each tensor when it is needed."""
     prepare_out_dir(out_dir)
     writer = ShardWriter(out_dir, dtype, max_shard_bytes)
@@ -305,18 +314,19 @@ def write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer=None):
         writer.add(hf, t if j is None else t[j])
     writer.close()
     with open(os.path.join(out_dir, "config.json"), "w") as f:  # last: a folder with a config is complete
-        json.dump(config_to_hf(cfg, dtype), f, indent=2)
+        json.dump({**config_to_hf(cfg, dtype), **(extra_config or {})}, f, indent=2)
 
 
-def save_hf(model, out_dir, dtype=None, max_shard_bytes=DEFAULT_SHARD_BYTES):
-    """Write model as a LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) folder; dtype None keeps the model's."""
+def save_hf(model, out_dir, dtype=None, max_shard_bytes=DEFAULT_SHARD_BYTES, extra_config=None):
+    """Write model as a LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) folder; dtype None keeps the model's.
+    extra_config: more config.json fields (token ids, say)."""
     dtype = dtype or next(model.parameters()).dtype
     state = model.state_dict()
-    write_hf(model.config, state.__getitem__, out_dir, dtype, max_shard_bytes)
+    write_hf(model.config, state.__getitem__, out_dir, dtype, max_shard_bytes, extra_config=extra_config)
 
 
 def drop_upcycle_hf(dense, out_dir, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True, dtype=None,
-                    max_shard_bytes=DEFAULT_SHARD_BYTES, log=print):
+                    max_shard_bytes=DEFAULT_SHARD_BYTES, log=print, extra_config=None):
     """save_hf(drop_upcycle(dense, ...)) without ever holding the MoE: each layer's experts are built
     (dropupcycle.upcycled_ffns) when the writer reaches them and dropped once written. Same files, bit for bit."""
     cfg = replace(dense.config, n_experts=n_experts, top_k=top_k)
@@ -339,7 +349,7 @@ def drop_upcycle_hf(dense, out_dir, n_experts=8, top_k=2, r=0.5, seed=0, shared_
     def on_layer(i):
         log(f"layer {i + 1}/{cfg.n_layer}: {n_experts} experts, r = {r}", flush=True)
 
-    write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer)
+    write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer, extra_config)
 
 
 # -----------------------------------------------------------------------------
@@ -391,11 +401,14 @@ def main(argv=None):
         args = parser.parse_args(argv)
         dtype = DTYPES[args.dtype] if args.dtype else None
         if args.command == "export":
+            check_out_dir(args.out)
             model = load_train_checkpoint(args.src)
             save_hf(model, args.out, dtype, args.max_shard_bytes)
             print(f"wrote {'Mixtral' if model.config.is_moe else 'Llama'} {args.out}")
             return
-        dense = load_hf(args.src, dtype)
+        check_out_dir(args.out)  # before loading a large model, not after
+        src = resolve(args.src)
+        dense = load_hf(src, dtype)
         if dense.config.is_moe:
             raise HFError(f"{args.src}: is already a Mixtral; drop-upcycle needs a dense Llama")
         try:
@@ -405,8 +418,12 @@ def main(argv=None):
         except ValueError as e:
             raise HFError(str(e)) from None
         print(f"{args.src}: {dense.num_params() / 1e6:.1f}M parameters, {dense.config.n_layer} layers", flush=True)
-        drop_upcycle_hf(dense, args.out, args.n_experts, args.top_k, args.r, args.seed,
-                        not args.independent_indices, dtype, args.max_shard_bytes)
+        src_config = read_json(os.path.join(src, "config.json"))
+        drop_upcycle_hf(dense, args.out, args.n_experts, args.top_k, args.r, args.seed, not args.independent_indices,
+                        dtype, args.max_shard_bytes, extra_config={k: src_config[k] for k in TOKEN_ID_FIELDS if k in src_config})
+        for name in TOKENIZER_FILES:  # the tokenizer is the dense model's
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(args.out, name))
         print(f"wrote Mixtral {args.out}")
     except HFError as e:
         print(f"hf.py: error: {e}", file=sys.stderr)

@@ -287,10 +287,14 @@ def run_cli(*args, env=None):
 
 def test_cli_drop_upcycle_writes_a_mixtral_transformers_reads(tmp_path):
     ref = hf_llama(tmp_path / "llama", tied=True)
+    (tmp_path / "llama" / "tokenizer.json").write_text('{"stand-in": true}')
+    edit_config(tmp_path / "llama", bos_token_id=1, eos_token_id=2)
     p = run_cli("drop-upcycle", tmp_path / "llama", tmp_path / "moe", "--r", 0, "--n-experts", 4, "--top-k", 2,
                 "--seed", 0, "--independent-indices", "--dtype", "fp32", "--max-shard-bytes", 20_000)
     assert p.returncode == 0, p.stderr
     assert "layer 2/2" in p.stdout
+    assert (tmp_path / "moe" / "tokenizer.json").read_text() == '{"stand-in": true}'  # the dense model's tokenizer
+    assert json.load(open(tmp_path / "moe" / "config.json"))["eos_token_id"] == 2
     mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "moe").eval()
     with torch.no_grad():  # r = 0: the dense model's function
         torch.testing.assert_close(mixtral(tokens()).logits, ref(tokens()).logits, rtol=0, atol=1e-5)
