@@ -42,18 +42,28 @@ class ModelConfig:
     n_experts: int = 1  # 1: dense Llama; > 1: every FFN is a Mixtral MoE layer
     top_k: int = 2
     aux_loss_coef: float = 0.02  # Appendix A.4
+    # The fields below exist for Hugging Face checkpoints (hf.py); the paper's models use the defaults.
+    tie_embeddings: bool = False  # lm_head.weight IS embed.weight (SmolLM2, Llama 3.2)
+    d_head: int | None = None  # explicit head dimension (HF's head_dim); None: d_model // n_head
+    rope_scaling: dict | None = None  # Llama 3.1's {"rope_type": "llama3", "factor", ...}; None: plain RoPE
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len", "n_experts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"n_head ({self.n_head}) must divide d_model ({self.d_model})")
+        if self.d_head is None and self.d_model % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide d_model ({self.d_model}), or d_head must be given")
+        if self.d_head is not None and (not isinstance(self.d_head, int) or isinstance(self.d_head, bool) or self.d_head < 1):
+            raise ValueError(f"d_head must be None or a positive integer, got {self.d_head!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
-        if (self.d_model // self.n_head) % 2:
-            raise ValueError(f"head dimension d_model/n_head = {self.d_model // self.n_head} must be even for RoPE")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension {self.head_dim} must be even for RoPE")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        if self.rope_scaling is not None:
+            check_llama3_rope_scaling(self.rope_scaling)
         if self.is_moe and not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
         if not (self.rope_theta > 0 and self.norm_eps > 0 and self.aux_loss_coef >= 0):
@@ -65,7 +75,25 @@ class ModelConfig:
 
     @property
     def head_dim(self):
-        return self.d_model // self.n_head
+        return self.d_head if self.d_head is not None else self.d_model // self.n_head
+
+
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_llama3_rope_scaling(scaling):
+    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+        raise ValueError(f"rope_scaling must be None or a dict with rope_type 'llama3', got {scaling!r}")
+    missing = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
+    extra = sorted(set(scaling) - {"rope_type", *LLAMA3_ROPE_KEYS})
+    if missing or extra:
+        raise ValueError(f"rope_scaling of type llama3 needs exactly {', '.join(LLAMA3_ROPE_KEYS)}; "
+                         f"missing {missing}, unexpected {extra}")
+    values = [scaling[k] for k in LLAMA3_ROPE_KEYS]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"rope_scaling values must be positive numbers, got {scaling!r}")
+    if not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise ValueError("rope_scaling needs low_freq_factor < high_freq_factor")
 
 
 # -----------------------------------------------------------------------------
@@ -84,12 +112,27 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_cos_sin(head_dim, max_seq_len, theta):
+def rope_cos_sin(head_dim, max_seq_len, theta, scaling=None):
     """cos, sin tables [max_seq_len, head_dim] for RoPE, in the half-split layout of Llama/Mixtral on HF."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, **{k: scaling[k] for k in LLAMA3_ROPE_KEYS})
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [T, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
     return angles.cos(), angles.sin()
+
+
+def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1's RoPE scaling, as transformers computes it (_compute_llama3_parameters): for a longer context,
+    slow (long-wavelength) frequencies are divided by factor, fast ones kept, the band between interpolated."""
+    old_len = original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen, high_freq_wavelen = old_len / low_freq_factor, old_len / high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -264,8 +307,11 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # untied from embed
-        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # untied from embed by default
+        if config.tie_embeddings:
+            # one Parameter under two names: the optimizer, .to() and load_state_dict keep it one tensor
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.aux_loss = None  # last unweighted balancing loss, for logging (None for a dense model)
@@ -303,7 +349,7 @@ class Transformer(nn.Module):
 
     def num_params(self, active=False):
         """Total parameters, or the active ones: what one token uses (top_k of the n_experts experts)."""
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(p.numel() for p in self.parameters())  # parameters() lists a tied weight once
         if not (active and self.config.is_moe):
             return total
         inactive_experts = self.config.n_experts - self.config.top_k
@@ -362,30 +408,42 @@ def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True
     param = next(dense.parameters())
     # (its N(0, 0.02) init draws from torch's global generator; every value that survives below comes from
     # the dense model or from the two seeded streams)
-    moe = Transformer(cfg).to(device=param.device, dtype=param.dtype)
-    # two independent random streams, so runs that differ only in r start from the same router
-    router_rng = torch.Generator().manual_seed(2 * seed)
-    drop_rng = torch.Generator().manual_seed(2 * seed + 1)
+    moe = Transformer(cfg).to(device=param.device, dtype=param.dtype)  # tied embeddings stay tied
 
     # Sec. 3.2, expert replication: every non-FFN weight is copied as is ...
     dense_state = dense.state_dict()
     missing, unexpected = moe.load_state_dict({k: v for k, v in dense_state.items() if ".ffn." not in k}, strict=False)
     assert not unexpected and all(".ffn." in k for k in missing)  # only the FFNs are left to fill in
     with torch.no_grad():
-        for dense_block, moe_block in zip(dense.layers, moe.layers):
-            ffn, moe_ffn = dense_block.ffn, moe_block.ffn
-            # ... the router is new: U(-0.0346, 0.0346), std 0.02 (Appendix C.1) ...
-            bound = 0.02 * math.sqrt(3)
-            router = torch.empty(moe_ffn.router.weight.shape).uniform_(-bound, bound, generator=router_rng)
+        for moe_block, (router, gate, up, down) in zip(moe.layers, upcycled_ffns(dense, n_experts, r, seed, shared_indices)):
+            moe_ffn = moe_block.ffn
             moe_ffn.router.weight.copy_(router)
-            # ... and W_gate^(i) = W_gate, W_up^(i) = W_up, W_down^(i) = W_down for every expert i
-            moe_ffn.gate.copy_(ffn.gate.weight.expand_as(moe_ffn.gate))
-            moe_ffn.up.copy_(ffn.up.weight.expand_as(moe_ffn.up))
-            moe_ffn.down.copy_(ffn.down.weight.expand_as(moe_ffn.down))
-            # Sec. 3.2.1, diversity re-initialisation, for every expert of every layer
-            for i in range(n_experts):
-                diversity_reinit(moe_ffn.gate[i], moe_ffn.up[i], moe_ffn.down[i], r, shared_indices, drop_rng)
+            moe_ffn.gate.copy_(gate)
+            moe_ffn.up.copy_(up)
+            moe_ffn.down.copy_(down)
     return moe
+
+
+@torch.no_grad()
+def upcycled_ffns(dense, n_experts, r, seed, shared_indices=True):
+    """The MoE FFN of every layer in turn, (router [E, d_model], gate, up, down stacked over experts): one layer
+    at a time, so that hf.py can write a large MoE without holding it in memory. drop_upcycle puts them in place."""
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"r must be in [0, 1], got {r}")
+    # two independent random streams, so runs that differ only in r start from the same router
+    router_rng = torch.Generator().manual_seed(2 * seed)
+    drop_rng = torch.Generator().manual_seed(2 * seed + 1)
+    for block in dense.layers:
+        ffn = block.ffn
+        # ... the router is new: U(-0.0346, 0.0346), std 0.02 (Appendix C.1) ...
+        bound = 0.02 * math.sqrt(3)
+        router = torch.empty(n_experts, dense.config.d_model).uniform_(-bound, bound, generator=router_rng)
+        # ... and W_gate^(i) = W_gate, W_up^(i) = W_up, W_down^(i) = W_down for every expert i
+        gate, up, down = (lin.weight.expand(n_experts, -1, -1).clone() for lin in (ffn.gate, ffn.up, ffn.down))
+        # Sec. 3.2.1, diversity re-initialisation, for every expert of every layer
+        for i in range(n_experts):
+            diversity_reinit(gate[i], up[i], down[i], r, shared_indices, drop_rng)
+        yield router.to(gate.device, gate.dtype), gate, up, down
 
 
 def diversity_reinit(w_gate, w_up, w_down, r, shared_indices, rng):

@@ -1,0 +1,437 @@
+"""
+Hugging Face checkpoints in and out: a dense Llama in, a Drop-Upcycled Mixtral out.
+
+    python hf.py drop-upcycle LLAMA_DIR OUT_DIR --r 0.5 --n-experts 8 --top-k 2 --seed 0 [--independent-indices] [--dtype bf16]
+    python hf.py export CKPT_OR_RUN_DIR OUT_DIR [--dtype bf16]     # a train.py checkpoint (or run folder) -> HF folder
+
+From Python:
+
+    from hf import load_hf, save_hf
+    dense = load_hf("path/to/Llama-3.2-1B")            # LlamaForCausalLM, MistralForCausalLM or MixtralForCausalLM
+    save_hf(drop_upcycle(dense, r=0.5), "out")         # dense -> LlamaForCausalLM, MoE -> MixtralForCausalLM
+
+A folder is config.json plus model.safetensors, or shards listed in model.safetensors.index.json. Only what
+dropupcycle.Transformer can compute is accepted: no biases, SiLU, RoPE plain or of Llama 3's type, no sliding
+window; anything else is refused with one line naming the field, never silently approximated. Only torch,
+safetensors and json are needed (huggingface_hub only to download a hub id); transformers is not used.
+
+On disk, Mixtral keeps one tensor per expert (block_sparse_moe.experts.{j}.w1/w2/w3 = gate/down/up) and the
+router as block_sparse_moe.gate; transformers 5.x renames them in memory, so this file works with the files only.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, replace
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dropupcycle import LLAMA3_ROPE_KEYS, ModelConfig, Transformer, rope_cos_sin, upcycled_ffns
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
+# transformers' class defaults, for fields a config.json may leave out
+DEFAULTS = {
+    "llama": dict(rope_theta=1e4, rms_norm_eps=1e-6, sliding_window=None),
+    "mistral": dict(rope_theta=1e4, rms_norm_eps=1e-6, sliding_window=4096),
+    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None),
+}
+DEFAULT_SHARD_BYTES = 5 * 10**9
+# what drop-upcycle carries over from the source folder unchanged, so that the Mixtral is usable as it is
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class HFError(ValueError):
+    """A checkpoint this file cannot represent or read; the message is one line naming the field or file."""
+
+
+# -----------------------------------------------------------------------------
+# Names: ours <-> Hugging Face's on-disk names
+
+
+def hf_names(cfg):
+    """(HF name, our state-dict name, expert index or None) for every weight, in the order files hold them."""
+    names = [("model.embed_tokens.weight", "embed.weight", None)]
+    for i in range(cfg.n_layer):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        names.append((hf + "input_layernorm.weight", ours + "attn_norm.weight", None))
+        names += [(hf + f"self_attn.{n}_proj.weight", ours + f"attn.{n}.weight", None) for n in "qkvo"]
+        names.append((hf + "post_attention_layernorm.weight", ours + "ffn_norm.weight", None))
+        if not cfg.is_moe:
+            names += [(hf + f"mlp.{n}_proj.weight", ours + f"ffn.{n}.weight", None) for n in ("gate", "up", "down")]
+        else:
+            names.append((hf + "block_sparse_moe.gate.weight", ours + "ffn.router.weight", None))
+            for j in range(cfg.n_experts):  # Mixtral's w1, w2, w3 are gate, down, up
+                names += [(hf + f"block_sparse_moe.experts.{j}.{w}.weight", ours + f"ffn.{n}", j)
+                          for w, n in (("w1", "gate"), ("w2", "down"), ("w3", "up"))]
+    names.append(("model.norm.weight", "norm.weight", None))
+    if not cfg.tie_embeddings:  # a tied lm_head is the embedding, written once
+        names.append(("lm_head.weight", "lm_head.weight", None))
+    return names
+
+
+# -----------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def config_from_hf(c, max_seq_len=None):
+    """ModelConfig from a config.json dict; HFError for anything Transformer would compute differently."""
+    archs = c.get("architectures") or [c.get("model_type")]
+    arch = ARCHITECTURES.get(archs[0]) or (archs[0] if archs[0] in DEFAULTS else None)
+    if len(archs) != 1 or arch is None:
+        raise HFError(f"architectures: {archs} is not supported (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM)")
+    defaults = DEFAULTS[arch]
+
+    def need(key):
+        if key not in c:
+            raise HFError(f"config.json: field {key} is missing")
+        return c[key]
+
+    if c.get("hidden_act", "silu") != "silu":
+        raise HFError(f"hidden_act: {c['hidden_act']!r} is not supported (only silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if c.get(key):
+            raise HFError(f"{key}: true is not supported (Llama/Mixtral without biases only)")
+    if c.get("sliding_window", defaults["sliding_window"]) is not None:
+        raise HFError(f"sliding_window: {c.get('sliding_window', defaults['sliding_window'])} is not supported (only null: full attention)")
+    if c.get("router_jitter_noise"):
+        raise HFError(f"router_jitter_noise: {c['router_jitter_noise']} is not supported (only 0)")
+
+    # RoPE: transformers 4.x writes rope_theta and rope_scaling, 5.x rope_parameters holding both
+    rope = c.get("rope_parameters") or dict(c.get("rope_scaling") or {}, rope_theta=c.get("rope_theta", defaults["rope_theta"]))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        rope_scaling = None
+    elif rope_type == "llama3":
+        rope_scaling = {"rope_type": "llama3", **{k: rope.get(k) for k in LLAMA3_ROPE_KEYS}}
+    else:
+        raise HFError(f"rope_scaling: type {rope_type!r} is not supported (only default and llama3)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise HFError(f"partial_rotary_factor: {rope['partial_rotary_factor']} is not supported (only 1.0)")
+
+    moe = arch == "mixtral"
+    try:
+        return ModelConfig(
+            vocab_size=need("vocab_size"), d_model=need("hidden_size"), n_layer=need("num_hidden_layers"),
+            n_head=need("num_attention_heads"), n_kv_head=c.get("num_key_value_heads") or need("num_attention_heads"),
+            d_ff=need("intermediate_size"), d_head=c.get("head_dim"),
+            max_seq_len=max_seq_len or need("max_position_embeddings"),
+            rope_theta=float(rope.get("rope_theta", defaults["rope_theta"])), rope_scaling=rope_scaling,
+            norm_eps=float(c.get("rms_norm_eps", defaults["rms_norm_eps"])),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            n_experts=need("num_local_experts") if moe else 1, top_k=need("num_experts_per_tok") if moe else 2,
+            aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)) if moe else ModelConfig.aux_loss_coef,
+        )
+    except (ValueError, TypeError) as e:
+        raise HFError(f"config.json: {e}") from None
+
+
+def config_to_hf(cfg, dtype):
+    """config.json for cfg, RoPE written in both 4.x (rope_theta, rope_scaling) and 5.x (rope_parameters) spelling."""
+    rope_scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    c = dict(
+        architectures=["MixtralForCausalLM" if cfg.is_moe else "LlamaForCausalLM"],
+        model_type="mixtral" if cfg.is_moe else "llama",
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, rope_scaling=rope_scaling,
+        rope_parameters=dict(rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta),
+        attention_bias=False, attention_dropout=0.0, tie_word_embeddings=cfg.tie_embeddings,
+        torch_dtype=DTYPE_NAMES[dtype], dtype=DTYPE_NAMES[dtype], use_cache=True,
+    )
+    if cfg.is_moe:  # ours, not Mixtral's defaults (0.001 and no balancing loss at all)
+        c.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_coef,
+                 output_router_logits=True, router_jitter_noise=0.0, sliding_window=None)
+    else:
+        c.update(mlp_bias=False)
+    return c
+
+
+# -----------------------------------------------------------------------------
+# Reading
+
+
+def resolve(path_or_id):
+    """A local folder as is; a hub id ("org/name", not a folder here) downloaded with huggingface_hub."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if "/" not in path_or_id or os.path.isabs(path_or_id) or path_or_id.startswith(".") or os.path.exists(path_or_id):
+        raise HFError(f"{path_or_id}: not a folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:
+        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise HFError(f"{path_or_id}: not a folder here and downloading it failed ({reason}); download it first: "
+                      f"huggingface-cli download {path_or_id} --local-dir DIR") from None
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise HFError(f"{path}: unreadable ({e})") from None
+
+
+def safetensors_files(folder):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return sorted(set(read_json(index).get("weight_map", {}).values()))
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return ["model.safetensors"]
+    raise HFError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf(path_or_id, dtype=None, max_seq_len=None):
+    """A Transformer with the weights of a Llama, Mistral or Mixtral folder (or hub id).
+
+    dtype: None keeps the checkpoint's (that of its embedding). max_seq_len: None is max_position_embeddings;
+    a smaller value only shrinks the RoPE tables (save_hf writes it back as max_position_embeddings).
+    """
+    folder = resolve(path_or_id)
+    cfg = config_from_hf(read_json(os.path.join(folder, "config.json")), max_seq_len)
+    expected = {hf: (ours, j) for hf, ours, j in hf_names(cfg)}
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        model = Transformer(cfg)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+
+    state, experts = {}, {}
+    for name in safetensors_files(folder):
+        path = os.path.join(folder, name)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    if key not in expected:
+                        raise HFError(f"{name}: unexpected weight {key} (not in a {cfg.n_layer}-layer "
+                                      f"{'Mixtral' if cfg.is_moe else 'Llama'} of this config)")
+                    t = f.get_tensor(key)
+                    if t.dtype not in DTYPE_NAMES:
+                        raise HFError(f"{name}: {key} has dtype {t.dtype} (only float32, bfloat16, float16)")
+                    ours, j = expected.pop(key)
+                    want = shapes[ours] if j is None else shapes[ours][1:]
+                    if t.shape != want:
+                        raise HFError(f"{name}: {key} has shape {list(t.shape)}, config.json implies {list(want)}")
+                    if j is None:
+                        state[ours] = t
+                    else:
+                        experts.setdefault(ours, {})[j] = t
+        except HFError:
+            raise
+        except Exception as e:  # safetensors' own errors: truncated file, bad header, ...
+            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise HFError(f"{path}: not a readable safetensors file ({reason})") from None
+    if expected:
+        raise HFError(f"{folder}: {len(expected)} weights missing, e.g. {next(iter(expected))}")
+    # to the chosen dtype one tensor at a time (each original is freed when replaced), experts stacked [E, ...]
+    dtype = dtype or state["embed.weight"].dtype
+    for ours in list(state):
+        state[ours] = state[ours].to(dtype)
+    for ours, parts in experts.items():
+        state[ours] = torch.stack([parts.pop(j).to(dtype) for j in range(cfg.n_experts)])
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:  # assign gave lm_head its own Parameter object: tie them again
+        model.lm_head.weight = model.embed.weight
+    # the RoPE tables were built on the meta device: build them for real
+    model.rope_cos, model.rope_sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Writing
+
+
+class ShardWriter:
+    """Writes (name, tensor) pairs into safetensors shards of at most max_shard_bytes as they come, so that
+    no more than one shard is held in memory; one shard is model.safetensors, several get an index."""
+
+    def __init__(self, out_dir, dtype, max_shard_bytes):
+        self.out_dir, self.dtype, self.max_shard_bytes = out_dir, dtype, max_shard_bytes
+        self.shard, self.shard_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name, tensor):
+        nbytes = tensor.numel() * self.dtype.itemsize
+        if self.shard and self.shard_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        # clone: slices of one stacked expert tensor share memory, which safetensors refuses
+        self.shard[name] = tensor.detach().to("cpu", self.dtype, copy=True).contiguous()
+        self.shard_bytes += nbytes
+        self.total += nbytes
+
+    def flush(self):
+        name = f"model-{len(self.files) + 1:05d}.safetensors.tmp"
+        save_file(self.shard, os.path.join(self.out_dir, name), metadata={"format": "pt"})
+        self.files.append((name, list(self.shard)))
+        self.shard, self.shard_bytes = {}, 0
+
+    def close(self):
+        if self.shard or not self.files:
+            self.flush()
+        n = len(self.files)
+        for i, (tmp, names) in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, final))
+            self.weight_map.update({k: final for k in names})
+        if n > 1:
+            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2)
+
+
+def check_out_dir(out_dir):
+    if os.path.exists(os.path.join(out_dir, "config.json")) or os.path.exists(os.path.join(out_dir, "model.safetensors.index.json")):
+        raise HFError(f"{out_dir}: already holds a checkpoint; choose a new folder")
+
+
+def prepare_out_dir(out_dir):
+    check_out_dir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise HFError(f"{out_dir}: cannot create it ({e.strerror or e})") from None
+
+
+def write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer=None, extra_config=None):
+    """Write config.json and the weights; tensor_of(our name) gives each tensor when it is needed."""
+    prepare_out_dir(out_dir)
+    writer = ShardWriter(out_dir, dtype, max_shard_bytes)
+    layer = None
+    for hf, ours, j in hf_names(cfg):
+        if on_layer and ours.startswith("layers.") and ours.split(".")[1] != layer:
+            layer = ours.split(".")[1]
+            on_layer(int(layer))
+        t = tensor_of(ours)
+        writer.add(hf, t if j is None else t[j])
+    writer.close()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:  # last: a folder with a config is complete
+        json.dump({**config_to_hf(cfg, dtype), **(extra_config or {})}, f, indent=2)
+
+
+def save_hf(model, out_dir, dtype=None, max_shard_bytes=DEFAULT_SHARD_BYTES, extra_config=None):
+    """Write model as a LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) folder; dtype None keeps the model's.
+    extra_config: more config.json fields (token ids, say)."""
+    dtype = dtype or next(model.parameters()).dtype
+    state = model.state_dict()
+    write_hf(model.config, state.__getitem__, out_dir, dtype, max_shard_bytes, extra_config=extra_config)
+
+
+def drop_upcycle_hf(dense, out_dir, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True, dtype=None,
+                    max_shard_bytes=DEFAULT_SHARD_BYTES, log=print, extra_config=None):
+    """save_hf(drop_upcycle(dense, ...)) without ever holding the MoE: each layer's experts are built
+    (dropupcycle.upcycled_ffns) when the writer reaches them and dropped once written. Same files, bit for bit."""
+    cfg = replace(dense.config, n_experts=n_experts, top_k=top_k)
+    dtype = dtype or next(dense.parameters()).dtype
+    state = dense.state_dict()
+    ffns = upcycled_ffns(dense, n_experts, r, seed, shared_indices)
+    current = {}
+
+    def tensor_of(ours):
+        if ".ffn." not in ours:
+            return state[ours]
+        if ours not in current:  # the writer reached the next layer's MoE: build it, forget the last one
+            current.clear()
+            prefix = ours[: ours.index(".ffn.")]
+            router, gate, up, down = next(ffns)
+            current.update({f"{prefix}.ffn.router.weight": router, f"{prefix}.ffn.gate": gate,
+                            f"{prefix}.ffn.up": up, f"{prefix}.ffn.down": down})
+        return current[ours]
+
+    def on_layer(i):
+        log(f"layer {i + 1}/{cfg.n_layer}: {n_experts} experts, r = {r}", flush=True)
+
+    write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer, extra_config)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise HFError(f"{message} (see --help)")
+
+
+def load_train_checkpoint(path):
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise HFError(f"{path}: no checkpoint there")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise HFError(f"{path}: unreadable checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= set(ckpt):
+        raise HFError(f"{path}: not a train.py checkpoint (no model and model_config)")
+    try:
+        model = Transformer(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise HFError(f"{path}: model does not match its model_config ({str(e).splitlines()[0][:120]})") from None
+    return model
+
+
+def main(argv=None):
+    parser = OneLineParser(prog="hf.py", description=__doc__.split("\n\n")[0].strip())
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("drop-upcycle", help="HF Llama folder -> Drop-Upcycled HF Mixtral folder")
+    up.add_argument("src", help="LlamaForCausalLM folder (or hub id)")
+    up.add_argument("out", help="new folder for the MixtralForCausalLM")
+    up.add_argument("--r", type=float, default=0.5, help="fraction of every expert's neurons re-initialised (0: naive Upcycling)")
+    up.add_argument("--n-experts", type=int, default=8, help="experts per layer")
+    up.add_argument("--top-k", type=int, default=2, help="experts per token")
+    up.add_argument("--seed", type=int, default=0, help="seed of the router init and the dropped neurons")
+    up.add_argument("--independent-indices", action="store_true", help="a fresh neuron set per matrix (the authors' code)")
+    ex = sub.add_parser("export", help="train.py checkpoint or run folder -> HF folder")
+    ex.add_argument("src", help="ckpt.pt, or a run folder holding one")
+    ex.add_argument("out", help="new folder for the HF checkpoint")
+    for p in (up, ex):
+        p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the source's)")
+        p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="shard size limit")
+    try:
+        args = parser.parse_args(argv)
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        if args.command == "export":
+            check_out_dir(args.out)
+            model = load_train_checkpoint(args.src)
+            save_hf(model, args.out, dtype, args.max_shard_bytes)
+            print(f"wrote {'Mixtral' if model.config.is_moe else 'Llama'} {args.out}")
+            return
+        check_out_dir(args.out)  # before loading a large model, not after
+        src = resolve(args.src)
+        dense = load_hf(src, dtype)
+        if dense.config.is_moe:
+            raise HFError(f"{args.src}: is already a Mixtral; drop-upcycle needs a dense Llama")
+        try:
+            replace(dense.config, n_experts=args.n_experts, top_k=args.top_k)
+            if not 0 <= args.r <= 1:
+                raise ValueError(f"--r must be in [0, 1], got {args.r}")
+        except ValueError as e:
+            raise HFError(str(e)) from None
+        print(f"{args.src}: {dense.num_params() / 1e6:.1f}M parameters, {dense.config.n_layer} layers", flush=True)
+        src_config = read_json(os.path.join(src, "config.json"))
+        drop_upcycle_hf(dense, args.out, args.n_experts, args.top_k, args.r, args.seed, not args.independent_indices,
+                        dtype, args.max_shard_bytes, extra_config={k: src_config[k] for k in TOKEN_ID_FIELDS if k in src_config})
+        for name in TOKENIZER_FILES:  # the tokenizer is the dense model's
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(args.out, name))
+        print(f"wrote Mixtral {args.out}")
+    except HFError as e:
+        print(f"hf.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        print(f"hf.py: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

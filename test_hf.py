@@ -1,0 +1,344 @@
+"""Tests of hf.py against transformers as the oracle: tiny random Llama/Mistral/Mixtral folders written by
+save_pretrained, read by load_hf; our MoE written by save_hf, read by from_pretrained. Offline, CPU, fast.
+
+Run: python -m pytest -q test_hf.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
+
+import hf  # noqa: E402
+from dropupcycle import ModelConfig, Transformer, drop_upcycle, load_balancing_loss  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}  # with head_dim 16, theta 1e4: frequencies in all three bands
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+
+def randomise_norms(model):
+    """HF inits norm gains to 1, which would hide a swapped norm: make every gain distinct."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def hf_llama(folder, tied=False, head_dim=16, rope_scaling=LLAMA3, dtype=torch.float32, shard="20KB", seed=0):
+    """A random LlamaForCausalLM (GQA, explicit head_dim != hidden/heads, llama3 RoPE) saved to folder."""
+    torch.manual_seed(seed)
+    # (a copy: transformers adds rope_theta to the dict it is given)
+    cfg = LlamaConfig(**SMALL, head_dim=head_dim, tie_word_embeddings=tied, rope_scaling=rope_scaling and dict(rope_scaling))
+    model = randomise_norms(LlamaForCausalLM(cfg)).to(dtype).eval()
+    model.save_pretrained(folder, max_shard_size=shard)
+    return model
+
+
+def tokens(seed=1, T=24):
+    return torch.randint(0, SMALL["vocab_size"], (3, T), generator=torch.Generator().manual_seed(seed))
+
+
+def state_of(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_identical(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert asdict(a.config) == asdict(b.config)
+
+
+# -----------------------------------------------------------------------------
+# Reading Hugging Face checkpoints
+
+
+@pytest.mark.parametrize("tied, shard, head_dim, rope_scaling", [
+    (False, "20KB", 16, LLAMA3),  # sharded, explicit head_dim, Llama 3 RoPE
+    (True, "1GB", 16, LLAMA3),  # one file, tied embeddings
+    (False, "1GB", None, None),  # plain RoPE, head_dim = hidden / heads
+])
+def test_loaded_llama_computes_hf_logits(tmp_path, tied, shard, head_dim, rope_scaling):
+    ref = hf_llama(tmp_path, tied=tied, head_dim=head_dim, rope_scaling=rope_scaling, shard=shard)
+    assert (len(os.listdir(tmp_path)) > 3) == (shard == "20KB")  # really sharded, or really one file
+    ours = hf.load_hf(str(tmp_path)).eval()
+    assert ours.config.tie_embeddings == tied and (ours.lm_head.weight is ours.embed.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens())[0], ref(tokens()).logits, rtol=0, atol=1e-5)
+
+
+def test_mistral_and_hf_born_mixtral_compute_hf_logits(tmp_path):
+    torch.manual_seed(0)
+    mistral = randomise_norms(MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None))).eval()
+    mistral.save_pretrained(tmp_path / "mistral")
+    mixtral = randomise_norms(MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))).eval()
+    mixtral.save_pretrained(tmp_path / "mixtral", max_shard_size="20KB")
+    for ref, name in ((mistral, "mistral"), (mixtral, "mixtral")):
+        ours = hf.load_hf(str(tmp_path / name)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(tokens())[0], ref(tokens()).logits, rtol=0, atol=1e-5)
+    assert ours.config.n_experts == 4 and ours.config.rope_theta == 1e6  # Mixtral's default theta, from the file
+
+
+def test_bf16_checkpoint_loads_as_bf16_or_as_requested(tmp_path):
+    ref = hf_llama(tmp_path, dtype=torch.bfloat16)
+    ours = hf.load_hf(str(tmp_path))
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert torch.equal(ours.layers[1].ffn.down.weight, ref.model.layers[1].mlp.down_proj.weight)
+    ours32 = hf.load_hf(str(tmp_path), dtype=torch.float32)
+    assert torch.equal(ours32.layers[1].ffn.down.weight, ref.model.layers[1].mlp.down_proj.weight.float())
+
+
+def test_max_seq_len_override_only_shrinks_the_rope_tables(tmp_path):
+    hf_llama(tmp_path)
+    full, short = hf.load_hf(str(tmp_path)), hf.load_hf(str(tmp_path), max_seq_len=16)
+    assert full.config.max_seq_len == 64 and short.rope_cos.shape[0] == 16
+    assert torch.equal(short.rope_cos, full.rope_cos[:16]) and torch.equal(short.rope_sin, full.rope_sin[:16])
+
+
+# -----------------------------------------------------------------------------
+# Drop-Upcycled Mixtral, read by transformers
+
+
+def test_r0_mixtral_written_from_llama_computes_the_dense_llamas_logits_in_transformers(tmp_path):
+    ref = hf_llama(tmp_path / "llama")
+    moe = drop_upcycle(hf.load_hf(str(tmp_path / "llama")), n_experts=4, top_k=2, r=0.0)
+    hf.save_hf(moe, str(tmp_path / "moe"), max_shard_bytes=20_000)
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert mixtral.config.rope_parameters["rope_type"] == "llama3"  # the source's RoPE, not Mixtral's defaults
+    with torch.no_grad():
+        torch.testing.assert_close(mixtral(tokens()).logits, ref(tokens()).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_r05_hf_mixtral_logits_and_balancing_loss_equal_ours(tmp_path, tied):
+    """transformers' aux_loss (attention_mask None) is our pooled load_balancing_loss exactly: it also counts
+    both top-k slots in f_i and pools all layers' router logits; no factor of top_k between them."""
+    hf_llama(tmp_path / "llama", tied=tied)
+    moe = drop_upcycle(hf.load_hf(str(tmp_path / "llama")), n_experts=4, top_k=2, r=0.5, seed=3).eval()
+    hf.save_hf(moe, str(tmp_path / "moe"))
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    cfg = json.load(open(tmp_path / "moe" / "config.json"))
+    assert cfg["router_aux_loss_coef"] == moe.config.aux_loss_coef and cfg["output_router_logits"] is True
+    idx = tokens()
+    with torch.no_grad():
+        out = mixtral(idx, labels=idx)
+        logits, _ = moe(idx, idx)
+    torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.aux_loss, moe.aux_loss, rtol=1e-6, atol=0)
+    # and it is the pooled formula over the layers' router logits that transformers returns
+    pooled = torch.cat([layer.reshape(-1, 4) for layer in out.router_logits])
+    torch.testing.assert_close(out.aux_loss, load_balancing_loss(pooled, 2), rtol=1e-6, atol=0)
+
+
+def test_streamed_drop_upcycle_writes_exactly_save_hf_of_drop_upcycle(tmp_path):
+    hf_llama(tmp_path / "llama")
+    dense = hf.load_hf(str(tmp_path / "llama"))
+    hf.save_hf(drop_upcycle(dense, 4, 2, r=0.5, seed=1, shared_indices=False), str(tmp_path / "a"), max_shard_bytes=30_000)
+    hf.drop_upcycle_hf(dense, str(tmp_path / "b"), 4, 2, r=0.5, seed=1, shared_indices=False, max_shard_bytes=30_000,
+                       log=lambda *a, **k: None)
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
+    assert_identical(hf.load_hf(str(tmp_path / "a")), hf.load_hf(str(tmp_path / "b")))
+
+
+# -----------------------------------------------------------------------------
+# Round trips ours -> HF -> ours
+
+
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_is_bit_identical(tmp_path, moe, tied, dtype):
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=40, max_seq_len=32,
+                      d_head=12, tie_embeddings=tied, rope_scaling=LLAMA3, rope_theta=5e5, norm_eps=1e-6,
+                      n_experts=4 if moe else 1, top_k=2, aux_loss_coef=0.02)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dtype)
+    hf.save_hf(model, str(tmp_path), max_shard_bytes=10_000)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    names = set(json.load(open(tmp_path / "model.safetensors.index.json"))["weight_map"])
+    assert ("lm_head.weight" in names) != tied  # a tied weight is written once
+    back = hf.load_hf(str(tmp_path))
+    assert_identical(model, back)
+    assert (back.lm_head.weight is back.embed.weight) == tied
+
+
+def test_export_dtype_converts_and_unsharded_is_one_file(tmp_path):
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layer=1, n_head=4, d_ff=40, max_seq_len=32))
+    hf.save_hf(model, str(tmp_path), dtype=torch.bfloat16)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert json.load(open(tmp_path / "config.json"))["torch_dtype"] == "bfloat16"
+    assert torch.equal(hf.load_hf(str(tmp_path)).embed.weight, model.embed.weight.to(torch.bfloat16))
+
+
+# -----------------------------------------------------------------------------
+# Tied embeddings and the new config fields
+
+
+def test_tied_model_stays_tied_through_drop_upcycle_and_an_optimizer_step():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4, d_ff=64, max_seq_len=32, tie_embeddings=True)
+    dense = Transformer(cfg)
+    assert dense.lm_head.weight is dense.embed.weight
+    assert dense.num_params() == sum(p.numel() for p in Transformer(replace(cfg, tie_embeddings=False)).parameters()) - 64 * 32
+    moe = drop_upcycle(dense, n_experts=4, top_k=2, r=0.5)
+    assert moe.lm_head.weight is moe.embed.weight
+    assert torch.equal(moe.embed.weight, dense.embed.weight)
+    opt = torch.optim.AdamW(moe.parameters(), lr=1e-2)
+    idx = tokens(T=16) % 64
+    moe(idx, idx)[1].backward()
+    opt.step()
+    assert moe.lm_head.weight is moe.embed.weight and not torch.equal(moe.embed.weight, dense.embed.weight)
+
+
+def test_configs_saved_before_the_new_fields_still_load():
+    old = {k: v for k, v in asdict(ModelConfig()).items() if k not in ("tie_embeddings", "d_head", "rope_scaling")}
+    cfg = ModelConfig(**old)
+    assert not cfg.tie_embeddings and cfg.head_dim == cfg.d_model // cfg.n_head and cfg.rope_scaling is None
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(d_head=7), "must be even"),
+    (dict(d_head=0), "d_head"),
+    (dict(d_model=30), "d_head must be given"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type 'llama3'"),
+    (dict(rope_scaling={**LLAMA3, "factor": None}), "positive numbers"),
+    (dict(rope_scaling={k: v for k, v in LLAMA3.items() if k != "factor"}), "missing ['factor']"),
+    (dict(rope_scaling={**LLAMA3, "low_freq_factor": 4.0}), "low_freq_factor < high_freq_factor"),
+    (dict(tie_embeddings=1), "tie_embeddings"),
+])
+def test_invalid_new_fields_raise_a_value_error_saying_what_is_wrong(change, message):
+    with pytest.raises(ValueError) as e:
+        ModelConfig(**change)
+    assert message in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# Refusals: one line naming the field
+
+
+def edit_config(folder, **changes):
+    path = os.path.join(folder, "config.json")
+    c = json.load(open(path))
+    c.update(changes)
+    json.dump(c, open(path, "w"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(architectures=["Qwen2ForCausalLM"]), "architectures"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "type 'yarn'"),
+    (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "type 'dynamic'"),
+    (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=4096), "sliding_window"),
+    (dict(num_hidden_layers=3), "missing, e.g. model.layers.2."),
+    (dict(num_hidden_layers=1), "unexpected weight model.layers.1."),
+    (dict(intermediate_size=40), "has shape"),
+])
+def test_unrepresentable_checkpoints_are_refused_in_one_line(tmp_path, changes, message):
+    hf_llama(tmp_path, shard="1GB")
+    edit_config(tmp_path, **changes)
+    with pytest.raises(hf.HFError) as e:
+        hf.load_hf(str(tmp_path))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_truncated_or_corrupt_safetensors_is_refused_in_one_line(tmp_path, damage):
+    hf_llama(tmp_path, shard="1GB")
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x07" * 64)
+    with pytest.raises(hf.HFError) as e:
+        hf.load_hf(str(tmp_path))
+    assert "not a readable safetensors file" in str(e.value) and "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "hf.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=HERE, env={**os.environ, **(env or {})})
+
+
+def test_cli_drop_upcycle_writes_a_mixtral_transformers_reads(tmp_path):
+    ref = hf_llama(tmp_path / "llama", tied=True)
+    (tmp_path / "llama" / "tokenizer.json").write_text('{"stand-in": true}')
+    edit_config(tmp_path / "llama", bos_token_id=1, eos_token_id=2)
+    p = run_cli("drop-upcycle", tmp_path / "llama", tmp_path / "moe", "--r", 0, "--n-experts", 4, "--top-k", 2,
+                "--seed", 0, "--independent-indices", "--dtype", "fp32", "--max-shard-bytes", 20_000)
+    assert p.returncode == 0, p.stderr
+    assert "layer 2/2" in p.stdout
+    assert (tmp_path / "moe" / "tokenizer.json").read_text() == '{"stand-in": true}'  # the dense model's tokenizer
+    assert json.load(open(tmp_path / "moe" / "config.json"))["eos_token_id"] == 2
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    with torch.no_grad():  # r = 0: the dense model's function
+        torch.testing.assert_close(mixtral(tokens()).logits, ref(tokens()).logits, rtol=0, atol=1e-5)
+
+
+def test_cli_export_writes_a_train_checkpoint_as_hf(tmp_path):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4, d_ff=64, max_seq_len=32, n_experts=4, top_k=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    (tmp_path / "run").mkdir()
+    torch.save(dict(model=model.state_dict(), model_config=asdict(cfg), settings={"lr": 2e-4}, step=7,
+                    tokenizer="byte"), tmp_path / "run" / "ckpt.pt")
+    p = run_cli("export", tmp_path / "run", tmp_path / "hf")
+    assert p.returncode == 0, p.stderr
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = tokens(T=16) % 64
+    with torch.no_grad():
+        torch.testing.assert_close(mixtral(idx).logits, model(idx)[0], rtol=0, atol=1e-5)
+
+
+def test_cli_bad_path_gives_one_line_and_exit_1(tmp_path):
+    p = run_cli("drop-upcycle", tmp_path / "missing", tmp_path / "out")
+    assert p.returncode == 1 and p.stderr == f"hf.py: error: {tmp_path / 'missing'}: not a folder\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("drop-upcycle", "nobody/nothing", "OUT"), "huggingface-cli download nobody/nothing"),  # a hub id, offline
+    (("drop-upcycle", "./missing", "OUT"), "not a folder"),
+    (("export", "missing.pt", "OUT"), "no checkpoint there"),
+    (("export", "llama", "OUT"), "llama/ckpt.pt: no checkpoint there"),
+    (("drop-upcycle", "llama", "OUT", "--r", "2"), "--r must be in [0, 1]"),
+    (("drop-upcycle", "llama", "OUT", "--top-k", "9"), "top_k (9) must be between 1 and n_experts (8)"),
+    (("drop-upcycle", "llama", "llama"), "already holds a checkpoint"),
+    (("drop-upcycle", "llama", "OUT", "--dtype", "fp8"), "invalid choice"),
+    (("frobnicate",), "invalid choice"),
+])
+def test_cli_bad_input_gives_one_line_and_exit_1(tmp_path, monkeypatch, capsys, args, message):
+    hf_llama(tmp_path / "llama", shard="1GB")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()  # whatever transformers printed while saving the folder
+    with pytest.raises(SystemExit) as e:
+        hf.main(list(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("hf.py: error: "), err
+    assert message in err
+    assert not os.path.exists(tmp_path / "OUT")
