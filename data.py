@@ -59,6 +59,32 @@ def get_tokenizer(name):
                    f"and cached (TIKTOKEN_CACHE_DIR): go online once, or use the offline --tokenizer byte")
 
 
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (through the `tokenizers` library) with the few methods of tiktoken's
+    Encoding that this project uses, so a pretrained model trains on text cut the way it was trained on."""
+
+    def __init__(self, folder, eot_token=None):
+        from tokenizers import Tokenizer
+
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:
+            raise Fail(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})")
+        self.name = "hf-" + file_sha1(path)[:8]  # the cache and the runs' settings name it by its content
+        self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eot_token = eot_token if eot_token is not None else self.n_vocab - 1
+
+    def encode_ordinary(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary_batch(self, texts, num_threads=None):
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, errors=None):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+
 def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2**16 else np.uint32
 

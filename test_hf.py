@@ -342,3 +342,70 @@ def test_cli_bad_input_gives_one_line_and_exit_1(tmp_path, monkeypatch, capsys, 
     assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("hf.py: error: "), err
     assert message in err
     assert not os.path.exists(tmp_path / "OUT")
+
+
+# -----------------------------------------------------------------------------
+# train.py --dense-from: a pretrained model upcycled and trained on its own tokenizer
+
+
+def word_tokenizer(folder, n_words):
+    """A tokenizer.json that splits on whitespace and knows n_words made-up words plus the corpus's words: with
+    n_words above 65,536 its ids need the token cache's uint32 layout."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(n_words)] + \
+            "def return x int g f ( ) { } ; : + * << # é".split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return len(vocab)
+
+
+@pytest.mark.parametrize("n_words", [200, 70_000])
+def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenizer(tmp_path, n_words):
+    from conftest import ENV, TRAIN_PY, write_corpus
+
+    src = tmp_path / "llama"
+    src.mkdir()
+    n_vocab = word_tokenizer(str(src), n_words)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**SMALL, "vocab_size": n_vocab}, tie_word_embeddings=True, eos_token_id=1)
+    randomise_norms(LlamaForCausalLM(cfg)).save_pretrained(src)
+    corpus = write_corpus(str(tmp_path / "corpus"))
+    out = tmp_path / "out"
+    flags = ["--dense-from", str(src), "--data", corpus, "--out-dir", str(out), "--device", "cpu", "--preset", "cpu",
+             "--n-experts", "4", "--top-k", "2", "--seq-len", "16", "--batch-size", "2", "--moe-steps", "6",
+             "--moe-warmup", "1", "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "3"]
+    result = subprocess.run([sys.executable, TRAIN_PY, "--init", "naive", *flags], capture_output=True, text=True,
+                            env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    # the pretrained model is scored, not trained, and naive Upcycling starts at its loss exactly
+    dense_rows = (out / "dense" / "log.csv").read_text().splitlines()
+    naive_rows = (out / "moe-naive" / "log.csv").read_text().splitlines()
+    assert len(dense_rows) == 2 and not (out / "dense" / "ckpt.pt").exists()
+    assert float(dense_rows[1].split(",")[3]) == pytest.approx(float(naive_rows[1].split(",")[3]), abs=1e-5)
+    meta = json.loads(next((out / "data").glob("*/meta.json")).read_text())
+    itemsize = 4 if n_vocab > 2**16 else 2  # Llama 3's 128,256 tokens do not fit uint16
+    assert os.path.getsize(next((out / "data").glob("*/train.bin"))) == itemsize * meta["train_tokens"]
+    ckpt = torch.load(out / "moe-naive" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["vocab_size"] == n_vocab and ckpt["model_config"]["tie_embeddings"]
+    if n_words > 2**16:
+        return
+    # the same command with --init drop reuses the token cache; the run samples with the model's own tokenizer
+    result = subprocess.run([sys.executable, TRAIN_PY, "--init", "drop", "--r", "0.5", *flags], capture_output=True,
+                            text=True, env=ENV, timeout=300)
+    assert result.returncode == 0 and "tokenizing" not in result.stdout, result.stderr
+    assert "moe-drop-r0.5" in (out / "summary.md").read_text()
+    sample = subprocess.run([sys.executable, TRAIN_PY, "--sample", str(out / "moe-drop-r0.5"), "--prompt", "def f",
+                             "--sample-tokens", "5", "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert sample.returncode == 0 and "def f" in sample.stdout, sample.stderr
+
+
+def test_train_dense_from_a_folder_without_a_llama_is_one_line(tmp_path):
+    from conftest import ENV, TRAIN_PY
+
+    result = subprocess.run([sys.executable, TRAIN_PY, "--dense-from", str(tmp_path), "--device", "cpu"],
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"train.py: error: --dense-from {tmp_path}: ")

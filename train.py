@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import plot
-from data import Fail, atomic_write_text, get_batch, get_tokenizer, load_data, make_dirs
+from data import Fail, HFTokenizer, atomic_write_text, get_batch, get_tokenizer, load_data, make_dirs
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token
 
 # -----------------------------------------------------------------------------
@@ -115,6 +115,8 @@ def build_parser():
                                                 "a text file, a folder of text files, or a uint16 token file (.bin)")
     p.add_argument("--tokenizer", choices=["byte", "gpt2"], default="byte", help="byte (offline, 257 tokens) or gpt2 (tiktoken BPE, needs its files)")
     p.add_argument("--corpus-mb", type=nonneg_float, default=None, help="cap the text corpus at this many MB, half per language (0: no cap)")
+    p.add_argument("--dense-from", metavar="HF_DIR", help="skip the dense phase: upcycle this pretrained Hugging Face Llama "
+                                                         "(folder or hub id) and train with its own tokenizer")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (preset default: on for gpu)")
     g = p.add_argument_group("model (override the preset)")
@@ -377,12 +379,12 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
         except OSError as e:
             raise Fail(f"could not write {run.csv_path} ({e.strerror or e}); --resume continues from the last checkpoint")
 
-    if start_step == 0:
-        val, se = evaluate(train_model, val_batches, device)  # the loss at the upcycling point, before any MoE step
-        log_row(0, val_loss=repr(val), val_se=repr(se))
-        print(f"[{run.name}] step 0/{s['steps']} | val {val:.4f}")
-    t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
     result_val = None
+    if start_step == 0:
+        result_val, se = evaluate(train_model, val_batches, device)  # at the upcycling point, before any MoE step
+        log_row(0, val_loss=repr(result_val), val_se=repr(se))
+        print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f}")
+    t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
     STOP["training"] = True
     try:
         for step in range(start_step, s["steps"]):
@@ -459,7 +461,8 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                   wall_time=round(wall, 1), tokens_per_s=round(tok_s), mfu=round(flops * tok_s / peak, 4) if peak else None,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     atomic_write_text(run.result_path, json.dumps(result, indent=1))
-    checkpoint(s["steps"], finished=True)
+    if s["steps"]:  # a pretrained model that was only scored (--dense-from) stays where it came from
+        checkpoint(s["steps"], finished=True)
     print(f"[{run.name}] done: val {result_val:.4f}, {plot.fmt_time(wall)}, {tok_s / 1e3:,.1f}k tok/s")
     if STOP["signal"] is not None:  # the signal came during the last step: this run is complete, stop here
         raise SystemExit(128 + STOP["signal"])
@@ -527,6 +530,30 @@ def run_settings(args, phase, model_cfg, data_fingerprint):
 VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: every run and seed is scored on the same text
 
 
+def load_pretrained(path_or_id, seq_len):
+    """(dense model, tokenizer, source description) of a Hugging Face Llama folder or hub id."""
+    from hf import HFError, load_hf, read_json, resolve
+
+    try:
+        folder = resolve(path_or_id)
+        model = load_hf(folder, dtype=torch.float32, max_seq_len=seq_len)  # fp32 master weights, as when trained here
+        config = read_json(os.path.join(folder, "config.json"))
+    except HFError as e:
+        raise Fail(f"--dense-from {path_or_id}: {e}")
+    if model.config.is_moe:
+        raise Fail(f"--dense-from {path_or_id}: is already an MoE; give the dense Llama it came from")
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        raise Fail(f"--dense-from {path_or_id}: no tokenizer.json in {folder}; the model trains on its own tokenizer")
+    eos = config.get("eos_token_id")
+    enc = HFTokenizer(folder, eot_token=eos[0] if isinstance(eos, list) else eos)
+    if enc.n_vocab > model.config.vocab_size:
+        raise Fail(f"--dense-from {path_or_id}: tokenizer.json has {enc.n_vocab} tokens, the model {model.config.vocab_size}")
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
+    stamp = [(f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f))) for f in files]
+    print(f"pretrained dense model {path_or_id}: {model.num_params() / 1e6:.1f}M params, vocabulary {enc.n_vocab:,}")
+    return model, enc, dict(path=os.path.abspath(folder), files=stamp)
+
+
 def maybe_compile(model, compile, check_batch, name):
     """model itself, or its torch.compile wrapper once that is seen to compute the same function on one
     validation batch (else a warning, and eager mode: slower, never wrong). The whole model is one graph,
@@ -575,8 +602,14 @@ def experiment(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    enc = get_tokenizer(args.tokenizer)
-    dense_cfg, moe_cfg = model_configs(args, enc.n_vocab)
+    if args.dense_from:  # a pretrained model: its own shape and tokenizer, no dense phase
+        dense_model, enc, source = load_pretrained(args.dense_from, args.seq_len)
+        args.tokenizer, args.dense_steps = enc.name, 0
+        dense_cfg = dense_model.config
+        moe_cfg = replace(dense_cfg, n_experts=args.n_experts, top_k=args.top_k, aux_loss_coef=args.aux_loss_coef)
+    else:
+        enc = get_tokenizer(args.tokenizer)
+        dense_cfg, moe_cfg = model_configs(args, enc.n_vocab)
     planned = planned_runs(args.init, args.r, args.independent_indices)
     make_dirs(args.out_dir)
     if not os.access(args.out_dir, os.W_OK):
@@ -595,6 +628,8 @@ def experiment(args):
     val_batches = [get_batch(val_tokens, args.batch_size, args.seq_len, val_rng, device) for _ in range(args.eval_batches)]
 
     dense_run = Run("dense", args.out_dir, run_settings(args, "dense", dense_cfg, data_info["fingerprint"]))
+    if args.dense_from:
+        dense_run.settings["source"] = source
     moe_runs = []
     for init, r, shared in planned:
         settings = dict(run_settings(args, "moe", moe_cfg, data_info["fingerprint"]), init=init, r=r, shared_indices=shared,
@@ -607,7 +642,8 @@ def experiment(args):
                  flops_per_token(ModelConfig(**run.settings["model"]), args.seq_len) for run in todo}
     later_flops = lambda run: sum(run_flops[r.name] for r in todo[todo.index(run) + 1:])
 
-    dense_model = Transformer(dense_cfg)
+    if not args.dense_from:
+        dense_model = Transformer(dense_cfg)
     moe_probe = Transformer(moe_cfg) if moe_runs else None
     print(f"dense: {dense_model.num_params() / 1e6:.2f}M params" + (f" | MoE: {moe_probe.num_params() / 1e6:.2f}M params, "
                                                                     f"{moe_probe.num_params(active=True) / 1e6:.2f}M active" if moe_probe else ""))
@@ -616,7 +652,10 @@ def experiment(args):
 
     # Phase 1: the dense model. Trained once; any later command with the same settings reuses it.
     ckpt = existing["dense"]
-    if ckpt is not None and ckpt.get("finished"):
+    if args.dense_from:  # scored once on the validation windows, so the figure and summary have its loss
+        dense_model.to(device)
+        train_run(dense_run, dense_model, dense_model, train_tokens, val_batches, device, args.ckpt_interval)
+    elif ckpt is not None and ckpt.get("finished"):
         print(f"[dense] reusing the finished dense model in {dense_run.dir}")
         dense_model.load_state_dict(ckpt["model"])
         dense_model.to(device)
@@ -695,8 +734,10 @@ def report(out_dir, dense_run, moe_runs, fingerprint):
     results, curves = {n: r for n, (r, _) in runs.items()}, {n: c for n, (_, c) in runs.items()}
     dense = results["dense"]
     s = dense_run.settings
+    start = (f"the pretrained {s['source']['path']}" if s.get("source") else
+             f"{dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens)")
     header = (f"Validation loss (cross-entropy, nats/token, {s['tokenizer']} tokenizer, corpus fingerprint "
-              f"{fingerprint[:8]}) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens)")
+              f"{fingerprint[:8]}) after {start}")
     moe = [res for name, res in results.items() if name != "dense"]
     if moe:
         header += f" and {moe[0]['steps']} MoE steps ({moe[0]['tokens'] / 1e6:.1f}M tokens)"
@@ -723,7 +764,8 @@ def sample(args):
         raise Fail(f"--sample {args.sample}: no checkpoint there")
     ckpt = load_checkpoint(path)
     device = resolve_device(args.device)
-    enc = get_tokenizer(ckpt.get("tokenizer", "byte"))
+    source = (ckpt["settings"].get("dense") or ckpt["settings"]).get("source")  # a run from --dense-from
+    enc = HFTokenizer(source["path"]) if source else get_tokenizer(ckpt.get("tokenizer", "byte"))
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
