@@ -406,9 +406,11 @@ def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True
         raise ValueError("drop_upcycle needs a dense model (n_experts == 1)")
     cfg = replace(dense.config, n_experts=n_experts, top_k=top_k)  # validates n_experts and top_k
     param = next(dense.parameters())
-    # (its N(0, 0.02) init draws from torch's global generator; every value that survives below comes from
-    # the dense model or from the two seeded streams)
-    moe = Transformer(cfg).to(device=param.device, dtype=param.dtype)  # tied embeddings stay tied
+    # built where the dense model is (a GPU initialises billions of weights in a moment). Its N(0, 0.02) init
+    # draws from torch's global generator; every value that survives below comes from the dense model or from
+    # the two seeded streams
+    with torch.device(param.device):
+        moe = Transformer(cfg).to(param.dtype)  # tied embeddings stay tied
 
     # Sec. 3.2, expert replication: every non-FFN weight is copied as is ...
     dense_state = dense.state_dict()

@@ -459,11 +459,13 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     tok_s = steady_tokens / steady_time if steady_time else s["steps"] * tokens_per_step / max(wall, 1e-9)
     result = dict(name=run.name, final_val_loss=result_val, steps=s["steps"], tokens=s["steps"] * tokens_per_step,
                   wall_time=round(wall, 1), tokens_per_s=round(tok_s), mfu=round(flops * tok_s / peak, 4) if peak else None,
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
     atomic_write_text(run.result_path, json.dumps(result, indent=1))
     if s["steps"]:  # a pretrained model that was only scored (--dense-from) stays where it came from
         checkpoint(s["steps"], finished=True)
-    print(f"[{run.name}] done: val {result_val:.4f}, {plot.fmt_time(wall)}, {tok_s / 1e3:,.1f}k tok/s")
+    memory = f", peak GPU memory {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] else ""
+    print(f"[{run.name}] done: val {result_val:.4f}, {plot.fmt_time(wall)}, {tok_s / 1e3:,.1f}k tok/s{memory}")
     if STOP["signal"] is not None:  # the signal came during the last step: this run is complete, stop here
         raise SystemExit(128 + STOP["signal"])
     return result
@@ -675,18 +677,21 @@ def experiment(args):
             print(f"[{run.name}] reusing the finished run in {run.dir}")
             continue
         print(f"--- MoE run {i + 1}/{len(moe_runs)}: {run.name} ({plot.fmt_time(time.time() - t_all)} so far)")
-        if moe_model is None:
-            moe_model = Transformer(moe_cfg).to(device)
         init, r = run.settings["init"], run.settings["r"]
         if ckpt is None:
             if init == "scratch":  # Sec. 4: every weight N(0, 0.02), router included
                 torch.manual_seed(args.seed + 1)
-                start = Transformer(moe_cfg)
+                start = Transformer(moe_cfg).to(device)
             else:  # naive Upcycling is r = 0
                 start = drop_upcycle(dense_model, n_experts=args.n_experts, top_k=args.top_k, r=r, seed=args.seed,
                                      shared_indices=run.settings["shared_indices"])
+        else:
+            start = None
+        if moe_model is None:  # one MoE in memory at a time: a 1B dense model makes a 7B MoE
+            moe_model = start if start is not None else Transformer(moe_cfg).to(device)
+        elif start is not None:
             moe_model.load_state_dict(start.state_dict())
-            del start
+        del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
             moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name)
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run))
