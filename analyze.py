@@ -34,6 +34,7 @@ import train
 from dropupcycle import ModelConfig, Transformer, drop_upcycle, load_balancing_loss
 from data import Fail
 import data
+import distributed
 import plot
 
 # -----------------------------------------------------------------------------
@@ -114,7 +115,8 @@ def sweep(opts, train_argv):
         args = train.parse_args(argv)
         print(f"\n===== sweep run {i + 1}/{len(runs)}: python train.py {shlex.join(argv)}", flush=True)
         train.experiment(args)  # trains the dense model the first time; later runs (and reruns) reuse it
-    sweep_report(args, runs, "python analyze.py sweep " + shlex.join(opts.argv))
+    if distributed.is_main():  # under torchrun, rank 0 writes the figure and table
+        sweep_report(args, runs, "python analyze.py sweep " + shlex.join(opts.argv))
 
 
 def sweep_label(init, r, independent):

@@ -376,9 +376,12 @@ def check_split(train, val, seq_len, info):
 # Batches
 
 
-def get_batch(tokens, batch_size, seq_len, rng, device):
-    """batch_size random windows of seq_len + 1 tokens -> inputs x and next-token targets y, [B, T] each."""
+def get_batch(tokens, batch_size, seq_len, rng, device, part=(0, 1)):
+    """batch_size random windows of seq_len + 1 tokens -> inputs x and next-token targets y, [B, T] each.
+    part=(rank, world): rank's contiguous share of the same batch_size windows (B = batch_size / world)."""
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    share = batch_size // part[1]
+    starts = starts[part[0] * share:(part[0] + 1) * share]
     chunk = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
     if device.type == "cuda":
         chunk = chunk.pin_memory().to(device, non_blocking=True)  # overlaps the copy with the running step

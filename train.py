@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import distributed
 import plot
 from data import Fail, HFTokenizer, atomic_write_text, get_batch, get_tokenizer, load_data, make_dirs
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token
@@ -118,6 +119,8 @@ def build_parser():
     p.add_argument("--dense-from", metavar="HF_DIR", help="skip the dense phase: upcycle this pretrained Hugging Face Llama "
                                                          "(folder or hub id) and train with its own tokenizer")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state "
+                                                       "over the processes (FSDP2) instead of copying the model (DDP)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (preset default: on for gpu)")
     g = p.add_argument_group("model (override the preset)")
     g.add_argument("--d-model", type=positive_int, help="residual width")
@@ -173,11 +176,15 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # 2. One training run
 
-STOP = {"signal": None, "training": False}  # set by the SIGINT/SIGTERM handler, read once per step
+STOP = {"signal": None, "received": None, "training": False}  # set by the SIGINT/SIGTERM handler, read once per step
 
 
 def on_signal(signum, frame):
-    if STOP["training"] and STOP["signal"] is None:
+    if STOP["training"] and distributed.world() > 1:  # torchrun: every rank stops at the step all agree on
+        if STOP["received"] is None:  # (torchrun repeats a Ctrl-C to every rank: a repeat is not "quit now")
+            STOP["received"] = signum
+            print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step", flush=True)
+    elif STOP["training"] and STOP["signal"] is None:
         STOP["signal"] = signum  # finish this step, save a checkpoint, exit
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to quit now)",
               flush=True)
@@ -220,7 +227,7 @@ def evaluate(model, val_batches, device):
             logits, _ = model(x)
         losses.append(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1)))
     model.train()
-    losses = torch.stack(losses).double().cpu()
+    losses = distributed.mean(torch.stack(losses).double().cpu())  # each rank scored its share of every batch
     se = losses.std().item() / math.sqrt(len(losses)) if len(losses) > 1 else float("nan")
     return losses.mean().item(), se
 
@@ -327,26 +334,31 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     tokens_per_step = s["batch_size"] * s["seq_len"] * s["grad_accum"]
     optimizer = make_optimizer(model, s["lr"], s["weight_decay"], device)
     start_step, elapsed, pending = 0, 0.0, []  # pending: (step, ce, aux) since the last log row
-    make_dirs(run.dir)
+    main = distributed.is_main()  # rank 0 alone writes files
+    if main:
+        make_dirs(run.dir)
     rows = []
     if ckpt is not None:  # --resume: weights, optimizer, RNG, clock, unlogged losses; the data follows from the step
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        distributed.load_full_state(model, ckpt["model"], optimizer, ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         start_step, elapsed, pending = ckpt["step"], ckpt["elapsed"], [tuple(p) for p in ckpt.get("pending", [])]
-        rows = read_log(run.csv_path, start_step) if os.path.exists(run.csv_path) else []
+        rows = read_log(run.csv_path, start_step) if main and os.path.exists(run.csv_path) else []
         print(f"[{run.name}] resuming at step {start_step}/{s['steps']}")
     try:
+        if not main:
+            raise StopIteration
         atomic_write_text(run.csv_path, ",".join(CSV_FIELDS) + "\n" + "".join(",".join(r.get(k) or "" for k in CSV_FIELDS) + "\n" for r in rows))
         atomic_write_text(os.path.join(run.dir, "settings.json"), json.dumps(s, indent=1))
         csv_file = open(run.csv_path, "a", newline="")
+    except StopIteration:
+        csv_file = open(os.devnull, "w")
     except OSError as e:
         raise Fail(f"cannot write in {run.dir} ({e.strerror or e})")
 
     flops = flops_per_token(cfg, s["seq_len"])
-    peak = gpu_peak_flops(device)
+    peak = gpu_peak_flops(device) and gpu_peak_flops(device) * distributed.world()  # tokens/s count every rank
     t_start = time.time()
     last_saved = start_step if ckpt is not None else None
 
@@ -359,12 +371,14 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
             if not math.isfinite(check):
                 raise Fail(f"[{run.name}] the weights after step {step} give a validation loss of {check}: stopping "
                            f"without saving them; {kept()}. Try a lower learning rate (--{s['phase']}-lr {s['lr'] / 3:.2g}) in a fresh --out-dir")
-        state = dict(model=model.state_dict(), settings=s, step=step, finished=finished, model_config=asdict(cfg),
+        model_sd, optimizer_sd = distributed.full_state(model, None if finished else optimizer)  # collective
+        state = dict(model=model_sd, settings=s, step=step, finished=finished, model_config=asdict(cfg),
                      tokenizer=s["tokenizer"], elapsed=elapsed + time.time() - t_start, pending=pending,
                      rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
         if not finished:  # a finished run is only ever reused or sampled: no optimizer state needed (half the size)
-            state["optimizer"] = optimizer.state_dict()
-        save_checkpoint(state, run.ckpt_path)
+            state["optimizer"] = optimizer_sd
+        if distributed.is_main():
+            save_checkpoint(state, run.ckpt_path)
         last_saved = step
 
     def kept():
@@ -393,11 +407,12 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                 group["lr"] = lr
             rng = np.random.default_rng([s["seed"], {"dense": 0, "moe": 1}[s["phase"]], step])  # data of a step: (seed, phase, step)
             ce_sum, aux_sum = 0.0, 0.0
-            for _ in range(s["grad_accum"]):
-                x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device)
-                with autocast(device):
-                    _, loss = train_model(x, y)
-                (loss / s["grad_accum"]).backward()
+            for micro in range(s["grad_accum"]):
+                x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device, distributed.rows())
+                with distributed.grad_sync(train_model, micro == s["grad_accum"] - 1):  # all-reduce once per step
+                    with autocast(device):
+                        _, loss = train_model(x, y)
+                    (loss / s["grad_accum"]).backward()
                 # log the cross-entropy alone (comparable with dense), the balancing loss separately
                 aux = model.aux_loss if cfg.is_moe else None
                 ce = loss.detach() - cfg.aux_loss_coef * aux if aux is not None else loss.detach()
@@ -408,12 +423,17 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             pending.append((done, ce_sum, aux_sum))
+            if distributed.world() > 1:  # a signal on any rank stops every rank after this step
+                STOP["signal"] = distributed.agree_signal(STOP["received"])
 
             # once in a while: read the losses back (one device sync), log, evaluate, save
             is_log = done % s["log_interval"] == 0 or done % s["eval_interval"] == 0 or done == s["steps"]
             is_ckpt = (done % ckpt_interval == 0 or STOP["signal"] is not None) and done < s["steps"]
             if not (is_log or is_ckpt):
                 continue
+            if distributed.world() > 1:  # every rank logs (and checks) the mean over ranks
+                means = distributed.mean([[float(c), float(a)] for _, c, a in pending]).tolist()
+                pending = [(st, c, a) for (st, _, _), (c, a) in zip(pending, means)]
             pending = [(st, float(c), float(a)) for st, c, a in pending]
             bad = [(st, c) for st, c, _ in pending if not math.isfinite(c)]
             if bad:
@@ -460,8 +480,10 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     result = dict(name=run.name, final_val_loss=result_val, steps=s["steps"], tokens=s["steps"] * tokens_per_step,
                   wall_time=round(wall, 1), tokens_per_s=round(tok_s), mfu=round(flops * tok_s / peak, 4) if peak else None,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
-    atomic_write_text(run.result_path, json.dumps(result, indent=1))
+                  peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+                  processes=distributed.world(), parallel=("fsdp" if distributed.STATE["fsdp"] else "ddp") if distributed.world() > 1 else None)
+    if main:
+        atomic_write_text(run.result_path, json.dumps(result, indent=1))
     if s["steps"]:  # a pretrained model that was only scored (--dense-from) stays where it came from
         checkpoint(s["steps"], finished=True)
     memory = f", peak GPU memory {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] else ""
@@ -560,18 +582,20 @@ def maybe_compile(model, compile, check_batch, name):
     """model itself, or its torch.compile wrapper once that is seen to compute the same function on one
     validation batch (else a warning, and eager mode: slower, never wrong). The whole model is one graph,
     MoE layers included (dropupcycle.compile_model says what it takes to keep them right)."""
+    wrapped = distributed.wrap(model)  # under torchrun: DDP, or FSDP2 in place; compiled after wrapping
     if not compile:
-        return model
-    compiled = compile_model(model)
+        return wrapped
+    compiled = compile_model(wrapped)
     x, y = check_batch
     model.eval()
-    with torch.no_grad(), autocast(model.embed.weight.device):
-        losses = [F.cross_entropy(m(x)[0].float().view(-1, model.config.vocab_size), y.reshape(-1)).item() for m in (model, compiled)]
+    with torch.no_grad(), autocast(x.device):
+        losses = distributed.mean([F.cross_entropy(m(x)[0].float().view(-1, model.config.vocab_size), y.reshape(-1)).item()
+                                   for m in (wrapped, compiled)]).tolist()
     model.train()
     print(f"[{name}] torch.compile check on a validation batch: loss {losses[1]:.4f} compiled, {losses[0]:.4f} eager")
     if not abs(losses[1] - losses[0]) < 0.005:  # bf16 differences are ~1e-3
         print(f"[{name}] WARNING: the compiled model disagrees with eager mode: training this model without compile")
-        return model
+        return wrapped
     return compiled
 
 
@@ -598,7 +622,7 @@ def lock_out_dir(out_dir):
 
 
 def experiment(args):
-    device = resolve_device(args.device)
+    device = distributed.setup(resolve_device(args.device), args.fsdp)  # under torchrun: this rank's device
     if args.compile and device.type != "cuda":
         print("note: --compile on the CPU needs a C++ compiler and mostly measures compile time")
     if device.type == "cuda":
@@ -613,13 +637,19 @@ def experiment(args):
         enc = get_tokenizer(args.tokenizer)
         dense_cfg, moe_cfg = model_configs(args, enc.n_vocab)
     planned = planned_runs(args.init, args.r, args.independent_indices)
-    make_dirs(args.out_dir)
-    if not os.access(args.out_dir, os.W_OK):
-        raise Fail(f"--out-dir {args.out_dir}: folder is not writable")
-    lock_out_dir(args.out_dir)
+    distributed.startup_barrier(first=True)  # ranks > 0 wait here for rank 0's checks and token cache
+    if args.batch_size % distributed.world():
+        raise Fail(f"--batch-size {args.batch_size} (sequences per micro-batch, all processes together) must be "
+                   f"divisible by the {distributed.world()} processes")
+    if distributed.is_main():
+        make_dirs(args.out_dir)
+        if not os.access(args.out_dir, os.W_OK):
+            raise Fail(f"--out-dir {args.out_dir}: folder is not writable")
+        lock_out_dir(args.out_dir)
 
     what = {None: "no --init given: running the full comparison (--init all)", "all": "--init all"}.get(args.init, f"--init {args.init}")
-    print(f"{what} | preset {args.preset} | device {device}{' | compile' if args.compile else ''} | out {args.out_dir}")
+    procs = f" x {distributed.world()} processes ({'FSDP2' if args.fsdp else 'DDP'})" if distributed.world() > 1 else ""
+    print(f"{what} | preset {args.preset} | device {device}{procs}{' | compile' if args.compile else ''} | out {args.out_dir}")
     names = ["dense"] + [run_name(*p) for p in planned]
     print("runs: " + ", ".join(names))
     if args.resume and not any(os.path.exists(os.path.join(args.out_dir, name, "ckpt.pt")) for name in names):
@@ -627,7 +657,8 @@ def experiment(args):
     train_tokens, val_tokens, data_info = load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)
     print(f"data: {data_info['description']}")
     val_rng = np.random.default_rng(VAL_WINDOWS_SEED)
-    val_batches = [get_batch(val_tokens, args.batch_size, args.seq_len, val_rng, device) for _ in range(args.eval_batches)]
+    val_batches = [get_batch(val_tokens, args.batch_size, args.seq_len, val_rng, device, distributed.rows())
+                   for _ in range(args.eval_batches)]
 
     dense_run = Run("dense", args.out_dir, run_settings(args, "dense", dense_cfg, data_info["fingerprint"]))
     if args.dense_from:
@@ -643,6 +674,7 @@ def experiment(args):
     run_flops = {run.name: run.settings["steps"] * args.batch_size * args.seq_len * args.grad_accum *
                  flops_per_token(ModelConfig(**run.settings["model"]), args.seq_len) for run in todo}
     later_flops = lambda run: sum(run_flops[r.name] for r in todo[todo.index(run) + 1:])
+    distributed.startup_barrier(first=False)
 
     if not args.dense_from:
         dense_model = Transformer(dense_cfg)
@@ -666,6 +698,10 @@ def experiment(args):
         dense_model = Transformer(dense_cfg).to(device)
         train_run(dense_run, dense_model, maybe_compile(dense_model, args.compile, val_batches[0], "dense"),
                   train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(dense_run))
+        if args.fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
+            distributed.barrier()
+            dense_model = Transformer(dense_cfg)
+            dense_model.load_state_dict(load_checkpoint(dense_run.ckpt_path)["model"])
     del ckpt
 
     # Phase 2: every MoE init, each from the same dense weights, with the same data stream and step count.
@@ -688,18 +724,19 @@ def experiment(args):
         else:
             start = None
         if moe_model is None:  # one MoE in memory at a time: a 1B dense model makes a 7B MoE
-            moe_model = start if start is not None else Transformer(moe_cfg).to(device)
+            moe_model = (start if start is not None else Transformer(moe_cfg)).to(device)
         elif start is not None:
-            moe_model.load_state_dict(start.state_dict())
+            distributed.load_full_state(moe_model, start.state_dict())  # sharded after the first init under --fsdp
         del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
             moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name)
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run))
-        if init == "naive" and ckpt is None:  # identical experts compute the dense FFN: same loss at the start
+        if init == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
             start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
             print(f"[{run.name}] check: naive Upcycling starts at val {start_val:.4f}; the dense model ended at {dense_val:.4f}")
         del ckpt
-    report(args.out_dir, dense_run, moe_runs, data_info["fingerprint"])
+    if distributed.is_main():
+        report(args.out_dir, dense_run, moe_runs, data_info["fingerprint"])
     print(f"total time {plot.fmt_time(time.time() - t_all)}")
 
 
@@ -808,16 +845,26 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.sample:
-            sample(args)
+            if distributed.is_main():  # under torchrun, one process samples
+                sample(args)
         else:
             experiment(args)
     except Fail as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        distributed.wait_for_rank0()  # a failure rank 0 sees too is reported once, by rank 0
+        if distributed.is_main() or distributed.STATE["past_startup"]:
+            where = f"[rank {distributed.rank()}] " if distributed.rank() > 0 else ""
+            print(f"{prog}: error: {where}{e}", file=sys.stderr)
         sys.exit(1)
     except torch.OutOfMemoryError as e:
         print(f"{prog}: error: {oom_message(args, e)}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as e:
+        if not distributed.peer_gone(e):
+            raise
+        sys.exit(1)  # another rank failed and said why (torchrun's report names it)
     except KeyboardInterrupt:
+        if not distributed.is_main():
+            sys.exit(130)
         print(f"{prog}: interrupted (checkpoints already on disk are kept; --resume continues from them)", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
@@ -829,6 +876,7 @@ def main(argv=None):
         for f in LOCK.values():
             f.close()
         LOCK.clear()
+        distributed.teardown()
 
 
 if __name__ == "__main__":

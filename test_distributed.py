@@ -1,0 +1,120 @@
+"""train.py under torchrun on the CPU (gloo), 2 processes: DDP and FSDP2 compute what one process computes with
+the same global batch, a checkpoint moves between 2 processes and 1, and a failing rank ends both with its message.
+
+The MoE balancing loss is computed over the tokens a forward sees: on 2 processes over each rank's half of the
+batch (as with --grad-accum on one process), so exact comparisons use --aux-loss-coef 0."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ENV, HERE, TRAIN_PY, csv_rows, tiny
+
+import distributed  # noqa: F401  (the module under test, imported by train.py)
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+RUNS = ["dense", "moe-naive"]
+
+
+def flags(corpus, out):
+    return ["--init", "naive", "--grad-accum", "2", "--aux-loss-coef", "0", *tiny(corpus, out, moe_steps=10, dense_steps=40)]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=HERE, timeout=180, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(train_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    result = run([sys.executable, TRAIN_PY, *flags(train_corpus, out)])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_same_run(out, reference):
+    for name in RUNS:
+        rows, ref = csv_rows(out / name / "log.csv"), csv_rows(reference / name / "log.csv")
+        assert [r["step"] for r in rows] == [r["step"] for r in ref]
+        for r, q in zip(rows, ref):
+            for key in ("train_loss", "val_loss"):
+                if q[key]:
+                    assert float(r[key]) == pytest.approx(float(q[key]), rel=1e-5, abs=1e-6), (name, r["step"], key)
+        a = torch.load(out / name / "ckpt.pt", weights_only=True)["model"]
+        b = torch.load(reference / name / "ckpt.pt", weights_only=True)["model"]
+        assert a.keys() == b.keys()
+        for k in b:  # relative to the whole tensor: Adam turns fp32 noise in a near-zero gradient (a rare token's
+            # embedding row) into a full-size step: seen up to 2e-4 of the norm after 50 steps, losses within 1e-5
+            assert (a[k] - b[k]).norm() <= 1e-3 * b[k].norm(), (name, k, ((a[k] - b[k]).norm() / b[k].norm()).item())
+
+
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one_with_the_same_global_batch(mode, reference, train_corpus, tmp_path):
+    result = run([*TORCHRUN, TRAIN_PY, *flags(train_corpus, tmp_path), *mode])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout and result.stdout.count("[dense] done") == 1  # rank 0 alone prints
+    assert_same_run(tmp_path, reference)
+    import json
+    assert json.load(open(tmp_path / "moe-naive" / "result.json"))["processes"] == 2
+
+
+def test_sigterm_on_one_rank_stops_both_and_resumes_on_one_process(reference, train_corpus, tmp_path):
+    proc = subprocess.Popen([*TORCHRUN, TRAIN_PY, *flags(train_corpus, tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("[dense] step 5/"):
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                workers = [int(p) for p in f.read().split()]
+            os.kill(workers[-1], signal.SIGTERM)  # one rank only
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    ckpt = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)
+    assert 5 <= ckpt["step"] < 40 and not ckpt["finished"], stdout
+    resumed = run([sys.executable, TRAIN_PY, *flags(train_corpus, tmp_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {ckpt['step']}/40" in resumed.stdout
+    assert_same_run(tmp_path, reference)
+
+
+def test_a_one_process_checkpoint_resumes_on_two_sharded(reference, train_corpus, tmp_path):
+    proc = subprocess.Popen([sys.executable, TRAIN_PY, *flags(train_corpus, tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE)
+    for line in proc.stdout:
+        if line.startswith("[dense] step 5/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    step = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)["step"]
+    resumed = run([*TORCHRUN, TRAIN_PY, *flags(train_corpus, tmp_path), "--resume", "--fsdp"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {step}/40" in resumed.stdout
+    assert_same_run(tmp_path, reference)
+
+
+def test_a_failing_rank_ends_both_with_its_one_line(train_corpus, tmp_path):
+    # rank 1 alone cannot read its batches from the third step on; rank 0 would wait for it forever
+    script = tmp_path / "train.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {HERE!r})
+import data, train
+calls = []
+def broken(*args):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) > 4:
+        raise data.Fail("test: rank 1 cannot read its batch")
+    return data.get_batch(*args)
+train.get_batch = broken
+train.main()
+""")
+    start = time.time()
+    result = run([*TORCHRUN, str(script), *flags(train_corpus, tmp_path / "out")])
+    assert result.returncode != 0 and time.time() - start < 120
+    ours = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert ours == ["train.py: error: [rank 1] test: rank 1 cannot read its batch"], result.stderr
