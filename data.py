@@ -378,14 +378,35 @@ def check_split(train, val, seq_len, info):
 
 def get_batch(tokens, batch_size, seq_len, rng, device, part=(0, 1)):
     """batch_size random windows of seq_len + 1 tokens -> inputs x and next-token targets y, [B, T] each.
-    part=(rank, world): rank's contiguous share of the same batch_size windows (B = batch_size / world)."""
+    part=(rank, world): rank's contiguous share of the same batch_size windows (B = batch_size / world).
+
+    tokens: the memmapped array, gathered on the host; or, on a GPU, the same tokens as a tensor there
+    (corpus_to_device): then only the window starts cross to the GPU and the host never waits for it.
+    """
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
     share = batch_size // part[1]
     starts = starts[part[0] * share:(part[0] + 1) * share]
+    if isinstance(tokens, torch.Tensor):
+        starts = torch.from_numpy(starts)
+        if tokens.is_cuda:
+            starts = starts.pin_memory().to(tokens.device, non_blocking=True)
+        chunk = tokens[starts[:, None] + torch.arange(seq_len + 1, device=tokens.device)].long()
+        return chunk[:, :-1], chunk[:, 1:]
     chunk = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
     if device.type == "cuda":
         chunk = chunk.pin_memory().to(device, non_blocking=True)  # overlaps the copy with the running step
     return chunk[:, :-1], chunk[:, 1:]
+
+
+GPU_CORPUS_SHARE = 0.1  # the training tokens move to the GPU when they take at most this share of its free memory
+
+
+def corpus_to_device(tokens, device):
+    """The training tokens as an int32 tensor on the GPU when they fit easily (the same windows as the host path,
+    without a host gather and copy in every step), else the memmapped array as it is."""
+    if device.type != "cuda" or 4 * len(tokens) > GPU_CORPUS_SHARE * torch.cuda.mem_get_info(device)[0]:
+        return tokens
+    return torch.from_numpy(np.asarray(tokens).astype(np.int32)).to(device)
 
 
 # -----------------------------------------------------------------------------

@@ -416,3 +416,13 @@ def test_report_gives_runs_outside_init_all_a_colour_of_their_own():
     assert len(set(others)) == len(others) and not set(others) & set(plot.COLORS.values())
     assert plot.color_of("moe-naive", runs) == "tab:blue"
 
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_batches_from_the_corpus_on_the_gpu_equal_those_gathered_on_the_host(device):
+    tokens = np.random.default_rng(0).integers(0, 257, size=5000).astype(np.uint16)
+    on_device = torch.from_numpy(tokens.astype(np.int32)).to(device)  # what data.corpus_to_device makes on a GPU
+    for part in [(0, 1), (1, 2)]:
+        x, y = data.get_batch(tokens, 8, 16, np.random.default_rng(3), torch.device(device), part)
+        x2, y2 = data.get_batch(on_device, 8, 16, np.random.default_rng(3), torch.device(device), part)
+        assert x2.dtype == x.dtype == torch.int64 and torch.equal(x, x2) and torch.equal(y, y2)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import distributed
 import plot
-from data import Fail, HFTokenizer, atomic_write_text, get_batch, get_tokenizer, load_data, make_dirs
+from data import Fail, HFTokenizer, atomic_write_text, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token
 
 # -----------------------------------------------------------------------------
@@ -659,6 +659,7 @@ def experiment(args):
     val_rng = np.random.default_rng(VAL_WINDOWS_SEED)
     val_batches = [get_batch(val_tokens, args.batch_size, args.seq_len, val_rng, device, distributed.rows())
                    for _ in range(args.eval_batches)]
+    train_tokens = corpus_to_device(train_tokens, device)  # on a GPU, the host stays out of the training step
 
     dense_run = Run("dense", args.out_dir, run_settings(args, "dense", dense_cfg, data_info["fingerprint"]))
     if args.dense_from:
