@@ -65,15 +65,20 @@ def overtake_step(steps, diff):
     return int(steps[first]) if first < len(steps) else None
 
 
-def compare_to_naive(curve, naive):
+def compare_to_naive(curve, naive, batches=None, naive_batches=None):
     """(final gap, its noise, verdict) of a run against naive Upcycling, or None when the curves do not share
-    their evaluation steps. The noise is two standard errors of the difference of the two final losses (each
-    over its validation batches); a gap inside it is 'level within noise', never a crossover."""
+    their evaluation steps. Both runs are scored on the same validation batches, so the noise is two standard
+    errors of the per-batch differences of the final losses (batches: result.json's final_val_batches; without
+    them, of the two losses' own standard errors, which is larger). A gap inside it is 'level within noise'."""
     steps, _, loss, se = curve
     if len(steps) != len(naive[0]) or not np.array_equal(steps, naive[0]):
         return None
     gap = loss[-1] - naive[2][-1]
-    noise = 2 * float(np.hypot(se[-1], naive[3][-1]))
+    if batches and naive_batches and len(batches) == len(naive_batches) > 1:
+        diff = np.array(batches) - np.array(naive_batches)
+        noise = 2 * float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    else:
+        noise = 2 * float(np.hypot(se[-1], naive[3][-1]))
     if not np.isfinite(noise) or abs(gap) > noise:
         s = overtake_step(steps, loss - naive[2]) if gap < 0 else None
         verdict = f"below from step {s}" if s is not None else "above naive" if gap > 0 else "below at the end"
@@ -91,8 +96,10 @@ def summary_table(header, curves, results):
     lines = [header, "", "| run | final val loss | minus naive (noise) | vs naive | wall time | tokens/s | MFU |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     naive = curves.get("moe-naive")
+    naive_batches = results.get("moe-naive", {}).get("final_val_batches")
     for name, res in results.items():
-        gap = compare_to_naive(curves[name], naive) if naive is not None and name not in ("dense", "moe-naive") else None
+        gap = (compare_to_naive(curves[name], naive, res.get("final_val_batches"), naive_batches)
+               if naive is not None and name not in ("dense", "moe-naive") else None)
         vs, verdict = ("", "") if gap is None else (f"{gap[0]:+.4f} (±{gap[1]:.4f})", gap[2])
         mfu = f"{res['mfu']:.1%}" if res.get("mfu") else "n/a"
         lines.append(f"| {name} | {res['final_val_loss']:.4f} | {vs} | {verdict} | {fmt_time(res['wall_time'])} | "
@@ -100,12 +107,13 @@ def summary_table(header, curves, results):
     return "\n".join(lines) + "\n"
 
 
-def diff_to_naive_panel(ax, curves, names, colors):
+def diff_to_naive_panel(ax, curves, names, colors, results=None):
     """Each run's validation loss minus naive Upcycling's against MoE-phase tokens, on a linear axis. The large
     differences right after upcycling are clipped (the y range is set by the last 90% of the phase), so the final
     gaps and the crossover stay readable; the shaded band is the noise of the difference."""
     naive = curves["moe-naive"]
-    late = []
+    batches = {n: (results or {}).get(n, {}).get("final_val_batches") for n in curves}
+    late, noises = [], []
     for name in names:
         if name == "moe-naive" or compare_to_naive(curves[name], naive) is None:
             continue
@@ -113,14 +121,14 @@ def diff_to_naive_panel(ax, curves, names, colors):
         diff = loss - naive[2]
         ax.plot(tokens / 1e6, diff, color=colors[name], label=label_of(name), marker=".", ms=3)
         late.extend(diff[max(1, len(diff) // 10):])
-        gap, noise, verdict = compare_to_naive(curves[name], naive)
+        gap, noise, verdict = compare_to_naive(curves[name], naive, batches[name], batches["moe-naive"])
+        noises.append(noise)
         if verdict.startswith("below from step"):
             s = int(verdict.split()[-1])
             x = tokens[list(steps).index(s)] / 1e6
             ax.axvline(x, color=colors[name], ls=":", lw=1)
-    band = 2 * np.hypot(naive[3], naive[3])  # the noise of a difference of two losses like naive's
-    if np.all(np.isfinite(band)):
-        ax.fill_between(naive[1] / 1e6, -band, band, color="0.9", zorder=0, label="noise (2 s.e.)")
+    if noises and np.isfinite(max(noises)):
+        ax.axhspan(-max(noises), max(noises), color="0.9", zorder=0, label="noise of the final gaps (2 s.e.)")
     ax.axhline(0, color=COLORS["moe-naive"], lw=1, label=label_of("moe-naive"))
     if late:
         lo, hi = min(min(late), 0), max(max(late), 0)
@@ -133,7 +141,7 @@ def diff_to_naive_panel(ax, curves, names, colors):
     ax.grid(alpha=0.3)
 
 
-def loss_figure(path, header, curves, dense_tokens):
+def loss_figure(path, header, curves, dense_tokens, results=None):
     """The paper's Fig. 3 (top row) at small scale: dense then every MoE init against tokens, a zoom on the MoE
     phase, and the difference to naive Upcycling. curves: {name: val_curve(...)}, "dense" among them."""
     import matplotlib
@@ -169,7 +177,7 @@ def loss_figure(path, header, curves, dense_tokens):
     ax_zoom.set_xlim(dense_tokens / 1e6 - 0.03 * moe_tokens / 1e6, None)
     ax_zoom.set_title("zoom on the MoE phase")
     if "moe-naive" in curves and len(names) > 1:
-        diff_to_naive_panel(ax_diff, curves, names, colors)
+        diff_to_naive_panel(ax_diff, curves, names, colors, results)
     else:
         ax_diff.axis("off")
         ax_diff.text(0.5, 0.5, "run --init naive too (or --init all)\nto see the difference to naive Upcycling",

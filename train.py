@@ -217,9 +217,10 @@ def autocast(device):
 
 @torch.no_grad()
 def evaluate(model, val_batches, device):
-    """(mean, standard error) of the next-token cross-entropy over fixed held-out batches: the language-modelling
-    loss alone, without the balancing term, so dense and every MoE are comparable. The standard error over the
-    batches is the noise of this number: a difference between two runs smaller than it says nothing."""
+    """(mean, standard error, per-batch losses) of the next-token cross-entropy over fixed held-out batches: the
+    language-modelling loss alone, without the balancing term, so dense and every MoE are comparable. Every run is
+    scored on the same batches, so the noise of a difference between two runs is that of the per-batch differences
+    (plot.compare_to_naive); the standard error here is that of one run's number."""
     model.eval()
     losses = []
     for x, y in val_batches:
@@ -229,7 +230,7 @@ def evaluate(model, val_batches, device):
     model.train()
     losses = distributed.mean(torch.stack(losses).double().cpu())  # each rank scored its share of every batch
     se = losses.std().item() / math.sqrt(len(losses)) if len(losses) > 1 else float("nan")
-    return losses.mean().item(), se
+    return losses.mean().item(), se, losses.tolist()
 
 
 def gpu_peak_flops(device):
@@ -395,7 +396,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
 
     result_val = None
     if start_step == 0:
-        result_val, se = evaluate(train_model, val_batches, device)  # at the upcycling point, before any MoE step
+        result_val, se, val_batches_losses = evaluate(train_model, val_batches, device)  # at the upcycling point, before any MoE step
         log_row(0, val_loss=repr(result_val), val_se=repr(se))
         print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f}")
     t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
@@ -456,7 +457,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                       f"{tok_s / 1e3:,.1f}k tok/s{mfu} | ETA {plot.fmt_time(eta)}{eta_all}", flush=True)
                 val = dict(val_loss="", val_se="")
                 if done % s["eval_interval"] == 0 or done == s["steps"]:
-                    result_val, se = evaluate(train_model, val_batches, device)
+                    result_val, se, val_batches_losses = evaluate(train_model, val_batches, device)
                     if not math.isfinite(result_val):
                         raise Fail(f"[{run.name}] validation loss became {result_val} at step {done}: stopping; {kept()}")
                     val = dict(val_loss=repr(result_val), val_se=repr(se))
@@ -477,7 +478,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     csv_file.close()
     wall = elapsed + time.time() - t_start
     tok_s = steady_tokens / steady_time if steady_time else s["steps"] * tokens_per_step / max(wall, 1e-9)
-    result = dict(name=run.name, final_val_loss=result_val, steps=s["steps"], tokens=s["steps"] * tokens_per_step,
+    result = dict(name=run.name, final_val_loss=result_val, final_val_batches=val_batches_losses, steps=s["steps"], tokens=s["steps"] * tokens_per_step,
                   wall_time=round(wall, 1), tokens_per_s=round(tok_s), mfu=round(flops * tok_s / peak, 4) if peak else None,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
@@ -784,14 +785,14 @@ def report(out_dir, dense_run, moe_runs, fingerprint):
     moe = [res for name, res in results.items() if name != "dense"]
     if moe:
         header += f" and {moe[0]['steps']} MoE steps ({moe[0]['tokens'] / 1e6:.1f}M tokens)"
-    header += (f"; device {dense['device']}, seed {s['seed']}. Noise: two standard errors of the difference of two "
-               f"final losses over the {s['eval_batches']} validation batches.")
+    header += (f"; device {dense['device']}, seed {s['seed']}. Noise: two standard errors of the per-batch differences "
+               f"of the final losses over the {s['eval_batches']} validation batches (the same batches for every run).")
     table = plot.summary_table(header, curves, results)
     summary_path, figure_path = os.path.join(out_dir, "summary.md"), os.path.join(out_dir, "loss_curves.png")
     atomic_write_text(summary_path, table)
     print("\n" + table)
     try:
-        plot.loss_figure(figure_path, header, curves, dense["tokens"])
+        plot.loss_figure(figure_path, header, curves, dense["tokens"], results)
     except OSError as e:
         raise Fail(f"could not write {figure_path} ({e.strerror or e})")
     print(f"figure: {figure_path} | summary: {summary_path} | CSVs: {out_dir}/*/log.csv")
