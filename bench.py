@@ -1,5 +1,5 @@
 """
-bench.py: how fast dropupcycle.py trains on one GPU, and what its MoE layer costs over a dense one (issue 4).
+bench.py: how fast dropupcycle.py trains on one GPU, and what its MoE layer costs over a dense one.
 
     python bench.py --out figures                  # CUDA: the full run (about 3 minutes on an H100)
     python bench.py --device cpu --out /tmp/bench  # CPU: tiny shapes, fewer rows; a smoke test, not a benchmark
@@ -34,7 +34,7 @@ import train
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match on the name wins.
 
-# What each device runs. CUDA: issue 4's shapes, train.py's gpu preset among them. CPU: tiny, so that the smoke
+# What each device runs. CUDA: the paper's 8x152M shapes and train.py's gpu preset. CPU: tiny, so that the smoke
 # test takes seconds.
 GPU = train.PRESETS["gpu"]
 LAYER_SHAPES = {  # name, d_model, d_ff, token counts; 8 experts, top-2 everywhere
@@ -50,7 +50,7 @@ STEP_CONFIGS = {  # name, model shape, batch, seq; vocab 257 (train.py's bytes)
 }
 N_EXPERTS, TOP_K = 8, 2
 
-# issue 4's targets
+# the speed targets: MoE layer within 1.2x of the dense one, step MFU, MoE overhead over its FLOPs
 LAYER_VS_DENSE, STEP_MFU_DENSE, STEP_MFU_MOE, OVERHEAD = 1.2, 0.40, 0.30, 1.15
 
 
@@ -451,7 +451,7 @@ def profile_layers(device):
 
 
 def targets(results):
-    """Issue 4's targets, each MET or MISSED with the measured number."""
+    """The speed targets, each MET or MISSED with the measured number."""
     lines = []
     layers = [r for r in results["layer"] if "error" not in r]
     for (shape, tok, weights, mode) in sorted({(r["shape"], r["tokens"], r["weights"], r["mode"]) for r in layers
@@ -537,7 +537,7 @@ def markdown(results):
         e = results["explain"]
         md += [f"\ntorch._dynamo.explain on one MoE layer: {e['graphs']} graph(s), {e['graph_breaks']} graph "
                f"break(s) {e['reasons'] or ''}"]
-    md += ["\n## Targets (issue 4)\n"] + [f"- {line}" for line in results["targets"]]
+    md += ["\n## Targets\n"] + [f"- {line}" for line in results["targets"]]
     return "\n".join(md) + "\n"
 
 
