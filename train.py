@@ -171,7 +171,7 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # 2. One training run
 
-STOP = {"signal": None, "training": False}  # set by the SIGINT/SIGTERM handler, read once per step
+STOP = {"signal": None, "training": False, "saving": False, "deferred": False}  # see on_signal and save_checkpoint
 
 
 def on_signal(signum, frame):
@@ -179,6 +179,8 @@ def on_signal(signum, frame):
         STOP["signal"] = signum  # finish this step, save a checkpoint, exit
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to quit now)",
               flush=True)
+    elif STOP["saving"]:  # quit, but once the checkpoint being written is complete
+        STOP["deferred"] = True
     else:
         raise KeyboardInterrupt  # outside training, or a second Ctrl-C: stop at once
 
@@ -235,7 +237,11 @@ def save_checkpoint(state, path):
     """Write to a temporary file, flush it to disk, then rename over the old checkpoint, with SIGINT/SIGTERM held
     back meanwhile: a crash, a full disk or a second Ctrl-C during the save leaves the previous checkpoint as it was."""
     tmp = path + ".tmp"
+    # the mask alone is not enough: a signal sent to the process goes to any thread that does not block it (torch
+    # and tiktoken start threads), and Python then runs the handler in this thread mid-save. So on_signal also
+    # defers a quit while STOP["saving"], and the quit happens below once the file is complete.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    STOP["saving"], STOP["deferred"] = True, False
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -249,6 +255,10 @@ def save_checkpoint(state, path):
         raise Fail(f"could not write checkpoint {path} ({reason}); the previous checkpoint is unchanged")
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
+        STOP["saving"] = False
+        if STOP["deferred"]:
+            STOP["deferred"] = False
+            raise KeyboardInterrupt
 
 
 def load_checkpoint(path):
