@@ -563,7 +563,11 @@ def lock_out_dir(out_dir):
     """One writer per output folder: a second process would interleave its rows with ours. The lock is the
     kernel's (flock), so it goes away with the process that held it, even after kill -9."""
     path = os.path.join(out_dir, ".lock")
-    f = LOCK.get(out_dir) or open(path, "a+")
+    key = os.path.realpath(out_dir)  # one lock per folder, however it is spelled (analyze.py sweep locks it again)
+    try:
+        f = LOCK.get(key) or open(path, "a+")
+    except OSError as e:
+        raise Fail(f"could not write {path} ({e.strerror or e})")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -571,11 +575,14 @@ def lock_out_dir(out_dir):
         holder = f.read().strip() or "another process"
         f.close()
         raise Fail(f"--out-dir {out_dir} is in use by {holder}; wait for it to finish, or use another --out-dir")
-    f.seek(0)
-    f.truncate()
-    f.write(f"process {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:4])} ...)")
-    f.flush()
-    LOCK[out_dir] = f
+    LOCK[key] = f
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:4])} ...)")
+        f.flush()
+    except OSError as e:
+        raise Fail(f"could not write {path} ({e.strerror or e})")
 
 
 def experiment(args):
