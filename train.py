@@ -669,8 +669,11 @@ def experiment(args):
             moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name)
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run))
         if init == "naive" and ckpt is None:  # identical experts compute the dense FFN: same loss at the start
-            start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
-            print(f"[{run.name}] check: naive Upcycling starts at val {start_val:.4f}; the dense model ended at {dense_val:.4f}")
+            try:
+                start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
+                print(f"[{run.name}] check: naive Upcycling starts at val {start_val:.4f}; the dense model ended at {dense_val:.4f}")
+            except (OSError, ValueError, KeyError, IndexError):
+                print(f"warning: {dense_run.csv_path} is damaged: no check of naive Upcycling's start against it")
         del ckpt
     report(args.out_dir, dense_run, moe_runs, data_info["fingerprint"])
     print(f"total time {plot.fmt_time(time.time() - t_all)}")
@@ -708,6 +711,7 @@ def report(out_dir, dense_run, moe_runs, fingerprint):
     """Summary table and figure of the dense run and every comparable finished MoE run in out_dir."""
     runs = finished_runs(out_dir, dense_run, moe_runs)
     if "dense" not in runs:
+        print(f"warning: no summary or figure written: every run is compared with the dense run in {dense_run.dir}")
         return
     results, curves = {n: r for n, (r, _) in runs.items()}, {n: c for n, (_, c) in runs.items()}
     dense = results["dense"]
