@@ -552,7 +552,7 @@ def test_5_a_full_disk_anywhere_is_one_line_and_leaves_no_temporary_file(where, 
         monkeypatch.setattr(builtins, "open", lambda path, *a, **kw: full() if str(path).endswith(where) else real_open(path, *a, **kw))
     code, _, err = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "out")], capsys)
     line = assert_one_line_error(code, err)
-    assert expected in line and "No space left on device" in line or "file write failed" in line, line
+    assert expected in line and ("No space left on device" in line or "file write failed" in line), line
     leftovers = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.endswith(".tmp")]
     assert not leftovers
 
@@ -588,8 +588,8 @@ def test_6_a_second_signal_during_a_save_lets_the_save_finish_and_exits_with_one
 @pytest.mark.parametrize("flag, value", [("--seed", str(2**64)), ("--seed", str(2**31)), ("--batch-size", str(2**40)),
                                          ("--dense-steps", str(2**63)), ("--dense-lr", "1e400"), ("--weight-decay", "nan"),
                                          ("--corpus-mb", "1e300")])
-def test_7_values_the_code_cannot_hold_fail_up_front(flag, value, tmp_path):
-    result = cli([flag, value, "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+def test_7_values_the_code_cannot_hold_fail_up_front(flag, value, train_corpus, tmp_path):
+    result = cli([*tiny(train_corpus, tmp_path / "out"), "--init", "dense", flag, value])
     line = assert_one_line_error(result.returncode, result.stderr)
     assert f"argument {flag}: must be" in line and value in line
     assert not os.path.exists(tmp_path / "out")
