@@ -233,6 +233,14 @@ def file_sha1(path):
     return h.hexdigest()
 
 
+def tokens_sha1(cache_dir, enc):
+    """The fingerprint of the cached tokens themselves: equal on two machines exactly when the text is equal."""
+    h = hashlib.sha1(enc.name.encode())
+    for split in ("train", "val"):
+        h.update(file_sha1(os.path.join(cache_dir, f"{split}.bin")).encode())
+    return h.hexdigest()
+
+
 def read_meta(meta_path):
     """The cache's meta.json as a dict, or None (with a warning) when it is missing, unreadable or foreign."""
     if not os.path.exists(meta_path):
@@ -266,11 +274,7 @@ def build_cache(cache_dir, splits, enc, settings):
             meta[f"{split}_tokens"], meta[f"{split}_files"] = write_tokens(split_files, enc, tmp, seen)
             os.replace(tmp, os.path.join(cache_dir, f"{split}.bin"))
         tmp = None
-        # the fingerprint of the tokens themselves: equal on two machines exactly when the text is equal
-        h = hashlib.sha1(enc.name.encode())
-        for split in ("train", "val"):
-            h.update(file_sha1(os.path.join(cache_dir, f"{split}.bin")).encode())
-        meta["tokens_sha1"] = h.hexdigest()
+        meta["tokens_sha1"] = tokens_sha1(cache_dir, enc)
         langs = {}
         for f in train_files + val_files:
             langs[language_of(f[0])] = langs.get(language_of(f[0]), 0) + 1
@@ -300,6 +304,9 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
         raise Fail(f"--data {data}: no such file or folder")
     if os.path.isfile(data) and data.endswith(".bin"):
         return load_token_file(data, tokenizer, enc, seq_len)
+    if os.path.isdir(data) and os.path.realpath(data) == os.path.realpath(out_dir):
+        raise Fail(f"--out-dir {out_dir} is the --data folder itself: its caches and checkpoints would become corpus; "
+                   f"use a subfolder (e.g. --out-dir {os.path.join(data, 'out')}) or another folder")
     try:
         files = list_files(data, exclude=out_dir)
     except OSError as e:
@@ -324,6 +331,11 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
                                   os.path.getsize(os.path.join(cache_dir, f"{s}.bin")) != np.dtype(dtype).itemsize * meta[f"{s}_tokens"]
                                   for s in ("train", "val")):
         print(f"token cache {cache_dir} is incomplete: rebuilding")
+        meta = None
+    elif meta is not None and meta.get("tokens_sha1") != tokens_sha1(cache_dir, enc):
+        # the right size, other tokens (a damaged or foreign file): its ids may lie outside the vocabulary, and
+        # the fingerprint in every run's identity would claim text it does not hold
+        print(f"warning: the token cache in {cache_dir} (train.bin, val.bin) does not match its meta.json: rebuilding")
         meta = None
     if meta is None:
         make_dirs(cache_dir)

@@ -426,3 +426,306 @@ def test_batches_from_the_corpus_on_the_gpu_equal_those_gathered_on_the_host(dev
         x, y = data.get_batch(tokens, 8, 16, np.random.default_rng(3), torch.device(device), part)
         x2, y2 = data.get_batch(on_device, 8, 16, np.random.default_rng(3), torch.device(device), part)
         assert x2.dtype == x.dtype == torch.int64 and torch.equal(x, x2) and torch.equal(y, y2)
+
+
+# -----------------------------------------------------------------------------
+# faults that must not get through: runs compared that were not measured alike, checkpoints of broken weights,
+# the tool eating its own output, odd corpora, full disks, signals during a save, values too large, damaged files,
+# two writers, inexact resumes
+
+
+def nan_lr_from(monkeypatch, first_step, phase_steps=None):
+    """From optimizer step first_step on (of the phase with phase_steps steps, or any), the learning rate is NaN:
+    that update writes NaN weights. Returns the real lr_at."""
+    real = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, steps, *a: float("nan") if step >= first_step and
+                        phase_steps in (None, steps) else real(step, steps, *a))
+    return real
+
+
+def test_resume_with_a_changed_scoring_setting_is_refused_naming_it(train_corpus, tmp_path, capsys, monkeypatch):
+    real = nan_lr_from(monkeypatch, 12)
+    run_main(["--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)  # unfinished, ckpt at 10
+    monkeypatch.setattr(train, "lr_at", real)
+    for flag, value, key in [("--eval-batches", "3", "eval_batches: 2 -> 3"), ("--eval-interval", "20", "eval_interval: 10 -> 20"),
+                             ("--log-interval", "10", "log_interval: 5 -> 10")]:
+        code, _, err = run_main(["--resume", "--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40), flag, value], capsys)
+        line = assert_one_line_error(code, err)
+        assert "other settings" in line and key in line, flag
+    code, stdout, err = run_main(["--resume", "--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)
+    assert code == 0 and "resuming at step 10/40" in stdout, err
+
+
+def test_summary_never_puts_runs_scored_differently_side_by_side(drop_run, train_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(drop_run[0], out)
+    # a finished drop run scored on 3 validation batches (as an older command could have left it)
+    path = out / "moe-drop-r0.5" / "settings.json"
+    settings = json.loads(path.read_text())
+    settings["eval_batches"] = 3
+    path.write_text(json.dumps(settings))
+    code, _, err = run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)
+    assert code == 0, err
+    summary = (out / "summary.md").read_text()
+    assert "| moe-naive |" in summary and "moe-drop-r0.5" not in summary
+
+
+def test_weights_that_turned_nan_are_never_checkpointed_resume_works_and_sampling_nan_weights_is_one_line(
+        train_corpus, tmp_path, capsys, monkeypatch):
+    # checkpoints at 7 and 14 (neither a log nor an eval step); update 13 writes NaN weights after step 14's
+    # loss was computed: only the evaluation before the save can see them
+    flags = [*tiny(train_corpus, tmp_path, dense_steps=40), "--ckpt-interval", "7"]
+    real = nan_lr_from(monkeypatch, 13)
+    code, _, err = run_main(["--init", "dense", *flags], capsys)
+    line = assert_one_line_error(code, err)
+    assert "weights after step 14" in line and "step 7) is kept" in line
+    ckpt = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 7 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    monkeypatch.setattr(train, "lr_at", real)
+    code, stdout, err = run_main(["--resume", "--init", "dense", *flags], capsys)
+    assert code == 0 and "resuming at step 7/40" in stdout, err
+    # a checkpoint with NaN weights (from elsewhere): --sample says so in one line
+    bad = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)
+    next(iter(bad["model"].values())).fill_(float("nan"))
+    torch.save(bad, tmp_path / "nan.pt")
+    code, _, err = run_main(["--sample", str(tmp_path / "nan.pt"), "--device", "cpu", "--sample-tokens", "4"], capsys)
+    assert "non-finite weights" in assert_one_line_error(code, err)
+
+
+def test_out_dir_inside_the_data_folder_is_not_corpus_cache_reused_and_resume_works(tmp_path, capsys, monkeypatch):
+    folder = write_corpus(str(tmp_path / "data"))
+    out = os.path.join(folder, "out")
+    code, stdout, err = run_main(["--init", "dense", *tiny(folder, out)], capsys)
+    assert code == 0 and "tokenizing" in stdout, err
+    real = nan_lr_from(monkeypatch, 12, phase_steps=40)  # the MoE phase dies after its checkpoint at step 10
+    code, stdout, err = run_main(["--init", "naive", *tiny(folder, out, moe_steps=40)], capsys)
+    assert "tokenizing" not in stdout and "reusing the finished dense model" in stdout, stdout + err
+    assert "moe-naive/ckpt.pt, step 10) is kept" in assert_one_line_error(code, err)
+    monkeypatch.setattr(train, "lr_at", real)
+    code, stdout, err = run_main(["--resume", "--init", "naive", *tiny(folder, out, moe_steps=40)], capsys)
+    assert code == 0 and "resuming at step 10/40" in stdout and "tokenizing" not in stdout, err
+    # the data folder itself as --out-dir: its checkpoints would be corpus the next time, so it is refused
+    code, _, err = run_main(["--init", "dense", *tiny(folder, folder)], capsys)
+    assert "--out-dir" in assert_one_line_error(code, err)
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_one_file_corpus_is_split_by_position_whatever_its_name(as_folder, tmp_path, capsys):
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(600))
+    path = tmp_path / "corpus" / "input.txt"
+    path.parent.mkdir()
+    path.write_text(text)
+    source = str(path.parent if as_folder else path)
+    args = train.parse_args(tiny(source, tmp_path / "out"))
+    train_tokens, val_tokens, info = data.load_data(args.data, args.tokenizer, data.get_tokenizer("byte"), args.out_dir,
+                                                    args.corpus_mb, args.seq_len)
+    everything = list(text.encode()) + [256]
+    n_val = int(len(everything) * data.VAL_FRACTION)
+    assert list(train_tokens) == everything[:-n_val] and list(val_tokens) == everything[-n_val:]
+    assert "split by position" in info["description"]
+    code, _, err = run_main(["--init", "dense", *tiny(source, tmp_path / "out")], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("where, expected", [
+    ("torch.save", "could not write checkpoint"),
+    ("token cache", "could not write the token cache"),
+    ("savefig", "loss_curves.png"),
+    ("log.csv.tmp", "log.csv"),
+    ("summary.md.tmp", "summary.md"),
+    ("result.json.tmp", "result.json"),
+    ("settings.json.tmp", "settings.json"),
+    (".lock", ".lock"),
+])
+def test_a_full_disk_anywhere_is_one_line_and_leaves_no_temporary_file(where, expected, train_corpus, tmp_path, capsys,
+                                                                         monkeypatch):
+    import builtins
+    import matplotlib.figure
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    if where == "torch.save":  # torch's writer reports a full disk as a RuntimeError
+        def full_save(obj, f, *a, **kw):
+            f.write(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/3: file write failed")
+        monkeypatch.setattr(torch, "save", full_save)
+    elif where == "token cache":
+        real_write_tokens = data.write_tokens
+
+        def write_half(files, enc, out_path, seen):
+            real_write_tokens(files, enc, out_path, seen)
+            full()
+        monkeypatch.setattr(data, "write_tokens", write_half)
+    elif where == "savefig":
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    else:
+        real_open = builtins.open
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **kw: full() if str(path).endswith(where) else real_open(path, *a, **kw))
+    code, _, err = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "out")], capsys)
+    line = assert_one_line_error(code, err)
+    assert expected in line and ("No space left on device" in line or "file write failed" in line), line
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_a_second_signal_during_a_save_lets_the_save_finish_and_exits_with_one_line(train_corpus, tmp_path, capsys, monkeypatch):
+    real_lr_at, real_save = train.lr_at, torch.save
+
+    def lr_at(step, *a):
+        if step == 12:  # first Ctrl-C: finish step 13, save, stop
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(step, *a)
+
+    def save(obj, f, *a, **kw):
+        if obj.get("step") == 13:  # second Ctrl-C, in the middle of writing that checkpoint
+            f.write(b"the first bytes")
+            os.kill(os.getpid(), signal.SIGINT)
+            f.seek(0)
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    monkeypatch.setattr(torch, "save", save)
+    code, stdout, err = run_main(["--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("train.py: interrupted"), err
+    assert os.listdir(tmp_path / "dense") and not [f for f in os.listdir(tmp_path / "dense") if f.endswith(".tmp")]
+    ckpt = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)  # complete: the save was not cut short
+    assert ckpt["step"] == 13
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    code, stdout, err = run_main(["--resume", "--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)
+    assert code == 0 and "resuming at step 13/40" in stdout, err
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", str(2**64)), ("--seed", str(2**31)), ("--batch-size", str(2**40)),
+                                         ("--dense-steps", str(2**63)), ("--dense-lr", "1e400"), ("--weight-decay", "nan"),
+                                         ("--corpus-mb", "1e300")])
+def test_values_the_code_cannot_hold_fail_up_front(flag, value, train_corpus, tmp_path):
+    result = cli([*tiny(train_corpus, tmp_path / "out"), "--init", "dense", flag, value])
+    line = assert_one_line_error(result.returncode, result.stderr)
+    assert f"argument {flag}: must be" in line and value in line
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_damaged_cache_meta_and_token_files_are_rebuilt_with_a_warning(train_corpus, tmp_path, capsys):
+    flags = ["--init", "dense", *tiny(train_corpus, tmp_path)]
+    code, stdout, err = run_main(flags, capsys)
+    assert code == 0, err
+    cache = tmp_path / "data" / f"{os.path.basename(train_corpus)}-byte"
+    (cache / "meta.json").write_text("[1, 2, 3]")  # JSON, but not an object
+    code, stdout, err = run_main(flags, capsys)
+    assert code == 0 and "meta.json is damaged" in stdout and "tokenizing" in stdout, err
+    # right size, foreign contents: ids beyond the 257-token vocabulary
+    size = (cache / "train.bin").stat().st_size
+    (cache / "train.bin").write_bytes(b"\xff" * size)
+    code, stdout, err = run_main(flags, capsys)
+    assert code == 0 and "tokenizing" in stdout and "reusing the finished dense model" in stdout, err
+    assert "warning" in stdout and "train.bin" in stdout
+
+
+@pytest.mark.parametrize("damage", ["truncated result.json", "empty settings.json", "log.csv step"])
+def test_damaged_files_of_a_finished_run_are_left_out_of_the_summary_with_a_warning(damage, drop_run, train_corpus,
+                                                                                     tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(drop_run[0], out)
+    run = out / "moe-drop-r0.5"
+    if damage == "truncated result.json":
+        (run / "result.json").write_text((run / "result.json").read_text()[:20])
+    elif damage == "empty settings.json":
+        (run / "settings.json").write_text("")
+    else:
+        (run / "log.csv").write_text((run / "log.csv").read_text().replace("\n10,", "\nten,"))
+    code, stdout, err = run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)
+    assert code == 0, err
+    assert f"warning: {run} has a damaged" in stdout
+    summary = (out / "summary.md").read_text()
+    assert "| moe-naive |" in summary and "moe-drop-r0.5" not in summary
+
+
+def test_a_damaged_dense_log_is_a_warning_not_a_traceback(drop_run, train_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(drop_run[0], out)
+    log = out / "dense" / "log.csv"
+    log.write_text(log.read_text().replace("\n10,", "\nten,"))
+    (out / "summary.md").unlink()
+    code, stdout, err = run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert f"{out / 'dense'}" in stdout and "warning" in stdout
+
+
+def test_resume_with_a_damaged_log_is_one_line_naming_it(train_corpus, tmp_path, capsys, monkeypatch):
+    real = nan_lr_from(monkeypatch, 12)
+    run_main(["--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)
+    monkeypatch.setattr(train, "lr_at", real)
+    log = tmp_path / "dense" / "log.csv"
+    log.write_text(log.read_text().replace("\n5,", "\nfive,"))
+    code, _, err = run_main(["--resume", "--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)
+    assert f"{log} is damaged" in assert_one_line_error(code, err)
+
+
+def test_one_process_per_out_dir_and_a_killed_holder_does_not_block(train_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train\ntrain.lock_out_dir(sys.argv[1])\n"
+                               "print('locked', flush=True)\ntime.sleep(300)", str(out)],
+                              stdout=subprocess.PIPE, text=True, env=ENV, cwd=HERE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = cli(["--init", "dense", *tiny(train_corpus, out)])
+        line = assert_one_line_error(result.returncode, result.stderr)
+        assert f"is in use by process {holder.pid}" in line
+    finally:
+        holder.kill()  # SIGKILL: the .lock file stays, with the dead holder's pid in it
+        holder.wait()
+    assert str(holder.pid) in (out / ".lock").read_text()
+    code, _, err = run_main(["--init", "dense", *tiny(train_corpus, out)], capsys)
+    assert code == 0, err
+
+
+def test_repeated_experiments_in_one_process_do_not_lock_themselves_out(train_corpus, tmp_path):
+    # what analyze.py sweep does: train.experiment again and again in one process, the lock held throughout
+    try:
+        train.experiment(train.parse_args(["--init", "dense", *tiny(train_corpus, tmp_path / "out")]))
+        train.experiment(train.parse_args(["--init", "naive", *tiny(train_corpus, str(tmp_path / "out") + "/", moe_steps=10)]))
+        train.experiment(train.parse_args(["--init", "naive", *tiny(train_corpus, tmp_path / "out", moe_steps=10)]))
+    finally:
+        for f in train.LOCK.values():
+            f.close()
+        train.LOCK.clear()
+    assert os.path.exists(tmp_path / "out" / "moe-naive" / "result.json")
+
+
+STOP_AT_MOE_STEP_13 = """import os, signal, sys, train
+real = train.lr_at
+def lr_at(step, steps, *a):
+    if steps == 120 and step == 12:  # Ctrl-C during MoE step 13: not a log step (5), eval step (10) or ckpt step (10)
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(step, steps, *a)
+train.lr_at = lr_at
+train.main(sys.argv[1:])
+"""
+
+
+def test_resume_from_a_stop_between_log_steps_writes_the_uninterrupted_log(drop_run, train_corpus, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--init", "drop", "--r", "0.5", *tiny(train_corpus, out)]
+    stopped = subprocess.run([sys.executable, "-c", STOP_AT_MOE_STEP_13, *flags], capture_output=True, text=True,
+                             env=ENV, cwd=HERE, timeout=300)
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert torch.load(out / "moe-drop-r0.5" / "ckpt.pt", weights_only=True)["step"] == 13
+    assert [int(r["step"]) for r in csv_rows(out / "moe-drop-r0.5" / "log.csv")] == [0, 5, 10]  # no row at 13
+    resumed = cli([*flags, "--resume"])
+    assert resumed.returncode == 0 and "resuming at step 13/120" in resumed.stdout, resumed.stderr
+    rows, reference = (csv_rows(d / "moe-drop-r0.5" / "log.csv") for d in (out, drop_run[0]))
+    assert len(rows) == len(reference)
+    for row, ref in zip(rows, reference):  # row by row, every value but the time
+        assert {k: v for k, v in row.items() if k != "time"} == {k: v for k, v in ref.items() if k != "time"}
+
+
+def test_summary_of_a_dense_only_run_describes_only_the_dense_run(drop_run, train_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(drop_run[0], out)  # a finished MoE run lies in the folder too
+    code, stdout, err = run_main(["--init", "dense", *tiny(train_corpus, out)], capsys)
+    assert code == 0, err
+    summary = (out / "summary.md").read_text()
+    assert "after 20 dense steps" in summary and "MoE" not in summary and "moe-" not in summary

@@ -176,7 +176,7 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # 2. One training run
 
-STOP = {"signal": None, "received": None, "training": False}  # set by the SIGINT/SIGTERM handler, read once per step
+STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": False}  # see on_signal
 
 
 def on_signal(signum, frame):
@@ -188,6 +188,8 @@ def on_signal(signum, frame):
         STOP["signal"] = signum  # finish this step, save a checkpoint, exit
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to quit now)",
               flush=True)
+    elif STOP["saving"]:  # quit, but once the checkpoint being written is complete
+        STOP["deferred"] = True
     else:
         raise KeyboardInterrupt  # outside training, or a second Ctrl-C: stop at once
 
@@ -245,7 +247,11 @@ def save_checkpoint(state, path):
     """Write to a temporary file, flush it to disk, then rename over the old checkpoint, with SIGINT/SIGTERM held
     back meanwhile: a crash, a full disk or a second Ctrl-C during the save leaves the previous checkpoint as it was."""
     tmp = path + ".tmp"
+    # the mask alone is not enough: a signal sent to the process goes to any thread that does not block it (torch
+    # and tiktoken start threads), and Python then runs the handler in this thread mid-save. So on_signal also
+    # defers a quit while STOP["saving"], and the quit happens below once the file is complete.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    STOP["saving"], STOP["deferred"] = True, False
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -259,6 +265,10 @@ def save_checkpoint(state, path):
         raise Fail(f"could not write checkpoint {path} ({reason}); the previous checkpoint is unchanged")
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
+        STOP["saving"] = False
+        if STOP["deferred"]:
+            STOP["deferred"] = False
+            raise KeyboardInterrupt
 
 
 def load_checkpoint(path):
@@ -607,7 +617,11 @@ def lock_out_dir(out_dir):
     """One writer per output folder: a second process would interleave its rows with ours. The lock is the
     kernel's (flock), so it goes away with the process that held it, even after kill -9."""
     path = os.path.join(out_dir, ".lock")
-    f = LOCK.get(out_dir) or open(path, "a+")
+    key = os.path.realpath(out_dir)  # one lock per folder, however it is spelled (analyze.py sweep locks it again)
+    try:
+        f = LOCK.get(key) or open(path, "a+")
+    except OSError as e:
+        raise Fail(f"could not write {path} ({e.strerror or e})")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -615,11 +629,14 @@ def lock_out_dir(out_dir):
         holder = f.read().strip() or "another process"
         f.close()
         raise Fail(f"--out-dir {out_dir} is in use by {holder}; wait for it to finish, or use another --out-dir")
-    f.seek(0)
-    f.truncate()
-    f.write(f"process {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:4])} ...)")
-    f.flush()
-    LOCK[out_dir] = f
+    LOCK[key] = f
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:4])} ...)")
+        f.flush()
+    except OSError as e:
+        raise Fail(f"could not write {path} ({e.strerror or e})")
 
 
 def experiment(args):
@@ -734,8 +751,11 @@ def experiment(args):
             moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name)
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run))
         if init == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
-            start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
-            print(f"[{run.name}] check: naive Upcycling starts at val {start_val:.4f}; the dense model ended at {dense_val:.4f}")
+            try:
+                start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
+                print(f"[{run.name}] check: naive Upcycling starts at val {start_val:.4f}; the dense model ended at {dense_val:.4f}")
+            except (OSError, ValueError, KeyError, IndexError):
+                print(f"warning: {dense_run.csv_path} is damaged: no check of naive Upcycling's start against it")
         del ckpt
     if distributed.is_main():
         report(args.out_dir, dense_run, moe_runs, data_info["fingerprint"])
@@ -774,6 +794,7 @@ def report(out_dir, dense_run, moe_runs, fingerprint):
     """Summary table and figure of the dense run and every comparable finished MoE run in out_dir."""
     runs = finished_runs(out_dir, dense_run, moe_runs)
     if "dense" not in runs:
+        print(f"warning: no summary or figure written: every run is compared with the dense run in {dense_run.dir}")
         return
     results, curves = {n: r for n, (r, _) in runs.items()}, {n: c for n, (_, c) in runs.items()}
     dense = results["dense"]
