@@ -285,7 +285,7 @@ def routing(opts, train_argv):
                       for d in domains]
         counts = torch.stack(per_domain, dim=1).numpy()  # [n_layer, domains, experts]
         layers = [routing_stats(c) for c in counts]
-        results[name] = dict(counts=counts, layers=layers, top_k=model.config.top_k, settings=ckpt["settings"],
+        results[name] = dict(counts=counts, layers=layers, top_k=model.config.top_k,
                              tokens=int(counts[0, 0].sum()) // model.config.top_k)  # the tokens actually routed
         del model, ckpt
 
