@@ -123,7 +123,7 @@ def sweep(opts, train_argv):
                 took.append(json.load(f)["wall_time"])
         if took and i + 1 < len(runs):
             left, each = len(runs) - i - 1, float(np.mean(took))
-            print(f"===== sweep: {left} runs left, ETA {plot.fmt_time(left * each)} ({left} x {plot.fmt_time(each)}, "
+            print(f"===== sweep: {left} run{'s' * (left > 1)} left, ETA {plot.fmt_time(left * each)} ({left} x {plot.fmt_time(each)}, "
                   f"the mean time of the MoE runs trained so far)", flush=True)
     sweep_report(args, runs, "python analyze.py sweep " + shlex.join(opts.argv))
 
