@@ -5,7 +5,8 @@ The paper's two analyses at small scale, and the small measurements behind the c
     python analyze.py routing --preset cpu --out-dir out/cpu   # Sec. 5.4, Fig. 5: where each domain's tokens go
     python analyze.py router-grad --r 0 0.5                    # does the router learn from the LM loss at step 0?
     python analyze.py overlap --r 0.5                          # Sec. 3.2.2: two experts share (1 - r)^2 of the neurons
-    python analyze.py exercises                                # the classroom exercises, as markdown
+
+The classroom exercises built on these commands, with what each needs and how long it takes, are in EXERCISES.md.
 
 sweep and routing take every train.py flag (--preset, --out-dir, --data, model and step overrides, ...) and hand
 them to train.py, so one --out-dir holds one dense model, every MoE run made from it, and the analyses of them.
@@ -15,8 +16,7 @@ Read top to bottom:
   2. sweep: r in {0, 0.1, 0.25, 0.5, 0.75, 1} from one dense model, plus r = 0.5 with independent index sets
   3. routing: held-out text of each domain through each MoE, per layer and expert
   4. router-grad and overlap: two measurements right after upcycling, no training needed
-  5. exercises
-  6. main: every expected failure becomes one line on stderr and a non-zero exit
+  5. main: every expected failure becomes one line on stderr and a non-zero exit
 """
 
 import json
@@ -109,31 +109,29 @@ def sweep(opts, train_argv):
     train_argv = train_argv_checked(train_argv, "sweep")
     runs = sweep_runs(opts.r_values)
     args = train.parse_args(train_argv)
+    took = []  # wall time of each MoE run trained here: every run has the same FLOPs, so they give the ETA
     for i, (init, r, independent) in enumerate([] if opts.report_only else runs):
         argv = list(train_argv) + ["--init", init] + (["--r", f"{r:g}"] if init == "drop" else [])
         argv += ["--independent-indices"] if independent else []
         args = train.parse_args(argv)
         print(f"\n===== sweep run {i + 1}/{len(runs)}: python train.py {shlex.join(argv)}", flush=True)
+        result = os.path.join(args.out_dir, train.run_name(init, r if r is not None else 0.0, not independent),
+                              "result.json")
+        reused = os.path.exists(result)
         train.experiment(args)  # trains the dense model the first time; later runs (and reruns) reuse it
+        if not reused:
+            with open(result) as f:
+                took.append(json.load(f)["wall_time"])
+        if took and i + 1 < len(runs):
+            left, each = len(runs) - i - 1, float(np.mean(took))
+            print(f"===== sweep: {left} run{'s' * (left > 1)} left, ETA {plot.fmt_time(left * each)} ({left} x {plot.fmt_time(each)}, "
+                  f"the mean time of the MoE runs trained so far)", flush=True)
     if distributed.is_main():  # under torchrun, rank 0 writes the figure and table
         sweep_report(args, runs, "python analyze.py sweep " + shlex.join(opts.argv))
 
 
-def sweep_label(init, r, independent):
-    if init == "naive":
-        return "r = 0 (naive Upcycling)"
-    if init == "scratch":
-        return "MoE from scratch"
-    return f"r = {r:g}" + (", independent S per matrix" if independent else "")
-
-
 def sweep_report(args, runs, command):
-    """Figure (loss against MoE-phase tokens for every r, and minus naive) and table of one sweep's runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Figure (plot.sweep_figure: loss against MoE-phase tokens for every r, and minus naive) and table."""
     rows, curves = [], {}
     for init, r, independent in runs:
         name = train.run_name(init, r if r is not None else 0.0, not independent)
@@ -142,93 +140,43 @@ def sweep_report(args, runs, command):
             print(f"{name}: no finished run in {folder}, left out")
             continue
         with open(os.path.join(folder, "result.json")) as f:
-            result = json.load(f)
+            rows.append((name, init, r, independent, json.load(f)))
         curves[name] = plot.val_curve(os.path.join(folder, "log.csv"))
-        rows.append((name, init, r, independent, result))
     if "moe-naive" not in curves or not os.path.exists(os.path.join(args.out_dir, "dense", "result.json")):
         raise Fail(f"no finished dense and naive runs in {args.out_dir} "
                    f"(with --report-only: pass the training's flags)")
     with open(os.path.join(args.out_dir, "dense", "result.json")) as f:
         dense = json.load(f)
 
-    naive_steps, _, naive_loss, _ = curves["moe-naive"]
-    lines = ["| run | r | index sets | val loss right after upcycling | final val loss | minus naive | "
-             "below naive from step (tokens) on | wall time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    naive_batches = next(res for name, _, _, _, res in rows if name == "moe-naive").get("final_val_batches")
+    lines = ["| run | r | index sets | val loss right after upcycling | final val loss | minus naive (noise) | "
+             "vs naive | wall time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, init, r, independent, result in rows:
-        steps, tokens, loss, _ = curves[name]
-        vs, cross = "", ""
-        if name != "moe-naive" and np.array_equal(steps, naive_steps):
-            vs = f"{loss[-1] - naive_loss[-1]:+.4f}"
-            s = plot.overtake_step(steps, loss - naive_loss)
-            cross = "never" if s is None else f"{s} ({s * result['tokens'] / result['steps'] / 1e6:.1f}M)"
+        gap = None if name == "moe-naive" else plot.compare_to_naive(
+            curves[name], curves["moe-naive"], result.get("final_val_batches"), naive_batches)
+        vs, verdict = ("", "") if gap is None else (f"{gap[0]:+.4f} (±{gap[1]:.4f})", gap[2])
         r_text = "0" if init == "naive" else "-" if init == "scratch" else f"{r:g}"
         sets = "independent" if independent else ("shared" if init == "drop" else "-")
-        lines.append(f"| {name} | {r_text} | {sets} | {loss[0]:.4f} | {result['final_val_loss']:.4f} | {vs} | "
-                     f"{cross} | {plot.fmt_time(result['wall_time'])} |")
-    moe_tokens = rows[0][4]["tokens"]
+        lines.append(f"| {name} | {r_text} | {sets} | {curves[name][2][0]:.4f} | {result['final_val_loss']:.4f} | "
+                     f"{vs} | {verdict} | {plot.fmt_time(result['wall_time'])} |")
+    moe = rows[0][4]
     header = (f"Re-initialisation ratio sweep (paper Sec. 5.3, Fig. 4). Validation loss in nats/token "
               f"({args.tokenizer} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
-              f"final dense val loss {dense['final_val_loss']:.4f}) and {rows[0][4]['steps']} MoE steps "
-              f"({moe_tokens / 1e6:.1f}M tokens), same data order for every run; device {dense['device']}, "
-              f"seed {args.seed}.")
+              f"final dense val loss {dense['final_val_loss']:.4f}) and {moe['steps']} MoE steps "
+              f"({moe['tokens'] / 1e6:.1f}M tokens), same data order for every run; device {dense['device']}, "
+              f"seed {args.seed}. Noise: two standard errors of the difference of two final losses.")
     table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
-    data.atomic_write_text(os.path.join(args.out_dir, "sweep_summary.md"), table)
+    table_path, figure_path = os.path.join(args.out_dir, "sweep_summary.md"), os.path.join(args.out_dir, "sweep_loss.png")
+    data.atomic_write_text(table_path, table)
     print("\n" + table)
-
-    # Figure: the paper's Fig. 4 (left) as validation loss against MoE-phase tokens, plus each run minus naive
-    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(13, 5))
-    plotted, late = [], []
-    for name, init, r, independent, result in rows:
-        if init == "scratch":
-            continue  # far above every upcycled run at this scale; it is in the table
-        steps, tokens, loss, _ = curves[name]
-        color = "black" if init == "naive" else plt.cm.viridis(0.9 * r)
-        style = dict(color=color, ls="--" if independent else "-", label=sweep_label(init, r, independent))
-        ax.plot(tokens / 1e6, loss, **style)
-        late.extend(loss[1:] if len(loss) > 1 else loss)
-        if name != "moe-naive" and np.array_equal(steps, naive_steps):
-            ax_diff.plot(tokens / 1e6, loss - naive_loss, **style)
-            plotted.extend((loss - naive_loss)[1:])
-    ax.axhline(dense["final_val_loss"], color="gray", ls=":", lw=1, label="dense model at upcycling")
-    if late:  # zoom on the training: high-r runs start far above (their step-0 loss is in the table)
-        lo = min(late)
-        hi = max(np.percentile(late, 90), dense["final_val_loss"])
-        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
-    ax.set_xlabel("MoE-phase tokens (M)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("loss against tokens for each r (paper Fig. 4, left)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax_diff.axhline(0, color="black", lw=1)
-    if plotted:
-        lo, hi = min(min(plotted), 0), max(max(plotted), 0)
-        hi = min(hi, max(np.percentile(plotted, 90), 0) + 0.3 * (max(np.percentile(plotted, 90), 0) - lo) + 1e-3)
-        ax_diff.set_ylim(lo - 0.1 * (hi - lo) - 1e-3, hi + 0.1 * (hi - lo) + 1e-3)
-    ax_diff.set_xlabel("MoE-phase tokens (M)")
-    ax_diff.set_ylabel("val loss minus naive Upcycling's (below 0: better)")
-    ax_diff.set_title("difference to naive Upcycling")
-    ax_diff.legend(fontsize=8)
-    ax_diff.grid(alpha=0.3)
-    fig.suptitle(header, fontsize=8, wrap=True)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the 2-line title
-    path = os.path.join(args.out_dir, "sweep_loss.png")
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    print(f"figure: {path} | table: {os.path.join(args.out_dir, 'sweep_summary.md')}")
+    plot.sweep_figure(figure_path, header, curves, dense["final_val_loss"], {row[0]: row[4] for row in rows})
+    print(f"figure: {figure_path} | table: {table_path}")
 
 
 # -----------------------------------------------------------------------------
 # 3. Routing specialisation (Sec. 5.4, Figure 5, Appendix C.2)
 
 FIGURE_MODELS = ["moe-naive", "moe-drop-r0.5", "moe-scratch"]  # the paper's Fig. 5 columns
-
-
-def pretty(run):
-    """moe-drop-r0.5-indep -> 'Drop-Upcycling r=0.5, independent S', for figure titles."""
-    names = {"moe-naive": "naive Upcycling", "moe-scratch": "MoE from scratch"}
-    if run in names or not run.startswith("moe-drop-r"):
-        return names.get(run, run)
-    return "Drop-Upcycling r=" + run[len("moe-drop-r"):].replace("-indep", ", independent S")
 
 
 def domain_of(key, default_corpus):
@@ -341,7 +289,7 @@ def routing(opts, train_argv):
                       for d in domains]
         counts = torch.stack(per_domain, dim=1).numpy()  # [n_layer, domains, experts]
         layers = [routing_stats(c) for c in counts]
-        results[name] = dict(counts=counts, layers=layers, top_k=model.config.top_k, settings=ckpt["settings"],
+        results[name] = dict(counts=counts, layers=layers, top_k=model.config.top_k,
                              tokens=int(counts[0, 0].sum()) // model.config.top_k)  # the tokens actually routed
         del model, ckpt
 
@@ -365,11 +313,7 @@ def routing_replot(opts, args):
 
 
 def routing_report(args, results, domains, n_tokens, command, opts):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """routing_summary.md, routing_counts.json and the figure (plot.routing_figure: the paper's Fig. 5)."""
     n_layer = len(next(iter(results.values()))["layers"])
     header = (f"Routing of {n_tokens:,} held-out tokens per domain ({', '.join(domains)}; validation files only). "
               f"Load balance: entropy of the expert-usage distribution / log(n_experts), 1 = uniform. Domain "
@@ -398,40 +342,10 @@ def routing_report(args, results, domains, n_tokens, command, opts):
                       js=[l["js"] for l in res["layers"]]) for name, res in results.items()}
     data.atomic_write_text(os.path.join(args.out_dir, "routing_counts.json"), json.dumps(raw, indent=1))
 
-    # Figure like the paper's Fig. 5: one column per model, one row per layer; a bar group per expert, a bar
-    # per domain, height = fraction of that domain's tokens sent to that expert (the k slots sum to k).
     models = [m for m in (opts.models or FIGURE_MODELS) if m in results] or list(results)[:3]
     layers = list(range(n_layer)) if opts.all_layers else sorted({0, n_layer // 2, n_layer - 1})
-    fig, axes = plt.subplots(len(layers), len(models), figsize=(4.2 * len(models), 2.4 * len(layers) + 0.8),
-                             squeeze=False, sharey=True)
-    colors = plt.cm.tab10(np.arange(len(domains)))
-    width = 0.8 / len(domains)
-    for col, name in enumerate(models):
-        res = results[name]
-        n_experts = res["counts"].shape[2]
-        for row, layer in enumerate(layers):
-            ax, stats = axes[row, col], res["layers"][layer]
-            for d, domain in enumerate(domains):
-                fraction = stats["dists"][d] * res["top_k"]  # share of the domain's tokens: sums to top_k
-                ax.bar(np.arange(n_experts) + (d - (len(domains) - 1) / 2) * width, fraction, width,
-                       color=colors[d], label=domain)
-            ax.axhline(res["top_k"] / n_experts, color="black", ls=":", lw=1, label="uniform")
-            ax.set_xticks(np.arange(n_experts))
-            ax.set_title(f"{pretty(name)}, layer {layer}\nbalance {stats['balance']:.3f} | JS {stats['js']:.3f}",
-                         fontsize=8)
-            ax.tick_params(labelsize=7)
-            if col == 0:
-                ax.set_ylabel("fraction of tokens", fontsize=8)
-            if row == len(layers) - 1:
-                ax.set_xlabel("expert", fontsize=8)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)  # below the plots: hides no bar
-    fig.suptitle(header, fontsize=7, wrap=True)
-    height = fig.get_figheight()
-    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.45 / height))  # room for the legend and the 3-line title
     path = os.path.join(args.out_dir, "routing_specialisation.png")
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    plot.routing_figure(path, header, results, domains, models, layers)
     print(f"figure: {path} | tables: {os.path.join(args.out_dir, 'routing_summary.md')} | counts: "
           f"{os.path.join(args.out_dir, 'routing_counts.json')}")
 
@@ -445,8 +359,11 @@ def dense_for_probe(opts):
     one of the cpu preset's shape: the effects measured here follow from the construction, not the training."""
     if opts.dense_ckpt:
         path = os.path.join(opts.dense_ckpt, "ckpt.pt") if os.path.isdir(opts.dense_ckpt) else opts.dense_ckpt
-        if not os.path.exists(path):
-            raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there (train one: python train.py --init dense)")
+        if not os.path.exists(path):  # train.py keeps the dense model in <out-dir>/dense/ckpt.pt
+            folder = os.path.dirname(path)
+            out_dir = (os.path.dirname(folder) if os.path.basename(folder) == "dense" else folder) or "."
+            raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there; train one with python train.py --preset "
+                       f"cpu --init dense --out-dir {out_dir} (it goes to {os.path.join(out_dir, 'dense')})")
         ckpt = train.load_checkpoint(path)
         cfg = ModelConfig(**ckpt["model_config"])
         if cfg.is_moe:
@@ -554,130 +471,13 @@ def overlap(opts):
 
 
 # -----------------------------------------------------------------------------
-# 5. Classroom exercises
-#
-# The single source of the README's "Exercises" section (python analyze.py exercises prints it) and of the test
-# that runs every CPU command for a few steps. Commands run from the repository root; later ones reuse the
-# dense model and runs that earlier ones left in out/cpu.
-
-EXERCISES = [
-    dict(
-        title="What does the re-initialisation ratio r trade off? (Sec. 5.3, Fig. 4)",
-        question="From one dense model, train MoEs with r = 0, 0.1, 0.25, 0.5, 0.75 and 1 on the same data. Which r "
-                 "starts best, which learns fastest, which ends best at this scale?",
-        commands=["python analyze.py sweep --preset cpu --out-dir out/cpu"],
-        look_for="out/cpu/sweep_loss.png and sweep_summary.md. The loss right after upcycling rises with r (less of "
-                 "the dense model is kept); the slope afterwards is steeper for larger r. The paper's best, r = 0.5, "
-                 "needs long training to win: note where (or whether) each curve in the right panel crosses zero, and "
-                 "compare with the GPU run in figures/sweep_gpu_*. Nine training runs: minutes on 2 CPU cores.",
-    ),
-    dict(
-        title="Why does naive Upcycling's router learn nothing from the language-modelling loss at first?",
-        question="Right after upcycling, how large is the router's gradient from the LM loss with r = 0, and with "
-                 "r = 0.1 or 0.5? Where does the router's gradient at r = 0 come from?",
-        commands=["python analyze.py router-grad --r 0 0.1 0.5 --dense-ckpt out/cpu/dense"],
-        look_for="With r = 0 every expert is the same FFN, so y = g_1 FFN(x) + g_2 FFN(x) = FFN(x) for any gates: the "
-                 "LM gradient of the router is 0 (up to float rounding) and only the balancing loss moves it. Any "
-                 "r > 0 makes the experts differ and gives the router a real LM gradient from step 0.",
-    ),
-    dict(
-        title="Top-1 against top-2 routing",
-        question="With one expert per token, does the router get an LM gradient at r = 0.5? How do the loss and the "
-                 "routing of a top-1 MoE compare with top-2?",
-        commands=["python analyze.py router-grad --r 0 0.5 --top-k 1 --dense-ckpt out/cpu/dense",
-                  "python train.py --preset cpu --init drop --r 0.5 --top-k 1 --out-dir out/cpu-top1",
-                  "python analyze.py routing --preset cpu --out-dir out/cpu-top1"],
-        look_for="The gate of a top-1 token is softmax over one logit, always 1, so the LM gradient of the router is "
-                 "exactly 0 at every r (Mixtral-style renormalised gates; Switch Transformer multiplies by the "
-                 "un-renormalised probability instead, which does pass a gradient). The router learns from the "
-                 "balancing loss alone. Compare the final loss in out/cpu-top1/summary.md with moe-drop-r0.5 in "
-                 "out/cpu/sweep_summary.md (top-1 also runs half the expert FLOPs per token), and the balance and JS "
-                 "columns of the two routing_summary.md files.",
-    ),
-    dict(
-        title="How many dense neurons do two experts share? (Sec. 3.2.2)",
-        question="Measure, right after upcycling, the fraction of FFN neurons two experts both keep from the dense "
-                 "model, for several r. Does it follow (1 - r)^2?",
-        commands=["python analyze.py overlap --r 0.1 0.25 0.5 0.75 1 --dense-ckpt out/cpu/dense"],
-        look_for="The per-matrix pair overlap sits on (1 - r)^2 (exactly so in expectation, with r rounded down to a "
-                 "whole number of neurons): at r = 0.5 two experts share a quarter of the dense neurons, so they "
-                 "start related but different.",
-    ),
-    dict(
-        title="One index set for all three matrices, or one per matrix?",
-        question="The paper's text drops the same neurons S in W_gate, W_up and W_down; the authors' released code "
-                 "draws a separate S for each. How many neurons stay fully intact in each case, and does it change "
-                 "training?",
-        commands=["python analyze.py overlap --r 0.5",
-                  "python analyze.py overlap --r 0.5 --independent-indices",
-                  "python train.py --preset cpu --init drop --r 0.5 --independent-indices --out-dir out/cpu"],
-        look_for="Per matrix both keep (1 - r)^2 between two experts, but with independent sets only (1 - r)^3 = 12.5% "
-                 "of an expert's neurons are intact in all three matrices (against 50%), and only r^3 are fully new: "
-                 "most neurons are part old, part new. Compare moe-drop-r0.5 and moe-drop-r0.5-indep in "
-                 "out/cpu/sweep_summary.md (the sweep already trained both; the train.py command reuses them).",
-    ),
-    dict(
-        title="Switch the balancing loss off",
-        question="Train naive Upcycling and Drop-Upcycling with --aux-loss-coef 0. What happens to the expert usage?",
-        commands=["python train.py --preset cpu --init naive --aux-loss-coef 0 --out-dir out/cpu-noaux",
-                  "python train.py --preset cpu --init drop --r 0.5 --aux-loss-coef 0 --out-dir out/cpu-noaux",
-                  "python analyze.py routing --preset cpu --out-dir out/cpu-noaux"],
-        look_for="The load-balance tables of out/cpu-noaux/routing_summary.md against out/cpu/routing_summary.md: "
-                 "without the loss nothing pulls tokens back to little-used experts, so usage drifts towards a few "
-                 "experts (1.0 is uniform; log(2)/log(8) = 0.33 would be everything on two experts); how far it gets "
-                 "in 240 steps is the question. With r = 0 the router starts with no gradient at all (exercise 2). "
-                 "Then look at the last column, 'all layers pooled': the balancing loss pools all layers' router "
-                 "logits, so it only sees that column, which can be near 1 while each layer uses a few experts of its "
-                 "own (figures/routing_gpu_summary.md, naive Upcycling). The --aux-loss-coef is part of the model's "
-                 "settings, so these runs need their own --out-dir (and train their own dense model).",
-    ),
-    dict(
-        title="A shorter or longer dense phase: where does the crossover move?",
-        question="Drop-Upcycling gives up part of the dense model's knowledge for faster learning. If the dense model "
-                 "knows less (fewer dense steps), does r = 0.5 catch up with naive Upcycling sooner?",
-        commands=["python train.py --preset cpu --init naive --dense-steps 100 --out-dir out/cpu-dense100",
-                  "python train.py --preset cpu --init drop --r 0.5 --dense-steps 100 --out-dir out/cpu-dense100",
-                  "python train.py --preset cpu --init naive --dense-steps 1600 --out-dir out/cpu-dense1600",
-                  "python train.py --preset cpu --init drop --r 0.5 --dense-steps 1600 --out-dir out/cpu-dense1600"],
-        look_for="The 'vs naive' and 'overtakes naive at step' columns of each folder's summary.md and the right panel "
-                 "of its loss_curves.png, against out/cpu (400 dense steps). A weaker dense model leaves less to lose, "
-                 "so the crossover should come earlier; a stronger one pushes it later. On a GPU: python analyze.py "
-                 "sweep --preset gpu --dense-steps 1000 --out-dir out/gpu-dense1000.",
-    ),
-    dict(
-        title="Do experts specialise by domain? (Sec. 5.4, Fig. 5)",
-        question="Route held-out Python and C/C++ text through naive, Drop-Upcycling (r = 0.5) and from-scratch MoEs. "
-                 "Which routes more evenly, and which sends the two languages to different experts?",
-        commands=["python analyze.py routing --preset cpu --out-dir out/cpu"],
-        look_for="out/cpu/routing_specialisation.png (first, middle and last layer; --all-layers for every layer, as "
-                 "in the paper's Appendix C.2) and the two tables of routing_summary.md: load balance (1 = uniform) "
-                 "and JS divergence between the languages (0 = routed alike, 0.693 = disjoint experts). The paper "
-                 "finds naive Upcycling less balanced and less domain-specific than the other two; check whether "
-                 "that holds here and in figures/routing_gpu_*.",
-    ),
-]
-
-
-def exercises_markdown():
-    out = ["## Exercises", "",
-           "Each exercise is a question, the commands that answer it (run from the repository root, CPU-sized: "
-           "minutes on a laptop) and what to look for. Run exercise 1 first: later ones reuse its dense model and "
-           "runs in `out/cpu`. `test_dropupcycle.py` runs every command below for a few steps, so they stay valid. "
-           "Reference answers from one CPU run: `figures/sweep_cpu_exercises.md`.", ""]
-    for i, ex in enumerate(EXERCISES, 1):
-        out += [f"### {i}. {ex['title']}", "", ex["question"], "", "```bash", *ex["commands"], "```", "",
-                f"*Look for:* {ex['look_for']}", ""]
-    return "\n".join(out)
-
-
-# -----------------------------------------------------------------------------
-# 6. Main
+# 5. Main
 
 
 def parse_args(argv):
-    p = train.OneLineParser(prog="analyze.py",
-                            description="The paper's analyses (r sweep, routing) and exercise helpers.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,routing,router-grad,overlap,exercises}")
+    p = train.OneLineParser(prog="analyze.py", description="The paper's analyses (r sweep, routing) and two "
+                            "measurements right after upcycling. The classroom exercises that use them: EXERCISES.md.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,routing,router-grad,overlap}")
     s = sub.add_parser("sweep", allow_abbrev=False,
                        help="Sec. 5.3: MoE runs for every r from one dense model; figure + table",
                        description="MoE runs for every r (plus r = 0.5 with independent index sets, and from scratch) "
@@ -716,7 +516,6 @@ def parse_args(argv):
             s.add_argument("--independent-indices", action="store_true",
                            help="a separate S per matrix (the released code)")
             s.set_defaults(top_k=2)
-    sub.add_parser("exercises", allow_abbrev=False, help="print the classroom exercises (markdown)")
     opts, rest = p.parse_known_args(argv)
     if rest and opts.command not in ("sweep", "routing"):
         raise Fail(f"unrecognized arguments: {' '.join(rest)} (see python analyze.py {opts.command} --help)")
@@ -736,10 +535,8 @@ def main(argv=None):
             routing(opts, rest)
         elif opts.command == "router-grad":
             router_grad(opts)
-        elif opts.command == "overlap":
-            overlap(opts)
         else:
-            print(exercises_markdown())
+            overlap(opts)
     except Fail as e:
         print(f"analyze.py: error: {e}", file=sys.stderr)
         sys.exit(1)

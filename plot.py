@@ -194,7 +194,7 @@ def loss_figure(path, header, curves, dense_tokens, results=None):
 # 4. The r sweep (Fig. 4) and routing (Fig. 5)
 
 
-def sweep_figure(path, header, curves, dense_final):
+def sweep_figure(path, header, curves, dense_final, results=None):
     """Loss against MoE-phase tokens for every r (the paper's Fig. 4, left), and each run minus naive."""
     import matplotlib
 
@@ -221,7 +221,7 @@ def sweep_figure(path, header, curves, dense_final):
     ax.set_title("loss against tokens for each r (paper Fig. 4, left)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    diff_to_naive_panel(ax_diff, curves, names, colors)
+    diff_to_naive_panel(ax_diff, curves, names, colors, results)
     for line in ax_diff.get_lines():
         if line.get_label().endswith("independent S"):
             line.set_linestyle("--")

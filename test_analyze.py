@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -245,19 +246,36 @@ def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# The classroom exercises: every command runs (a few steps each), and the README lists them
+# The classroom exercises: EXERCISES.md is their one source; every command in its bash blocks runs
 
 
-def exercise_commands():
-    return [cmd for ex in analyze.EXERCISES for cmd in ex["commands"]]
+def exercises():
+    """[(title, text, commands)] of EXERCISES.md: one per '## N.' section, commands from its bash blocks."""
+    with open(os.path.join(HERE, "EXERCISES.md")) as f:
+        sections = re.split(r"^## (?=\d+\.)", f.read(), flags=re.M)[1:]
+    found = []
+    for section in sections:
+        title, text = section.split("\n", 1)
+        blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.M | re.S)
+        commands = [line for block in blocks for line in block.splitlines() if line.strip()]
+        found.append((title, text, commands))
+    return found
+
+
+def test_exercises_say_what_they_need_and_how_long_they_take():
+    found = exercises()
+    assert len(found) in range(6, 9)
+    for title, text, commands in found:
+        assert "*Needs:*" in text and re.search(r"\*Time:\* \d", text), title
+        assert commands, title
 
 
 def test_every_exercise_command_runs(tmp_path, corpus, swept, capsys):
     """Each command as written, with out/ moved to tmp_path and the tiny model and schedule appended. out/cpu
-    starts as a copy of the tiny sweep (same flags), so exercise 1's sweep finds its runs done: this checks
+    starts as a copy of the tiny sweep (same flags), so the sweep exercise finds its runs done: this checks
     the command, not the training, which test_sweep_* covers."""
     shutil.copytree(swept[0], tmp_path / "out" / "cpu")
-    for command in exercise_commands():
+    for command in (c for _, _, commands in exercises() for c in commands):
         words = shlex.split(command)
         assert words[0] == "python" and words[1] in ("train.py", "analyze.py"), command
         argv = [str(tmp_path / w) if w.startswith("out/") else w for w in words[2:]]
@@ -269,17 +287,4 @@ def test_every_exercise_command_runs(tmp_path, corpus, swept, capsys):
             main(argv)
         except SystemExit as e:
             pytest.fail(f"{command} exited with {e.code}: {capsys.readouterr().err}")
-    assert os.path.exists(tmp_path / "out/cpu-noaux/routing_summary.md")
-
-
-def test_readme_lists_every_exercise_command():
-    text = analyze.exercises_markdown()
-    assert all(cmd in text for cmd in exercise_commands()) and len(analyze.EXERCISES) in range(6, 9)
-    readme = os.path.join(HERE, "README.md")
-    with open(readme) as f:
-        readme_text = f.read()
-    assert "## Exercises" in readme_text
-    missing = [cmd for cmd in exercise_commands() if cmd not in readme_text]
-    assert not missing, f"README.md's Exercises section lacks {missing}; paste python analyze.py exercises"
-
-
+    assert os.path.exists(tmp_path / "out/ex-noaux/routing_summary.md")
