@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data import Fail, HFTokenizer
 from dropupcycle import LLAMA3_ROPE_KEYS, ModelConfig, Transformer, rope_cos_sin, upcycled_ffns
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -354,6 +355,28 @@ def drop_upcycle_hf(dense, out_dir, n_experts=8, top_k=2, r=0.5, seed=0, shared_
 
 # -----------------------------------------------------------------------------
 # Command line
+
+
+def load_pretrained(path_or_id, seq_len):
+    """train.py --dense-from: (dense model, tokenizer, source description) of a Hugging Face Llama folder or hub id."""
+    try:
+        folder = resolve(path_or_id)
+        model = load_hf(folder, dtype=torch.float32, max_seq_len=seq_len)  # fp32 master weights, as when trained here
+        config = read_json(os.path.join(folder, "config.json"))
+    except HFError as e:
+        raise Fail(f"--dense-from {path_or_id}: {e}")
+    if model.config.is_moe:
+        raise Fail(f"--dense-from {path_or_id}: is already an MoE; give the dense Llama it came from")
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        raise Fail(f"--dense-from {path_or_id}: no tokenizer.json in {folder}; the model trains on its own tokenizer")
+    eos = config.get("eos_token_id")
+    enc = HFTokenizer(folder, eot_token=eos[0] if isinstance(eos, list) else eos)
+    if enc.n_vocab > model.config.vocab_size:
+        raise Fail(f"--dense-from {path_or_id}: tokenizer.json has {enc.n_vocab} tokens, the model {model.config.vocab_size}")
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
+    stamp = [(f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f))) for f in files]
+    print(f"pretrained dense model {path_or_id}: {model.num_params() / 1e6:.1f}M params, vocabulary {enc.n_vocab:,}")
+    return model, enc, dict(path=os.path.abspath(folder), files=stamp)
 
 
 class OneLineParser(argparse.ArgumentParser):

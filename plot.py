@@ -4,13 +4,17 @@ train.py and analyze.py call it; it imports neither.
 
   1. reading a run: validation curve, with the noise of each validation number
   2. comparing with naive Upcycling: the gap, its noise, and where a curve crosses
-  3. the training figure (the paper's Fig. 3, top row) and summary table
+  3. the training figure (the paper's Fig. 3, top row) and summary table, and train.py's report of an out-dir
   4. the r sweep figure (Fig. 4) and the routing figure (Fig. 5)
 """
 
 import csv
+import json
+import os
 
 import numpy as np
+
+from data import Fail, atomic_write_text
 
 COLORS = {"dense": "black", "moe-scratch": "tab:gray", "moe-naive": "tab:blue", "moe-drop-r0.5": "tab:green",
           "moe-drop-r0.5-indep": "tab:orange", "moe-drop-r1": "tab:red"}
@@ -188,6 +192,60 @@ def loss_figure(path, header, curves, dense_tokens, results=None):
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def finished_runs(out_dir, names, dense_settings, moe_settings):
+    """{name: (result, curve)} of the finished runs among names in out_dir that are comparable: the dense run of
+    dense_settings, and MoE runs whose settings equal moe_settings but for the init."""
+    identity = lambda s: {k: v for k, v in s.items() if k not in ("init", "r", "dense", "shared_indices")}
+    found = {}
+    for name in dict.fromkeys(names):
+        folder = os.path.join(out_dir, name)
+        if not os.path.exists(os.path.join(folder, "result.json")):
+            continue
+        try:
+            with open(os.path.join(folder, "settings.json")) as f:
+                settings = json.load(f)
+            with open(os.path.join(folder, "result.json")) as f:
+                result = json.load(f)
+            curve = val_curve(os.path.join(folder, "log.csv"))
+            float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            print(f"warning: {folder} has a damaged result.json, settings.json or log.csv: left out of the summary")
+            continue
+        wanted = dense_settings if name == "dense" else moe_settings
+        if wanted is None or identity(settings) != identity(json.loads(json.dumps(wanted))):
+            continue  # trained with other settings: not comparable
+        found[name] = (result, curve)
+    return found
+
+
+def report(out_dir, names, dense_settings, moe_settings, fingerprint):
+    """summary.md and loss_curves.png of the dense run and every comparable finished MoE run in out_dir."""
+    runs = finished_runs(out_dir, names, dense_settings, moe_settings)
+    if "dense" not in runs:
+        print(f"warning: no summary or figure written: every run is compared with the dense run in {out_dir}/dense")
+        return
+    results, curves = {n: r for n, (r, _) in runs.items()}, {n: c for n, (_, c) in runs.items()}
+    dense, s = results["dense"], dense_settings
+    start = (f"the pretrained {s['source']['path']}" if s.get("source") else
+             f"{dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens)")
+    header = (f"Validation loss (cross-entropy, nats/token, {s['tokenizer']} tokenizer, corpus fingerprint "
+              f"{fingerprint[:8]}) after {start}")
+    moe = [res for name, res in results.items() if name != "dense"]
+    if moe:
+        header += f" and {moe[0]['steps']} MoE steps ({moe[0]['tokens'] / 1e6:.1f}M tokens)"
+    header += (f"; device {dense['device']}, seed {s['seed']}. Noise: two standard errors of the per-batch differences "
+               f"of the final losses over the {s['eval_batches']} validation batches (the same batches for every run).")
+    table = summary_table(header, curves, results)
+    summary_path, figure_path = os.path.join(out_dir, "summary.md"), os.path.join(out_dir, "loss_curves.png")
+    atomic_write_text(summary_path, table)
+    print("\n" + table)
+    try:
+        loss_figure(figure_path, header, curves, dense["tokens"], results)
+    except OSError as e:
+        raise Fail(f"could not write {figure_path} ({e.strerror or e})")
+    print(f"figure: {figure_path} | summary: {summary_path} | CSVs: {out_dir}/*/log.csv")
 
 
 # -----------------------------------------------------------------------------

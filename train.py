@@ -565,30 +565,6 @@ def run_settings(args, phase, model_cfg, data_fingerprint):
 VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: every run and seed is scored on the same text
 
 
-def load_pretrained(path_or_id, seq_len):
-    """(dense model, tokenizer, source description) of a Hugging Face Llama folder or hub id."""
-    from hf import HFError, load_hf, read_json, resolve
-
-    try:
-        folder = resolve(path_or_id)
-        model = load_hf(folder, dtype=torch.float32, max_seq_len=seq_len)  # fp32 master weights, as when trained here
-        config = read_json(os.path.join(folder, "config.json"))
-    except HFError as e:
-        raise Fail(f"--dense-from {path_or_id}: {e}")
-    if model.config.is_moe:
-        raise Fail(f"--dense-from {path_or_id}: is already an MoE; give the dense Llama it came from")
-    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
-        raise Fail(f"--dense-from {path_or_id}: no tokenizer.json in {folder}; the model trains on its own tokenizer")
-    eos = config.get("eos_token_id")
-    enc = HFTokenizer(folder, eot_token=eos[0] if isinstance(eos, list) else eos)
-    if enc.n_vocab > model.config.vocab_size:
-        raise Fail(f"--dense-from {path_or_id}: tokenizer.json has {enc.n_vocab} tokens, the model {model.config.vocab_size}")
-    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
-    stamp = [(f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f))) for f in files]
-    print(f"pretrained dense model {path_or_id}: {model.num_params() / 1e6:.1f}M params, vocabulary {enc.n_vocab:,}")
-    return model, enc, dict(path=os.path.abspath(folder), files=stamp)
-
-
 def maybe_compile(model, compile, check_batch, name):
     """model itself, or its torch.compile wrapper once that is seen to compute the same function on one
     validation batch (else a warning, and eager mode: slower, never wrong). The whole model is one graph,
@@ -647,6 +623,8 @@ def experiment(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.dense_from:  # a pretrained model: its own shape and tokenizer, no dense phase
+        from hf import load_pretrained  # (safetensors and tokenizers are needed only here)
+
         dense_model, enc, source = load_pretrained(args.dense_from, args.seq_len)
         args.tokenizer, args.dense_steps = enc.name, 0
         dense_cfg = dense_model.config
@@ -757,66 +735,11 @@ def experiment(args):
             except (OSError, ValueError, KeyError, IndexError):
                 print(f"warning: {dense_run.csv_path} is damaged: no check of naive Upcycling's start against it")
         del ckpt
-    if distributed.is_main():
-        report(args.out_dir, dense_run, moe_runs, data_info["fingerprint"])
+    if distributed.is_main():  # with any runs of earlier commands that share these settings
+        names = ["dense"] + [run_name(*p) for p in ALL_RUNS] + [run.name for run in moe_runs]
+        plot.report(args.out_dir, names, dense_run.settings, moe_runs[0].settings if moe_runs else None,
+                    data_info["fingerprint"])
     print(f"total time {plot.fmt_time(time.time() - t_all)}")
-
-
-def finished_runs(out_dir, dense_run, moe_runs):
-    """{name: (result, curve)} of the dense run and every finished MoE run in out_dir comparable with this
-    command's (equal settings but the init: the ones trained now and any trained before from the same dense model)."""
-    names = ["dense"] + [run_name(*p) for p in ALL_RUNS] + [run.name for run in moe_runs]
-    template = moe_runs[0].settings if moe_runs else None
-    identity = lambda s: {k: v for k, v in s.items() if k not in ("init", "r", "dense", "shared_indices")}
-    found = {}
-    for name in dict.fromkeys(names):
-        folder = os.path.join(out_dir, name)
-        if not os.path.exists(os.path.join(folder, "result.json")):
-            continue
-        try:
-            with open(os.path.join(folder, "settings.json")) as f:
-                settings = json.load(f)
-            with open(os.path.join(folder, "result.json")) as f:
-                result = json.load(f)
-            curve = plot.val_curve(os.path.join(folder, "log.csv"))
-            float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            print(f"warning: {folder} has a damaged result.json, settings.json or log.csv: left out of the summary")
-            continue
-        wanted = dense_run.settings if name == "dense" else template
-        if wanted is None or identity(settings) != identity(json.loads(json.dumps(wanted))):
-            continue  # trained with other settings: not comparable
-        found[name] = (result, curve)
-    return found
-
-
-def report(out_dir, dense_run, moe_runs, fingerprint):
-    """Summary table and figure of the dense run and every comparable finished MoE run in out_dir."""
-    runs = finished_runs(out_dir, dense_run, moe_runs)
-    if "dense" not in runs:
-        print(f"warning: no summary or figure written: every run is compared with the dense run in {dense_run.dir}")
-        return
-    results, curves = {n: r for n, (r, _) in runs.items()}, {n: c for n, (_, c) in runs.items()}
-    dense = results["dense"]
-    s = dense_run.settings
-    start = (f"the pretrained {s['source']['path']}" if s.get("source") else
-             f"{dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens)")
-    header = (f"Validation loss (cross-entropy, nats/token, {s['tokenizer']} tokenizer, corpus fingerprint "
-              f"{fingerprint[:8]}) after {start}")
-    moe = [res for name, res in results.items() if name != "dense"]
-    if moe:
-        header += f" and {moe[0]['steps']} MoE steps ({moe[0]['tokens'] / 1e6:.1f}M tokens)"
-    header += (f"; device {dense['device']}, seed {s['seed']}. Noise: two standard errors of the per-batch differences "
-               f"of the final losses over the {s['eval_batches']} validation batches (the same batches for every run).")
-    table = plot.summary_table(header, curves, results)
-    summary_path, figure_path = os.path.join(out_dir, "summary.md"), os.path.join(out_dir, "loss_curves.png")
-    atomic_write_text(summary_path, table)
-    print("\n" + table)
-    try:
-        plot.loss_figure(figure_path, header, curves, dense["tokens"], results)
-    except OSError as e:
-        raise Fail(f"could not write {figure_path} ({e.strerror or e})")
-    print(f"figure: {figure_path} | summary: {summary_path} | CSVs: {out_dir}/*/log.csv")
 
 
 # -----------------------------------------------------------------------------
