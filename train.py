@@ -37,9 +37,9 @@ from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, f
 
 # Every value can be overridden by the flag of the same name (underscores become dashes).
 PRESETS = {
-    # 2-core laptop CPU: the whole --init all in about 4 minutes, on the standard library (the same text on every
-    # machine with the same Python version). Shows the shape of the experiment: scratch far behind, naive starting
-    # lowest, drop starting higher and learning faster; too short for a crossover beyond the noise.
+    # 2-core laptop CPU: the whole --init all in about 5 minutes (figures/cpu_summary.md), on the standard library
+    # (the same text on every machine with the same Python version). Shows the shape of the experiment: scratch far
+    # behind, naive starting lowest, drop starting higher and learning faster; far too short for a crossover.
     "cpu": dict(
         d_model=128, n_layer=2, n_head=4, n_kv_head=4, d_ff=512, n_experts=8, top_k=2, seq_len=128,
         batch_size=16, grad_accum=1,
