@@ -626,8 +626,8 @@ def experiment(args):
         from hf import load_pretrained  # (safetensors and tokenizers are needed only here)
 
         dense_model, enc, source = load_pretrained(args.dense_from, args.seq_len)
-        args.tokenizer, args.dense_steps = enc.name, 0
         dense_cfg = dense_model.config
+        args.tokenizer, args.dense_steps, args.d_model, args.n_layer = enc.name, 0, dense_cfg.d_model, dense_cfg.n_layer
         moe_cfg = replace(dense_cfg, n_experts=args.n_experts, top_k=args.top_k, aux_loss_coef=args.aux_loss_coef)
     else:
         enc = get_tokenizer(args.tokenizer)
