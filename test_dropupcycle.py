@@ -276,6 +276,14 @@ def test_dense_path_matches_reference_path_in_outputs_and_gradients(device, top_
     assert torch.all(dense[2][7] == 0)  # the unused expert gets no gradient
 
 
+def test_dense_path_compiles_to_one_graph_without_breaks(monkeypatch):
+    """No data-dependent shape and no .item(): torch.compile traces the fallback whole (nothing waits for the GPU)."""
+    import dropupcycle
+    monkeypatch.setattr(dropupcycle, "moe_path", lambda device: "dense")
+    explained = torch._dynamo.explain(random_moe_layer())(torch.randn(2, 8, TINY.d_model))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 @pytest.mark.parametrize("capability, version, bf16, expected", [
     ((9, 0), "2.11.0+cu130", True, "grouped"),   # H100/H200
     ((9, 0), "2.5.1+cu124", True, "grouped"),    # Hopper had the kernel first
