@@ -24,6 +24,37 @@ import torch.nn.functional as F
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def bf16_supported(device):
+    """Whether the GPU computes in bf16 natively (Ampere, sm80, on). Emulated bf16 (a T4 or V100 will "support" it
+    through fp32) is slower than fp16 and is not counted."""
+    try:
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # PyTorch before 2.3 has no including_emulation and does not emulate
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def moe_path(device):
+    """Which implementation of Eq. 2 MoE.forward runs on device: "grouped", "dense" or "reference".
+
+    grouped:   experts_grouped, sorted tokens + grouped GEMM in bf16; only where PyTorch has a real grouped kernel
+               for the card: Hopper (sm90), and from PyTorch 2.9 on also sm100 (B200). Elsewhere _grouped_mm either
+               raises (before 2.9) or falls back to a loop of matmuls that waits for the GPU at every call (2.9 on).
+    dense:     experts_dense, every expert on every token: E/k times the FLOPs, but any CUDA GPU in any precision,
+               and nothing waits for the GPU.
+    reference: experts_reference, the readable loop; on the CPU waiting for the device costs nothing.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "reference"
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    fast_majors = (9, 10) if version >= (2, 9) else (9,)
+    major = torch.cuda.get_device_capability(device)[0]
+    if _grouped_mm is not None and major in fast_majors and bf16_supported(device):
+        return "grouped"
+    return "dense"
+
+
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
@@ -218,8 +249,9 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         logits, experts, weights = self.route(x)
-        use_grouped = x.is_cuda and _grouped_mm is not None
-        y = (self.experts_grouped if use_grouped else self.experts_reference)(x, experts, weights)
+        path = moe_path(x.device)
+        experts_fn = {"grouped": self.experts_grouped, "dense": self.experts_dense, "reference": self.experts_reference}
+        y = experts_fn[path](x, experts, weights)
         return y.view(B, T, D), logits  # the logits feed the balancing loss
 
     def experts_reference(self, x, experts, weights):
@@ -232,6 +264,21 @@ class MoE(nn.Module):
             out = swiglu(x[token], self.gate[i], self.up[i], self.down[i])
             y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
         return y
+
+    def experts_dense(self, x, experts, weights):
+        """Eq. 2 on any device with no wait for it: every expert on every token, each output weighted by a dense
+        [N, E] gate matrix that holds g(x) for the chosen experts and 0 for the others.
+
+        E/k times the FLOPs and memory of the expert layer (4x for 8 experts, top-2), but no data-dependent shape:
+        the GPU fallback where no grouped GEMM kernel exists (moe_path), traced by torch.compile as one graph.
+        The zeros make it exact: an unchosen expert adds 0 to y and gets 0 gradient from that token.
+        """
+        gates = torch.zeros(x.shape[0], self.n_experts, dtype=weights.dtype, device=x.device)
+        gates = gates.scatter(1, experts, weights)  # [N, E]; differentiable in weights (the router's gradient)
+        # x [N, d_model] @ [E, d_model, d_ff] broadcasts to [E, N, d_ff]: one batched matmul for all experts
+        h = F.silu(x @ self.gate.transpose(1, 2)) * (x @ self.up.transpose(1, 2))  # [E, N, d_ff]
+        out = h @ self.down.transpose(1, 2)  # [E, N, d_model]
+        return torch.einsum("end,ne->nd", out, gates.to(out.dtype)).to(x.dtype)
 
     def experts_grouped(self, x, experts, weights):
         """Eq. 2, fast: the same sum, all experts at once with grouped GEMMs in bf16 (CUDA only).

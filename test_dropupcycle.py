@@ -28,6 +28,7 @@ from dropupcycle import (
     ModelConfig,
     Transformer,
     _grouped_mm,
+    bf16_supported,
     apply_rope,
     compile_model,
     drop_upcycle,
@@ -228,33 +229,112 @@ def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()  # 0 when both are 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_grouped_gemm_path_matches_reference_path_in_outputs_and_gradients(device, top_k):
-    """The fast path (sort by expert + grouped GEMM in bf16) computes the same Eq. 2 as the readable loop."""
+GRAD_NAMES = ["output", "d_x", "d_gate", "d_up", "d_down", "d_router"]
+
+
+def outputs_and_gradients(device, top_k, path_names):
+    """For each named experts_* path: the output and the gradients of x, the experts and the router, on the same
+    layer, input and routing (expert 7 never chosen: an expert without tokens must work too)."""
+    torch.manual_seed(0)
     cfg = replace(TINY_MOE, d_model=64, d_ff=128, n_experts=8, top_k=top_k)
     layer = random_moe_layer(cfg, std=0.1).to(device)
     x = torch.randn(300, cfg.d_model, device=device, requires_grad=True)
     grad_out = torch.randn(300, cfg.d_model, device=device)
     never_expert_7 = torch.zeros(cfg.n_experts, device=device)
-    never_expert_7[7] = -1e4  # an expert without tokens: an empty group must work too
+    never_expert_7[7] = -1e4
     results = []
-    for path in (layer.experts_reference, layer.experts_grouped):
+    for name in path_names:
         layer.zero_grad()
         x.grad = None
         top_logits, experts = (layer.router(x) + never_expert_7).topk(top_k, dim=-1)
-        y = path(x, experts, F.softmax(top_logits, dim=-1))
+        y = getattr(layer, f"experts_{name}")(x, experts, F.softmax(top_logits, dim=-1))
         (y * grad_out).sum().backward()
         grads = [x.grad, layer.gate.grad, layer.up.grad, layer.down.grad, layer.router.weight.grad]
         results.append([y.detach()] + [g.clone() for g in grads])
-    names = ["output", "d_x", "d_gate", "d_up", "d_down", "d_router"]
-    for name, fast, ref in zip(names, results[1], results[0]):
+    return results
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_grouped_gemm_path_matches_reference_path_in_outputs_and_gradients(device, top_k):
+    """The fast path (sort by expert + grouped GEMM in bf16) computes the same Eq. 2 as the readable loop."""
+    reference, grouped = outputs_and_gradients(device, top_k, ["reference", "grouped"])
+    for name, fast, ref in zip(GRAD_NAMES, grouped, reference):
         assert relative_error(fast, ref) < 2e-2, name  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
-    assert torch.all(results[1][2][7] == 0)  # the unused expert gets no gradient
+    assert torch.all(grouped[2][7] == 0)  # the unused expert gets no gradient
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_dense_path_matches_reference_path_in_outputs_and_gradients(device, top_k):
+    """The sync-free fallback (every expert on every token, zero gates for the unchosen) is Eq. 2 exactly: in fp32
+    it differs from the loop only by the order of additions."""
+    reference, dense = outputs_and_gradients(device, top_k, ["reference", "dense"])
+    for name, fast, ref in zip(GRAD_NAMES, dense, reference):
+        assert relative_error(fast, ref) < 1e-5, name
+    assert torch.all(dense[2][7] == 0)  # the unused expert gets no gradient
+
+
+def test_dense_path_compiles_to_one_graph_without_breaks(monkeypatch):
+    """No data-dependent shape and no .item(): torch.compile traces the fallback whole (nothing waits for the GPU)."""
+    import dropupcycle
+    monkeypatch.setattr(dropupcycle, "moe_path", lambda device: "dense")
+    explained = torch._dynamo.explain(random_moe_layer())(torch.randn(2, 8, TINY.d_model))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+@pytest.mark.parametrize("capability, version, bf16, expected", [
+    ((9, 0), "2.11.0+cu130", True, "grouped"),   # H100/H200
+    ((9, 0), "2.5.1+cu124", True, "grouped"),    # Hopper had the kernel first
+    ((10, 0), "2.11.0+cu130", True, "grouped"),  # B200: a kernel from PyTorch 2.9 on
+    ((10, 0), "2.8.0+cu128", True, "dense"),     # ... raised before
+    ((8, 0), "2.11.0+cu130", True, "dense"),     # A100: grouped_mm would loop with host syncs
+    ((8, 6), "2.11.0", True, "dense"),           # RTX 3090
+    ((8, 9), "2.11.0", True, "dense"),           # RTX 4090, L4
+    ((12, 0), "2.11.0", True, "dense"),          # RTX 5090: no kernel for sm120
+    ((7, 5), "2.11.0", False, "dense"),          # T4: no bf16
+    ((9, 0), "2.11.0", False, "dense"),          # the grouped path is bf16-only, whatever the card
+])
+def test_moe_path_picks_grouped_gemm_only_where_pytorch_has_a_kernel_for_the_card(monkeypatch, capability, version,
+                                                                                   bf16, expected):
+    import dropupcycle
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(dropupcycle, "bf16_supported", lambda device: bf16)
+    assert dropupcycle.moe_path(torch.device("cuda")) == expected
+    assert dropupcycle.moe_path(torch.device("cpu")) == "reference"
+    monkeypatch.setattr(dropupcycle, "_grouped_mm", None)  # a PyTorch without grouped GEMM at all
+    assert dropupcycle.moe_path(torch.device("cuda")) == ("dense" if expected == "grouped" else expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_moe_uses_the_grouped_path_on_cuda_and_trains_under_autocast():
+@pytest.mark.parametrize("path", ["grouped", "dense", "reference"])
+def test_each_path_forced_on_the_gpu_matches_the_reference_under_autocast(monkeypatch, path):
+    """MoE.forward on this GPU with each path forced, in the precision train.py uses here, against the fp32 loop."""
+    import dropupcycle
+    import train
+    if path == "grouped" and not (bf16_supported("cuda") and grouped_mm_works("cuda")):
+        pytest.skip("no bf16 grouped GEMM on this GPU")
+    layer = random_moe_layer(replace(TINY_MOE, d_model=64, d_ff=128, n_experts=8), std=0.1).cuda()
+    x = torch.randn(4, 64, 64, device="cuda", requires_grad=True)
+    grad_out = torch.randn(4, 64, 64, device="cuda")
+    results = []
+    for forced, ctx in ((path, train.autocast(torch.device("cuda"))), ("reference", torch.autocast("cuda", enabled=False))):
+        monkeypatch.setattr(dropupcycle, "moe_path", lambda device: forced)
+        layer.zero_grad()
+        x.grad = None
+        with ctx:
+            y, _ = layer(x)
+        (y.float() * grad_out).sum().backward()
+        results.append([y.detach(), x.grad.clone(), layer.gate.grad.clone(), layer.up.grad.clone(),
+                        layer.down.grad.clone(), layer.router.weight.grad.clone()])
+    for name, fast, ref in zip(GRAD_NAMES, *results):
+        assert relative_error(fast, ref) < 2e-2, name  # bf16/fp16 roundings
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_on_cuda_matches_the_reference_and_trains_under_autocast():
     layer = random_moe_layer(replace(TINY_MOE, d_model=64, d_ff=128, n_experts=8), std=0.1).cuda()
     x = torch.randn(4, 64, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -305,6 +385,7 @@ def test_compiled_moe_model_gives_every_token_the_output_of_eager_mode():
 def test_cpu_forward_uses_the_reference_path(monkeypatch):
     layer = random_moe_layer()
     monkeypatch.setattr(layer, "experts_grouped", None)  # would fail if called
+    monkeypatch.setattr(layer, "experts_dense", None)
     layer(torch.randn(1, 4, TINY.d_model))
 
 

@@ -729,3 +729,88 @@ def test_summary_of_a_dense_only_run_describes_only_the_dense_run(drop_run, trai
     assert code == 0, err
     summary = (out / "summary.md").read_text()
     assert "after 20 dense steps" in summary and "MoE" not in summary and "moe-" not in summary
+
+
+# -----------------------------------------------------------------------------
+# any CUDA GPU: precision, MFU peak, memory (simulated on the CPU by monkeypatching what the GPU would report)
+
+
+@pytest.mark.parametrize("name, bf16, fp16", [
+    ("NVIDIA H100 80GB HBM3", 989e12, 989e12), ("NVIDIA H100 PCIe", 756e12, 756e12), ("NVIDIA H200", 989e12, 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12, 312e12), ("NVIDIA A10", 125e12, 125e12), ("NVIDIA L40S", 362e12, 362e12),
+    ("NVIDIA L4", 121e12, 121e12), ("NVIDIA GeForce RTX 4090", 165e12, 165e12),
+    ("NVIDIA GeForce RTX 3090", 71e12, 71e12), ("Tesla V100-SXM2-16GB", None, 125e12), ("Tesla T4", None, 65e12),
+    ("Some Future GPU", None, None),
+])
+def test_mfu_peak_is_the_cards_peak_in_the_precision_used(monkeypatch, name, bf16, fp16):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda")
+    assert train.gpu_peak_flops(cuda, torch.bfloat16) == bf16 and train.gpu_peak_flops(cuda, torch.float16) == fp16
+    assert train.gpu_peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("capability, bf16, dtype, path_text", [
+    ((9, 0), True, torch.bfloat16, "grouped GEMM (sm90, bf16"),   # H100/H200
+    ((8, 0), True, torch.bfloat16, "dense (every expert"),        # A100
+    ((8, 6), True, torch.bfloat16, "dense (every expert"),        # RTX 3090
+    ((7, 5), False, torch.float16, "dense (every expert"),        # T4: fp16 and a gradient scaler
+])
+def test_precision_and_moe_path_follow_the_card_and_the_start_line_names_them(monkeypatch, capability, bf16, dtype,
+                                                                               path_text):
+    import dropupcycle
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr(dropupcycle, "bf16_supported", lambda device: bf16)
+    monkeypatch.setattr(train, "bf16_supported", lambda device: bf16)
+    cuda = torch.device("cuda")
+    assert train.amp_dtype(cuda) == dtype
+    line = train.compute_description(cuda)
+    assert path_text in line and ("gradient scaler" in line) == (dtype == torch.float16)
+    assert train.amp_dtype(torch.device("cpu")) == torch.float32
+    assert train.compute_description(torch.device("cpu")) == "fp32 | MoE experts: reference loop (CPU)"
+
+
+GPU_PRESET_MOE = ModelConfig(vocab_size=257, d_model=256, n_layer=4, n_head=4, n_kv_head=4, d_ff=1024, max_seq_len=512,
+                             n_experts=8, top_k=2)
+
+
+def test_memory_estimate_matches_the_gpu_preset_measured_on_an_h200():
+    # measured: 7.2 GiB peak on an H200 with the 1.8 GiB corpus (4 bytes x 475M tokens) on the GPU
+    n_params = Transformer(GPU_PRESET_MOE).num_params()
+    estimate = 128 * 512 * train.activation_bytes_per_token(GPU_PRESET_MOE, "grouped") + 16 * n_params
+    assert estimate / 2**30 == pytest.approx(7.2 - 1.8, rel=0.15)
+
+
+@pytest.mark.parametrize("free_gib, path, expected", [
+    (139.0, "grouped", 1),  # H200
+    (78.0, "dense", 1),     # A100 80GB
+    (14.5, "dense", 2),     # T4 or any 16 GB card: 64 sequences a piece (the corpus stays on the host there)
+    (14.5, "grouped", 1),
+    (21.5, "dense", 1),     # RTX 3090/4090 (24 GB) with the corpus on the GPU: ~16 GiB estimated, fits
+    (0.5, "dense", 128),    # nothing fits: one sequence at a time
+])
+def test_micro_batch_is_cut_into_pieces_only_where_the_step_would_not_fit(monkeypatch, free_gib, path, expected):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), int(free_gib * 2**30)))
+    monkeypatch.setattr(train, "moe_path", lambda device: path)
+    n_params = Transformer(GPU_PRESET_MOE).num_params()
+    assert train.micro_split(GPU_PRESET_MOE, 128, 512, torch.device("cuda"), n_params) == expected
+    assert train.micro_split(GPU_PRESET_MOE, 128, 512, torch.device("cpu"), n_params) == 1
+
+
+def test_micro_batch_pieces_and_the_gradient_scaler_train_like_one_piece(drop_run, train_corpus, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The fp16 route's plumbing on the CPU: each micro-batch in 2 pieces and the gradient scaler on (its scaling,
+    unscale before clipping, step and update; fp32 math, so no step is skipped). Same data per step: the losses
+    follow the one-piece run's, up to the balancing loss being taken over half batches."""
+    monkeypatch.setattr(train, "micro_split", lambda *args: 2)
+    monkeypatch.setattr(train, "amp_dtype", lambda device: torch.float16)  # turns the scaler on...
+    monkeypatch.setattr(train, "autocast", lambda device: torch.autocast("cpu", enabled=False))  # ...math stays fp32
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main(["--init", "drop", "--r", "0.5", *tiny(train_corpus, out)], capsys)
+    assert code == 0, stderr
+    assert "moe: micro-batch of 4 sequences cut into 2 pieces of 2" in stdout
+    pieces = plot.val_curve(out / "moe-drop-r0.5" / "log.csv")[2]
+    whole = plot.val_curve(drop_run[0] / "moe-drop-r0.5" / "log.csv")[2]
+    assert pieces[0] == whole[0]  # the same upcycled start
+    assert np.allclose(pieces, whole, atol=2e-2), (pieces, whole)
+    assert not np.array_equal(pieces, whole)  # (the pieces did change the computation)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import distributed
 import plot
 from data import Fail, HFTokenizer, atomic_write_text, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
-from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token
+from dropupcycle import ModelConfig, Transformer, bf16_supported, compile_model, drop_upcycle, flops_per_token, moe_path
 
 # -----------------------------------------------------------------------------
 # 1. Presets and command line
@@ -67,10 +67,18 @@ MOE_INITS = ["scratch", "naive", "drop"]
 # --init all, in this order: (init, r, shared index sets). Drop r = 0.5 twice: with one index set S for all three
 # matrices (the paper's text) and with one per matrix (the authors' released code, which made the paper's numbers).
 ALL_RUNS = [("scratch", None, True), ("naive", 0.0, True), ("drop", 0.5, True), ("drop", 0.5, False), ("drop", 1.0, True)]
-# bf16 dense peak FLOP/s of the GPUs MFU is reported for (the project's one table; bench.py reads it too).
-# Matched in this order against torch.cuda.get_device_name, so "H100 PCIe" comes before "H100".
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
-              ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("4090", 165e12), ("A10", 125e12)]
+# Peak FLOP/s of the GPUs MFU is reported for, per autocast precision: (name, bf16, fp16), None where the card has no
+# bf16 tensor cores (the project's one table; bench.py reads it too). Datasheet dense tensor-core numbers: without
+# sparsity, with fp32 accumulation (GeForce cards run fp16-accumulate at twice that; autocast accumulates in fp32).
+# Matched in this order against torch.cuda.get_device_name: "H100 PCIe" before "H100", "A100" before "A10",
+# "L40S" before "L40" before "L4".
+PEAK_FLOPS = [("H100 PCIe", 756e12, 756e12), ("H100", 989e12, 989e12), ("H200", 989e12, 989e12),
+              ("H800", 989e12, 989e12), ("GH200", 989e12, 989e12), ("A100", 312e12, 312e12),
+              ("L40S", 362e12, 362e12), ("L40", 181e12, 181e12), ("L4", 121e12, 121e12), ("A10", 125e12, 125e12),
+              ("4090", 165e12, 165e12), ("3090", 71e12, 71e12), ("V100", None, 125e12), ("T4", None, 65e12)]
+# The gpu preset's MoE (65,536 tokens a micro-batch, grouped path) peaked at 7.2 GiB on an H200, 1.8 GiB of it the
+# corpus: activation_bytes_per_token is checked against that in test_train.py.
+MEMORY_SAFETY = 0.85  # share of the free GPU memory a training step may plan to use (fragmentation, eval, compile)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -210,11 +218,52 @@ def make_optimizer(model, lr, weight_decay, device):
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=ADAM_EPS, fused=device.type == "cuda")
 
 
+def amp_dtype(device):
+    """The precision of the matmuls. bf16 on GPUs that have it (sm80 on): fp32's range, no scaler. fp16 on older
+    ones (T4, V100): their tensor cores run fp16 at ~8x fp32's speed, and a gradient scaler (train_run) keeps small
+    gradients from underflowing fp16's 5-bit exponent. Norms, router and loss stay fp32 inside the model either way.
+    fp32 on the CPU: exact and reproducible."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if bf16_supported(device) else torch.float16
+
+
 def autocast(device):
-    # bf16 on the GPU (norms, router and the loss stay fp32 inside the model); fp32 on the CPU: exact, reproducible
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def compute_description(device):
+    """One line for the start of a command: the precision and which MoE implementation (moe_path) runs, and why."""
+    if device.type != "cuda":
+        return "fp32 | MoE experts: reference loop (CPU)"
+    sm = "sm{}{}".format(*torch.cuda.get_device_capability(device))
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device)]
+    autocast_text = f"{precision} autocast" + (" + gradient scaler" if precision == "fp16" else "")
+    path = {"grouped": "grouped GEMM", "dense": "dense (every expert on every token: no grouped GEMM kernel for this "
+            "card in this PyTorch)"}[moe_path(device)]
+    return f"{autocast_text} | MoE experts: {path} ({sm}, {precision}, PyTorch {torch.__version__})"
+
+
+def activation_bytes_per_token(cfg, path):
+    """Rough bytes a training step keeps per token for the backward: per layer ~12 d_model values for attention,
+    norms and residuals, and per expert row a token occupies its input and output (2 d_model) and gate, up and
+    silu*up (3 d_ff): top_k rows on the grouped or reference path, all n_experts on the dense path; 2 bytes each
+    under autocast. Plus ~12 bytes per vocabulary entry for the logits and the loss."""
+    rows = (cfg.n_experts if path == "dense" else cfg.top_k) if cfg.is_moe else 1
+    return 2 * cfg.n_layer * (12 * cfg.d_model + rows * (2 * cfg.d_model + 3 * cfg.d_ff)) + 12 * cfg.vocab_size
+
+
+def micro_split(cfg, rows, seq_len, device, n_params):
+    """Into how many equal pieces train_run cuts each micro-batch of `rows` sequences, so that a step fits the GPU's
+    free memory: gradients accumulate over the pieces, so every step sees the same data and the same global batch
+    on every card (only the balancing loss, which is per batch, and the order of additions differ). 1 off the GPU."""
+    if device.type != "cuda":
+        return 1
+    budget = MEMORY_SAFETY * torch.cuda.mem_get_info(device)[0] - 16 * n_params  # fp32 weights, grads, AdamW moments
+    per_sequence = seq_len * activation_bytes_per_token(cfg, moe_path(device))
+    fitting = [n for n in range(1, rows + 1) if rows % n == 0 and rows // n * per_sequence <= budget]
+    return fitting[0] if fitting else rows  # one sequence at a time, the most that can be done
 
 
 @torch.no_grad()
@@ -235,12 +284,12 @@ def evaluate(model, val_batches, device):
     return losses.mean().item(), se, losses.tolist()
 
 
-def gpu_peak_flops(device):
-    """bf16 dense peak FLOP/s of the GPU (for MFU), or None where unknown."""
+def gpu_peak_flops(device, dtype=torch.bfloat16):
+    """Dense peak FLOP/s of the GPU in dtype (bf16 or fp16; for MFU), or None where unknown."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+    return next((peak[dtype == torch.float16] for key, *peak in PEAK_FLOPS if key in name), None)
 
 
 def save_checkpoint(state, path):
@@ -333,17 +382,22 @@ def read_log(path, up_to_step):
         raise Fail(f"{path} is damaged (not a log.csv of train.py); delete the run's folder to start it over")
 
 
-def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_interval, ckpt=None, later_flops=0.0):
+def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_interval, ckpt=None, later_flops=0.0,
+              split=1):
     """Train model from its current weights (or from ckpt, an unfinished checkpoint) for the run's steps.
 
     model is the module, train_model the same module or its torch.compile wrapper. Writes log.csv, checkpoints
     and result.json into run.dir and returns the result dict. A resumed run writes what an uninterrupted one would.
     later_flops: the training FLOPs of the runs this command trains after this one, for the overall ETA.
+    split: pieces each micro-batch is cut into to fit the GPU's memory (micro_split); the step's data stays the same.
     """
     s = run.settings
     cfg = ModelConfig(**s["model"])
     tokens_per_step = s["batch_size"] * s["seq_len"] * s["grad_accum"]
     optimizer = make_optimizer(model, s["lr"], s["weight_decay"], device)
+    # fp16 autocast: the loss is scaled up before backward so that small gradients survive fp16, unscaled before
+    # clipping; a step whose gradients overflowed is skipped and the scale lowered. A no-op in bf16 and fp32.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     start_step, elapsed, pending = 0, 0.0, []  # pending: (step, ce, aux) since the last log row
     main = distributed.is_main()  # rank 0 alone writes files
     if main:
@@ -351,6 +405,8 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     rows = []
     if ckpt is not None:  # --resume: weights, optimizer, RNG, clock, unlogged losses; the data follows from the step
         distributed.load_full_state(model, ckpt["model"], optimizer, ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):  # (empty when saved in bf16 or fp32: the scaler starts afresh)
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -369,7 +425,8 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
         raise Fail(f"cannot write in {run.dir} ({e.strerror or e})")
 
     flops = flops_per_token(cfg, s["seq_len"])
-    peak = gpu_peak_flops(device) and gpu_peak_flops(device) * distributed.world()  # tokens/s count every rank
+    peak = gpu_peak_flops(device, amp_dtype(device))
+    peak = peak and peak * distributed.world()  # tokens/s count every rank
     t_start = time.time()
     last_saved = start_step if ckpt is not None else None
 
@@ -387,7 +444,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                      tokenizer=s["tokenizer"], elapsed=elapsed + time.time() - t_start, pending=pending,
                      rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
         if not finished:  # a finished run is only ever reused or sampled: no optimizer state needed (half the size)
-            state["optimizer"] = optimizer_sd
+            state["optimizer"], state["scaler"] = optimizer_sd, scaler.state_dict()
         if distributed.is_main():
             save_checkpoint(state, run.ckpt_path)
         last_saved = step
@@ -418,19 +475,24 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                 group["lr"] = lr
             rng = np.random.default_rng([s["seed"], {"dense": 0, "moe": 1}[s["phase"]], step])  # data of a step: (seed, phase, step)
             ce_sum, aux_sum = 0.0, 0.0
+            pieces = s["grad_accum"] * split  # equal pieces: the mean of their losses is the step's loss
             for micro in range(s["grad_accum"]):
                 x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device, distributed.rows())
-                with distributed.grad_sync(train_model, micro == s["grad_accum"] - 1):  # all-reduce once per step
-                    with autocast(device):
-                        _, loss = train_model(x, y)
-                    (loss / s["grad_accum"]).backward()
-                # log the cross-entropy alone (comparable with dense), the balancing loss separately
-                aux = model.aux_loss if cfg.is_moe else None
-                ce = loss.detach() - cfg.aux_loss_coef * aux if aux is not None else loss.detach()
-                ce_sum = ce_sum + ce / s["grad_accum"]
-                aux_sum = aux_sum + (aux / s["grad_accum"] if aux is not None else 0.0)
+                for piece, (x_piece, y_piece) in enumerate(zip(x.chunk(split), y.chunk(split))):
+                    last = micro == s["grad_accum"] - 1 and piece == split - 1
+                    with distributed.grad_sync(train_model, last):  # all-reduce once per step
+                        with autocast(device):
+                            _, loss = train_model(x_piece, y_piece)
+                        scaler.scale(loss / pieces).backward()
+                    # log the cross-entropy alone (comparable with dense), the balancing loss separately
+                    aux = model.aux_loss if cfg.is_moe else None
+                    ce = loss.detach() - cfg.aux_loss_coef * aux if aux is not None else loss.detach()
+                    ce_sum = ce_sum + ce / pieces
+                    aux_sum = aux_sum + (aux / pieces if aux is not None else 0.0)
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             pending.append((done, ce_sum, aux_sum))
@@ -646,6 +708,7 @@ def experiment(args):
     what = {None: "no --init given: running the full comparison (--init all)", "all": "--init all"}.get(args.init, f"--init {args.init}")
     procs = f" x {distributed.world()} processes ({'FSDP2' if args.fsdp else 'DDP'})" if distributed.world() > 1 else ""
     print(f"{what} | preset {args.preset} | device {device}{procs}{' | compile' if args.compile else ''} | out {args.out_dir}")
+    print(compute_description(device))
     names = ["dense"] + [run_name(*p) for p in planned]
     print("runs: " + ", ".join(names))
     if args.resume and not any(os.path.exists(os.path.join(args.out_dir, name, "ckpt.pt")) for name in names):
@@ -678,6 +741,14 @@ def experiment(args):
     moe_probe = Transformer(moe_cfg) if moe_runs else None
     print(f"dense: {dense_model.num_params() / 1e6:.2f}M params" + (f" | MoE: {moe_probe.num_params() / 1e6:.2f}M params, "
                                                                     f"{moe_probe.num_params(active=True) / 1e6:.2f}M active" if moe_probe else ""))
+    # a micro-batch too big for this GPU is cut into pieces (after the corpus took its share of the memory)
+    rows = args.batch_size // distributed.world()
+    split = {"dense": micro_split(dense_cfg, rows, args.seq_len, device, dense_model.num_params()),
+             "moe": micro_split(moe_cfg, rows, args.seq_len, device, moe_probe.num_params()) if moe_probe else 1}
+    for phase, n in split.items():
+        if n > 1:
+            print(f"{phase}: micro-batch of {rows} sequences cut into {n} pieces of {rows // n} to fit the GPU's "
+                  f"free memory (gradients accumulate: the same data and global batch per step)")
     del moe_probe
     t_all = time.time()
 
@@ -694,7 +765,7 @@ def experiment(args):
         torch.manual_seed(args.seed)
         dense_model = Transformer(dense_cfg).to(device)
         train_run(dense_run, dense_model, maybe_compile(dense_model, args.compile, val_batches[0], "dense"),
-                  train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(dense_run))
+                  train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(dense_run), split["dense"])
         if args.fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
             distributed.barrier()
             dense_model = Transformer(dense_cfg)
@@ -727,7 +798,8 @@ def experiment(args):
         del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
             moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name)
-        train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run))
+        train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt,
+                  later_flops(run), split["moe"])
         if init == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
             try:
                 start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
