@@ -233,7 +233,15 @@ def lr_folders(out_dir, lrs):
 
 def copy_dense(dense_dir, out_dir):
     """Put the finished dense run of dense_dir into out_dir/dense: a byte copy, made under a temporary name and
-    renamed, so that an interrupted copy never looks like a run. A copy already there must be the same file."""
+    renamed, so that an interrupted copy never looks like a run. A copy already there must be the same file.
+    The token cache next to dense_dir is shared by hard links (no second tokenization, no second GB on disk):
+    data.py only ever replaces a cache file, never writes into one, so a rebuild in one folder leaves the others'."""
+    cache, cache_copy = os.path.join(os.path.dirname(dense_dir), "data"), os.path.join(out_dir, "data")
+    if os.path.isdir(cache) and not os.path.exists(cache_copy):
+        data.make_dirs(out_dir)
+        shutil.rmtree(cache_copy + ".partial", ignore_errors=True)
+        shutil.copytree(cache, cache_copy + ".partial", copy_function=os.link)
+        os.replace(cache_copy + ".partial", cache_copy)
     target = os.path.join(out_dir, "dense")
     if os.path.exists(target):
         ckpt = os.path.join(target, "ckpt.pt")
@@ -244,7 +252,7 @@ def copy_dense(dense_dir, out_dir):
     data.make_dirs(out_dir)
     partial = target + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(dense_dir, partial)
+    shutil.copytree(dense_dir, partial)  # (a real copy: each folder's run files stay its own)
     os.replace(partial, target)
     print(f"===== lr: copied the dense model {dense_dir} -> {target}")
 

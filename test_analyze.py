@@ -322,6 +322,12 @@ def test_lr_trains_the_dense_model_once_and_copies_it_bit_for_bit(lr_swept):
     folders = [os.path.join(out, "lr-" + analyze.lr_text(lr)) for lr in LRS]
     assert [os.path.basename(f) for f in folders] == ["lr-1e-3", "lr-4e-3"]
     assert printed.count("[dense] reusing the finished dense model") == 4 * len(LRS)  # every MoE run used the copy
+    assert printed.count("tokenized in") == 1  # one token cache, hard-linked into every rate's folder
+    for folder in folders:
+        for root, _, files in os.walk(os.path.join(out, "data")):
+            for name in files:
+                linked = os.path.join(folder, "data", os.path.relpath(root, os.path.join(out, "data")), name)
+                assert os.path.samefile(os.path.join(root, name), linked)
     source = train.load_checkpoint(os.path.join(out, "dense", "ckpt.pt"))
     for folder in folders:
         with open(os.path.join(out, "dense", "ckpt.pt"), "rb") as a, open(os.path.join(folder, "dense", "ckpt.pt"), "rb") as b:
