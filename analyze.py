@@ -2,27 +2,31 @@
 The paper's two analyses at small scale, and the small measurements behind the classroom exercises.
 
     python analyze.py sweep   --preset cpu --out-dir out/cpu   # Sec. 5.3, Fig. 4: the re-initialisation ratio r
+    python analyze.py lr      --preset cpu --out-dir out/lr    # is naive Upcycling only hurt by the MoE learning rate?
     python analyze.py routing --preset cpu --out-dir out/cpu   # Sec. 5.4, Fig. 5: where each domain's tokens go
     python analyze.py router-grad --r 0 0.5                    # does the router learn from the LM loss at step 0?
     python analyze.py overlap --r 0.5                          # Sec. 3.2.2: two experts share (1 - r)^2 of the neurons
 
 The classroom exercises built on these commands, with what each needs and how long it takes, are in EXERCISES.md.
 
-sweep and routing take every train.py flag (--preset, --out-dir, --data, model and step overrides, ...) and hand
+sweep, lr and routing take every train.py flag (--preset, --out-dir, --data, model and step overrides, ...) and hand
 them to train.py, so one --out-dir holds one dense model, every MoE run made from it, and the analyses of them.
 
 Read top to bottom:
   1. routing statistics: load balance and domain specialisation (plain functions of counts, tested with known numbers)
   2. sweep: r in {0, 0.1, 0.25, 0.5, 0.75, 1} from one dense model, plus r = 0.5 with independent index sets
-  3. routing: held-out text of each domain through each MoE, per layer and expert
-  4. router-grad and overlap: two measurements right after upcycling, no training needed
-  5. main: every expected failure becomes one line on stderr and a non-zero exit
+  3. lr: naive, drop r = 0.5 (both index-set variants) and scratch at each MoE peak learning rate, one dense model
+  4. routing: held-out text of each domain through each MoE, per layer and expert
+  5. router-grad and overlap: two measurements right after upcycling, no training needed
+  6. main: every expected failure becomes one line on stderr and a non-zero exit
 """
 
+import filecmp
 import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 
@@ -97,35 +101,61 @@ def sweep_runs(r_values):
     return runs + [("drop", 0.5, True), ("scratch", None, False)]
 
 
-def train_argv_checked(train_argv, command):
-    for flag in ("--init", "--r", "--independent-indices", "--sample"):
-        if any(a == flag or a.startswith(flag + "=") for a in train_argv):
-            raise Fail(f"{command} chooses {flag} itself; pass the train.py flags that all its runs share"
-                       + (" (and --r-values for the ratios)" if flag == "--r" else ""))
+# the train.py flags each command sets itself, with where its own values go instead
+OWN_FLAGS = {"init": ("--init", ""), "r": ("--r", " (and --r-values for the ratios)"),
+             "independent_indices": ("--independent-indices", ""), "sample": ("--sample", ""),
+             "moe_lr": ("--moe-lr", " (and --lrs for the MoE learning rates)")}
+
+
+def train_argv_checked(train_argv, command, own=("init", "r", "independent_indices", "sample")):
+    """train_argv, once seen not to set any of the flags in own (parsed as train.py parses them, so an
+    abbreviation or --flag=value is caught too)."""
+    given = vars(train.build_parser().parse_args(train_argv))
+    for key in own:
+        if given[key] not in (None, False):
+            flag, hint = OWN_FLAGS[key]
+            raise Fail(f"{command} chooses {flag} itself; pass the train.py flags that all its runs share{hint}")
     return train_argv
+
+
+def moe_argv(train_argv, init, r, independent):
+    """train.py's command line of one MoE run."""
+    argv = list(train_argv) + ["--init", init] + (["--r", f"{r:g}"] if init == "drop" else [])
+    return argv + (["--independent-indices"] if independent else [])
+
+
+def train_moe_run(argv, title):
+    """train.experiment for one MoE run (training the dense model first where its out-dir has none). Returns the
+    run's wall time when it was trained here, None when a finished run was reused."""
+    args = train.parse_args(argv)
+    print(f"\n===== {title}: python train.py {shlex.join(argv)}", flush=True)
+    result = os.path.join(args.out_dir, train.run_name(args.init, args.r, not args.independent_indices), "result.json")
+    reused = os.path.exists(result)
+    train.experiment(args)
+    if reused:
+        return None
+    with open(result) as f:
+        return json.load(f)["wall_time"]
+
+
+def print_eta(command, took, left):
+    """Every MoE run has the same FLOPs, so the mean wall time of those trained so far gives the ETA."""
+    if took and left:
+        each = float(np.mean(took))
+        print(f"===== {command}: {left} run{'s' * (left > 1)} left, ETA {plot.fmt_time(left * each)} ({left} x "
+              f"{plot.fmt_time(each)}, the mean time of the MoE runs trained so far)", flush=True)
 
 
 def sweep(opts, train_argv):
     train_argv = train_argv_checked(train_argv, "sweep")
     runs = sweep_runs(opts.r_values)
     args = train.parse_args(train_argv)
-    took = []  # wall time of each MoE run trained here: every run has the same FLOPs, so they give the ETA
+    took = []  # wall time of each MoE run trained here
     for i, (init, r, independent) in enumerate([] if opts.report_only else runs):
-        argv = list(train_argv) + ["--init", init] + (["--r", f"{r:g}"] if init == "drop" else [])
-        argv += ["--independent-indices"] if independent else []
-        args = train.parse_args(argv)
-        print(f"\n===== sweep run {i + 1}/{len(runs)}: python train.py {shlex.join(argv)}", flush=True)
-        result = os.path.join(args.out_dir, train.run_name(init, r if r is not None else 0.0, not independent),
-                              "result.json")
-        reused = os.path.exists(result)
-        train.experiment(args)  # trains the dense model the first time; later runs (and reruns) reuse it
-        if not reused:
-            with open(result) as f:
-                took.append(json.load(f)["wall_time"])
-        if took and i + 1 < len(runs):
-            left, each = len(runs) - i - 1, float(np.mean(took))
-            print(f"===== sweep: {left} run{'s' * (left > 1)} left, ETA {plot.fmt_time(left * each)} ({left} x {plot.fmt_time(each)}, "
-                  f"the mean time of the MoE runs trained so far)", flush=True)
+        # the first run trains the dense model; later runs (and reruns) reuse it
+        wall = train_moe_run(moe_argv(train_argv, init, r, independent), f"sweep run {i + 1}/{len(runs)}")
+        took += [wall] if wall is not None else []
+        print_eta("sweep", took, len(runs) - i - 1)
     if distributed.is_main():  # under torchrun, rank 0 writes the figure and table
         sweep_report(args, runs, "python analyze.py sweep " + shlex.join(opts.argv))
 
@@ -174,7 +204,160 @@ def sweep_report(args, runs, command):
 
 
 # -----------------------------------------------------------------------------
-# 3. Routing specialisation (Sec. 5.4, Figure 5, Appendix C.2)
+# 3. The learning-rate sweep: is naive Upcycling only handicapped by the MoE learning rate?
+#
+# Every init trains at each MoE peak learning rate, all from ONE dense model, on the same data for the same steps.
+# A run's folder name does not hold its learning rate, so each rate gets its own out-dir: OUT/lr-2e-3/ and so on.
+# The dense model is trained once, in OUT/dense, and its folder is copied byte for byte into each OUT/lr-*/ before
+# that rate's runs: train.py then finds a finished dense run with the same settings there and reuses it, as it
+# reuses one in any out-dir. The copy is the identical run (same settings, same checkpoint file).
+
+LR_RUNS = [("naive", None, False), ("drop", 0.5, False), ("drop", 0.5, True), ("scratch", None, False)]
+DEFAULT_LRS = [5e-4, 1e-3, 2e-3, 4e-3]
+
+
+def lr_text(lr):
+    """0.002 -> '2e-3', 0.0015 -> '1.5e-3': the learning rate in folder names and tables."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def lr_folders(out_dir, lrs):
+    """{lr: OUT/lr-<lr>} for the distinct rates, in increasing order."""
+    folders = {lr: os.path.join(out_dir, "lr-" + lr_text(lr)) for lr in sorted(set(lrs))}
+    if len(set(folders.values())) < len(folders):
+        raise Fail(f"--lrs {' '.join(map(repr, sorted(set(lrs))))}: rates that differ beyond 7 significant digits "
+                   f"would share a folder")
+    return folders
+
+
+def copy_dense(dense_dir, out_dir):
+    """Put the finished dense run of dense_dir into out_dir/dense: a byte copy, made under a temporary name and
+    renamed, so that an interrupted copy never looks like a run. A copy already there must be the same file.
+    The token cache next to dense_dir is shared by hard links (no second tokenization, no second GB on disk):
+    data.py only ever replaces a cache file, never writes into one, so a rebuild in one folder leaves the others'."""
+    cache, cache_copy = os.path.join(os.path.dirname(dense_dir), "data"), os.path.join(out_dir, "data")
+    if os.path.isdir(cache) and not os.path.exists(cache_copy):
+        data.make_dirs(out_dir)
+        shutil.rmtree(cache_copy + ".partial", ignore_errors=True)
+        shutil.copytree(cache, cache_copy + ".partial", copy_function=os.link)
+        os.replace(cache_copy + ".partial", cache_copy)
+    target = os.path.join(out_dir, "dense")
+    if os.path.exists(target):
+        ckpt = os.path.join(target, "ckpt.pt")
+        if not (os.path.exists(ckpt) and filecmp.cmp(os.path.join(dense_dir, "ckpt.pt"), ckpt, shallow=False)):
+            raise Fail(f"{target} is not a copy of the dense model in {dense_dir}: every learning rate must start from "
+                       f"the same one; delete {target} (and that rate's MoE runs) to redo that rate from it")
+        return
+    data.make_dirs(out_dir)
+    partial = target + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(dense_dir, partial)  # (a real copy: each folder's run files stay its own)
+    os.replace(partial, target)
+    print(f"===== lr: copied the dense model {dense_dir} -> {target}")
+
+
+def lr_sweep(opts, train_argv):
+    train_argv = train_argv_checked(train_argv, "lr", own=("init", "r", "independent_indices", "sample", "moe_lr"))
+    args = train.parse_args(train_argv)
+    folders = lr_folders(args.out_dir, opts.lrs)
+    if not opts.report_only:
+        dense_dir = os.path.join(args.out_dir, "dense")
+        if not args.dense_from:  # (a pretrained --dense-from model is loaded again in each folder: nothing to copy)
+            print(f"\n===== lr: the dense model, trained once (or reused) in {dense_dir}", flush=True)
+            train.experiment(train.parse_args(list(train_argv) + ["--init", "dense"]))
+        took, total, i = [], len(folders) * len(LR_RUNS), 0
+        for lr, folder in folders.items():
+            if not args.dense_from and distributed.is_main():
+                copy_dense(dense_dir, folder)
+            for init, r, independent in LR_RUNS:
+                i += 1
+                argv = moe_argv(list(train_argv) + ["--out-dir", folder, "--moe-lr", repr(lr)], init, r, independent)
+                wall = train_moe_run(argv, f"lr run {i}/{total} (MoE peak learning rate {lr_text(lr)})")
+                took += [wall] if wall is not None else []
+                print_eta("lr", took, total - i)
+    if distributed.is_main():
+        lr_report(args.out_dir, folders, "python analyze.py lr " + shlex.join(opts.argv))
+
+
+def lr_report(out_dir, folders, command):
+    """OUT/lr_summary.md (every run's final loss, each init's best rate, the crossover at the best rates) and
+    OUT/lr_loss.png (final loss against the learning rate, plot.lr_figure)."""
+    runs = {}  # (name, lr) -> (result, curve)
+    for lr, folder in folders.items():
+        for init, r, independent in LR_RUNS:
+            name = train.run_name(init, r, not independent)
+            path = os.path.join(folder, name)
+            if not os.path.exists(os.path.join(path, "result.json")):
+                print(f"{path}: no finished run, left out")
+                continue
+            with open(os.path.join(path, "result.json")) as f:
+                runs[name, lr] = json.load(f), plot.val_curve(os.path.join(path, "log.csv"))
+    names = [n for n in dict.fromkeys(train.run_name(i, r, not ind) for i, r, ind in LR_RUNS)
+             if any((n, lr) in runs for lr in folders)]
+    if "moe-naive" not in names:
+        raise Fail(f"no finished naive run in {', '.join(folders.values())} (with --report-only: pass the training's flags)")
+    best = {n: min((lr for lr in folders if (n, lr) in runs), key=lambda lr: runs[n, lr][0]["final_val_loss"])
+            for n in names}
+
+    def gap(name, lr, ref, ref_lr):  # (gap, noise, verdict) of run (name, lr) against (ref, ref_lr)
+        (res, curve), (ref_res, ref_curve) = runs[name, lr], runs[ref, ref_lr]
+        return plot.compare_to_naive(curve, ref_curve, res.get("final_val_batches"), ref_res.get("final_val_batches"))
+
+    lrs = list(folders)
+    lines = ["Final validation loss of each run (best rate of each init in bold):", "",
+             "| run | " + " | ".join(f"lr {lr_text(lr)}" for lr in lrs) + " | best lr | next best minus best (noise) |",
+             "| --- " * (len(lrs) + 3) + "|"]
+    for name in names:
+        cells = []
+        for lr in lrs:
+            text = f"{runs[name, lr][0]['final_val_loss']:.4f}" if (name, lr) in runs else "-"
+            cells.append(f"**{text}**" if lr == best[name] else text)
+        done = sorted((lr for lr in lrs if (name, lr) in runs), key=lambda lr: runs[name, lr][0]["final_val_loss"])
+        edge = " (edge of the grid)" if len(lrs) > 1 and best[name] in (lrs[0], lrs[-1]) else ""
+        second = ""
+        if len(done) > 1:
+            g = gap(name, done[1], name, done[0])
+            second = f"{g[0]:+.4f} (±{g[1]:.4f}) at {lr_text(done[1])}" if g else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {lr_text(best[name])}{edge} | {second} |")
+    drops = [n for n in names if n.startswith("moe-drop")]
+    lines += ["", "Each init at its own best rate against naive Upcycling at its best rate "
+                  f"({lr_text(best['moe-naive'])}, final loss {runs['moe-naive', best['moe-naive']][0]['final_val_loss']:.4f}):",
+              "", "| run | its best lr | final val loss | minus naive (noise) | vs naive |", "| --- | --- | --- | --- | --- |"]
+    for name in drops:
+        g = gap(name, best[name], "moe-naive", best["moe-naive"])
+        vs, verdict = (f"{g[0]:+.4f} (±{g[1]:.4f})", g[2]) if g else ("", "not comparable (other evaluation steps)")
+        lines.append(f"| {name} | {lr_text(best[name])} | {runs[name, best[name]][0]['final_val_loss']:.4f} | {vs} | {verdict} |")
+    lines += ["", "At the same rate: minus naive (noise), vs naive:", "",
+              "| run | " + " | ".join(f"lr {lr_text(lr)}" for lr in lrs) + " |", "| --- " * (len(lrs) + 1) + "|"]
+    for name in drops:
+        cells = []
+        for lr in lrs:
+            g = gap(name, lr, "moe-naive", lr) if (name, lr) in runs and ("moe-naive", lr) in runs else None
+            cells.append(f"{g[0]:+.4f} (±{g[1]:.4f}), {g[2]}" if g else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    with open(os.path.join(next(iter(folders.values())), "dense", "result.json")) as f:
+        dense = json.load(f)
+    moe = runs["moe-naive", best["moe-naive"]][0]
+    header = (f"MoE peak learning-rate sweep: naive Upcycling, Drop-Upcycling r=0.5 (shared and independent index "
+              f"sets) and from scratch at each of {', '.join(lr_text(lr) for lr in lrs)} (same schedule shape: warmup, "
+              f"cosine to {train.MIN_LR_RATIO:g} x peak), all from one dense model ({dense['steps']} steps, "
+              f"{dense['tokens'] / 1e6:.1f}M tokens, final val loss {dense['final_val_loss']:.4f}; {out_dir}/dense, "
+              f"copied into each lr-* folder), {moe['steps']} MoE steps ({moe['tokens'] / 1e6:.1f}M tokens) with the "
+              f"same data order; validation loss in nats/token; device {dense['device']}. Noise: two standard errors "
+              f"of the per-batch differences of the two final losses (the same validation batches for every run).")
+    table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
+    table_path, figure_path = os.path.join(out_dir, "lr_summary.md"), os.path.join(out_dir, "lr_loss.png")
+    data.atomic_write_text(table_path, table)
+    print("\n" + table)
+    losses = {n: {lr: runs[n, lr][0]["final_val_loss"] for lr in lrs if (n, lr) in runs} for n in names}
+    plot.lr_figure(figure_path, header, losses, dense["final_val_loss"])
+    print(f"figure: {figure_path} | table: {table_path}")
+
+
+# -----------------------------------------------------------------------------
+# 4. Routing specialisation (Sec. 5.4, Figure 5, Appendix C.2)
 
 FIGURE_MODELS = ["moe-naive", "moe-drop-r0.5", "moe-scratch"]  # the paper's Fig. 5 columns
 
@@ -351,7 +534,7 @@ def routing_report(args, results, domains, n_tokens, command, opts):
 
 
 # -----------------------------------------------------------------------------
-# 4. Two measurements right after upcycling: router gradient, neuron overlap
+# 5. Two measurements right after upcycling: router gradient, neuron overlap
 
 
 def dense_for_probe(opts):
@@ -471,13 +654,13 @@ def overlap(opts):
 
 
 # -----------------------------------------------------------------------------
-# 5. Main
+# 6. Main
 
 
 def parse_args(argv):
     p = train.OneLineParser(prog="analyze.py", description="The paper's analyses (r sweep, routing) and two "
                             "measurements right after upcycling. The classroom exercises that use them: EXERCISES.md.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,routing,router-grad,overlap}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,lr,routing,router-grad,overlap}")
     s = sub.add_parser("sweep", allow_abbrev=False,
                        help="Sec. 5.3: MoE runs for every r from one dense model; figure + table",
                        description="MoE runs for every r (plus r = 0.5 with independent index sets, and from scratch) "
@@ -485,6 +668,15 @@ def parse_args(argv):
                                    "other flag goes to train.py (see python train.py --help).")
     s.add_argument("--r-values", type=train.unit_float, nargs="+", default=PAPER_RS, metavar="R",
                    help="ratios to train (default: the paper's 0 0.1 0.25 0.5 0.75 1)")
+    s.add_argument("--report-only", action="store_true", help="no training: figure and table of the finished runs")
+    s = sub.add_parser("lr", allow_abbrev=False,
+                       help="naive, drop r=0.5 (both index-set variants) and scratch at each MoE learning rate",
+                       description="From one dense model (trained once in --out-dir/dense), trains naive Upcycling, "
+                                   "Drop-Upcycling r=0.5 with shared and with independent index sets, and an MoE from "
+                                   "scratch at each MoE peak learning rate, in --out-dir/lr-<rate>/; then lr_loss.png "
+                                   "and lr_summary.md in --out-dir. Every other flag goes to train.py.")
+    s.add_argument("--lrs", type=train.positive_float, nargs="+", default=DEFAULT_LRS, metavar="LR",
+                   help="MoE peak learning rates (default 5e-4 1e-3 2e-3 4e-3)")
     s.add_argument("--report-only", action="store_true", help="no training: figure and table of the finished runs")
     s = sub.add_parser("routing", allow_abbrev=False, help="Sec. 5.4: routing statistics of every MoE run in --out-dir",
                        description="Routes held-out text of each domain through every finished MoE run in --out-dir; "
@@ -517,7 +709,7 @@ def parse_args(argv):
                            help="a separate S per matrix (the released code)")
             s.set_defaults(top_k=2)
     opts, rest = p.parse_known_args(argv)
-    if rest and opts.command not in ("sweep", "routing"):
+    if rest and opts.command not in ("sweep", "lr", "routing"):
         raise Fail(f"unrecognized arguments: {' '.join(rest)} (see python analyze.py {opts.command} --help)")
     opts.argv = list(argv)[1:]  # what followed the command: recorded in the tables
     return opts, rest
@@ -531,6 +723,8 @@ def main(argv=None):
         opts, rest = parse_args(argv)
         if opts.command == "sweep":
             sweep(opts, rest)
+        elif opts.command == "lr":
+            lr_sweep(opts, rest)
         elif opts.command == "routing":
             routing(opts, rest)
         elif opts.command == "router-grad":

@@ -5,7 +5,7 @@ train.py and analyze.py call it; it imports neither.
   1. reading a run: validation curve, with the noise of each validation number
   2. comparing with naive Upcycling: the gap, its noise, and where a curve crosses
   3. the training figure (the paper's Fig. 3, top row) and summary table, and train.py's report of an out-dir
-  4. the r sweep figure (Fig. 4) and the routing figure (Fig. 5)
+  4. the r sweep figure (Fig. 4), the learning-rate sweep figure and the routing figure (Fig. 5)
 """
 
 import csv
@@ -249,7 +249,7 @@ def report(out_dir, names, dense_settings, moe_settings, fingerprint):
 
 
 # -----------------------------------------------------------------------------
-# 4. The r sweep (Fig. 4) and routing (Fig. 5)
+# 4. The r sweep (Fig. 4), the learning-rate sweep and routing (Fig. 5)
 
 
 def sweep_figure(path, header, curves, dense_final, results=None):
@@ -285,6 +285,46 @@ def sweep_figure(path, header, curves, dense_final, results=None):
             line.set_linestyle("--")
     fig.suptitle(header, fontsize=8, wrap=True)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def lr_figure(path, header, losses, dense_final):
+    """Final validation loss against the MoE peak learning rate (log x), one line per init, its best rate
+    starred. losses: {run name: {lr: final val loss}}. The y range is set by the upcycled inits: from scratch is
+    far above them at this scale, and its line leaves the chart when it is (its numbers are in the table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    names = list(losses)
+    upcycled = [v for n in names if n != "moe-scratch" for v in losses[n].values()] or [dense_final]
+    lo, hi = min(upcycled), max(max(upcycled), dense_final)
+    pad = 0.1 * (hi - lo) + 1e-3
+    for name in names:
+        lrs = sorted(losses[name])
+        values = [losses[name][lr] for lr in lrs]
+        best = min(lrs, key=losses[name].get)
+        off = name == "moe-scratch" and min(values) > hi + pad
+        ax.plot(lrs, values, color=color_of(name, names), ls="--" if name.endswith("-indep") else "-", marker="o",
+                label=label_of(name) + (" (above the chart)" if off else ""))
+        ax.plot([best], [losses[name][best]], color=color_of(name, names), marker="*", ms=16, ls="none")
+    ax.axhline(dense_final, color="gray", ls=":", lw=1, label="dense model at upcycling")
+    ax.plot([], [], color="black", marker="*", ms=12, ls="none", label="best rate of each init")
+    ax.set_xscale("log")
+    all_lrs = sorted({lr for v in losses.values() for lr in v})
+    ax.set_xticks(all_lrs, [f"{lr:g}" for lr in all_lrs])
+    ax.minorticks_off()
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel("MoE peak learning rate (log scale)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("final loss against the MoE learning rate")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(header, fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
     fig.savefig(path, dpi=130)
     plt.close(fig)
 

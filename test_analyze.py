@@ -288,3 +288,118 @@ def test_every_exercise_command_runs(tmp_path, corpus, swept, capsys):
         except SystemExit as e:
             pytest.fail(f"{command} exited with {e.code}: {capsys.readouterr().err}")
     assert os.path.exists(tmp_path / "out/ex-noaux/routing_summary.md")
+
+
+# -----------------------------------------------------------------------------
+# lr: every init at each MoE learning rate, from one dense model
+
+LRS = [1e-3, 4e-3]
+LR_RUN_NAMES = ["moe-naive", "moe-drop-r0.5", "moe-drop-r0.5-indep", "moe-scratch"]
+
+
+@pytest.fixture(scope="module")
+def lr_swept(tmp_path_factory, corpus):
+    """One tiny lr sweep over two rates (dense + 8 MoE runs), with what it printed."""
+    import contextlib
+    import io
+
+    out = str(tmp_path_factory.mktemp("lr"))
+    flags = ["--preset", "cpu", "--out-dir", out, "--data", corpus, *TINY_CLI]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        analyze.main(["lr", "--lrs", *map(str, LRS), *flags])
+    return out, flags, printed.getvalue()
+
+
+def read_json(*path):
+    with open(os.path.join(*path)) as f:
+        return json.load(f)
+
+
+def test_lr_trains_the_dense_model_once_and_copies_it_bit_for_bit(lr_swept):
+    out, _, printed = lr_swept
+    assert printed.count("[dense] step 0/") == 1  # trained once, in out/dense
+    folders = [os.path.join(out, "lr-" + analyze.lr_text(lr)) for lr in LRS]
+    assert [os.path.basename(f) for f in folders] == ["lr-1e-3", "lr-4e-3"]
+    assert printed.count("[dense] reusing the finished dense model") == 4 * len(LRS)  # every MoE run used the copy
+    assert printed.count("tokenized in") == 1  # one token cache, hard-linked into every rate's folder
+    for folder in folders:
+        for root, _, files in os.walk(os.path.join(out, "data")):
+            for name in files:
+                linked = os.path.join(folder, "data", os.path.relpath(root, os.path.join(out, "data")), name)
+                assert os.path.samefile(os.path.join(root, name), linked)
+    source = train.load_checkpoint(os.path.join(out, "dense", "ckpt.pt"))
+    for folder in folders:
+        with open(os.path.join(out, "dense", "ckpt.pt"), "rb") as a, open(os.path.join(folder, "dense", "ckpt.pt"), "rb") as b:
+            assert a.read() == b.read(), folder
+        copy = train.load_checkpoint(os.path.join(folder, "dense", "ckpt.pt"))
+        assert copy["settings"] == source["settings"]
+        assert all(torch.equal(copy["model"][k], v) for k, v in source["model"].items())
+
+
+def test_lr_trains_every_init_at_every_rate_from_that_dense_model(lr_swept):
+    out, _, _ = lr_swept
+    dense = read_json(out, "dense", "settings.json")
+    for lr in LRS:
+        folder = os.path.join(out, "lr-" + analyze.lr_text(lr))
+        for name in LR_RUN_NAMES:
+            s = read_json(folder, name, "settings.json")
+            assert s["lr"] == lr and s["phase"] == "moe", (lr, name)
+            assert s["init"] == name.split("-")[1] and s["shared_indices"] == (name != "moe-drop-r0.5-indep")
+            assert s["dense"] == (None if name == "moe-scratch" else dense)
+            assert os.path.exists(os.path.join(folder, name, "result.json"))
+    # the rates give different runs; the same init at one rate starts from the same weights (same step-0 loss)
+    naive = [plot.val_curve(os.path.join(out, "lr-" + analyze.lr_text(lr), "moe-naive", "log.csv"))[2] for lr in LRS]
+    assert naive[0][0] == naive[1][0] and naive[0][-1] != naive[1][-1]
+
+
+def test_lr_table_names_each_inits_best_rate(lr_swept):
+    out, _, _ = lr_swept
+    with open(os.path.join(out, "lr_summary.md")) as f:
+        table = f.read()
+    assert "Made with: `python analyze.py lr --lrs 0.001 0.004" in table
+    for name in LR_RUN_NAMES:
+        losses = {lr: read_json(out, "lr-" + analyze.lr_text(lr), name, "result.json")["final_val_loss"] for lr in LRS}
+        best = min(losses, key=losses.get)
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} | "))  # the first table's row
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:3] == [(f"**{losses[lr]:.4f}**" if lr == best else f"{losses[lr]:.4f}") for lr in LRS], row
+        assert cells[3].split()[0] == analyze.lr_text(best), row
+    assert "its best lr" in table and "| moe-drop-r0.5-indep |" in table
+    assert os.path.getsize(os.path.join(out, "lr_loss.png")) > 10_000
+
+
+def test_lr_rerun_reuses_every_run(lr_swept, capsys):
+    out, flags, _ = lr_swept
+    before = {lr: os.path.getmtime(os.path.join(out, "lr-" + analyze.lr_text(lr), "moe-naive", "ckpt.pt")) for lr in LRS}
+    analyze.main(["lr", "--lrs", *map(str, LRS), *flags])
+    printed = capsys.readouterr().out
+    assert "step 0/" not in printed and "done: val" not in printed and "copied the dense" not in printed  # no training
+    assert printed.count("reusing the finished") == 1 + 4 * len(LRS) * 2  # dense once; each MoE run: its dense + itself
+    assert all(os.path.getmtime(os.path.join(out, "lr-" + analyze.lr_text(lr), "moe-naive", "ckpt.pt")) == t
+               for lr, t in before.items())
+
+
+def test_lr_bad_input_gives_one_line_and_nonzero_exit(lr_swept, tmp_path, capsys):
+    out, flags, _ = lr_swept
+    fresh = ["--preset", "cpu", "--out-dir", str(tmp_path / "fresh"), "--data", flags[flags.index("--data") + 1]]
+    cases = [["lr", "--lrs", "0", *fresh], ["lr", "--lrs", "1e-3", "-1", *fresh], ["lr", "--moe-lr", "1e-3", *fresh],
+             ["lr", "--moe-l=1e-3", *fresh], ["lr", "--init", "naive", *fresh], ["lr", "--independent-indices", *fresh],
+             ["sweep", "--ini", "naive", *fresh]]  # an abbreviation train.py would take is caught too
+    for argv in cases:
+        with pytest.raises(SystemExit) as e:
+            analyze.main(argv)
+        assert e.value.code == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("analyze.py: error:") and "\n" not in err, (argv, err)
+    assert not os.path.exists(tmp_path / "fresh")  # refused before any work
+    # a rate folder whose dense model is not the copy of out/dense is refused, not trained from another start
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "lr-4e-3" / "dense" / "ckpt.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["lr", "--lrs", *map(str, LRS), *flags[:flags.index("--out-dir")], "--out-dir", str(copy),
+                      *flags[flags.index("--out-dir") + 2:]])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "is not a copy of the dense model" in err and "\n" not in err
