@@ -52,6 +52,14 @@ def make_corpus(root):
     return str(root)
 
 
+def assert_one_line_analyze_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        analyze.main(argv)
+    assert e.value.code == 1, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("analyze.py: error:") and "\n" not in err, (argv, err)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus") / "data")
@@ -234,11 +242,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
         ["nonsense"],
     ]
     for argv in cases:
-        with pytest.raises(SystemExit) as e:
-            analyze.main(argv)
-        assert e.value.code == 1, argv
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("analyze.py: error:") and "\n" not in err, (argv, err)
+        assert_one_line_analyze_error(argv, capsys)
     # and from the shell: no traceback
     proc = subprocess.run([sys.executable, "analyze.py", "overlap", "--n-experts", "1"], cwd=HERE,
                           capture_output=True, text=True, timeout=60)
@@ -387,11 +391,7 @@ def test_lr_bad_input_gives_one_line_and_nonzero_exit(lr_swept, tmp_path, capsys
              ["lr", "--moe-l=1e-3", *fresh], ["lr", "--init", "naive", *fresh], ["lr", "--independent-indices", *fresh],
              ["sweep", "--ini", "naive", *fresh]]  # an abbreviation train.py would take is caught too
     for argv in cases:
-        with pytest.raises(SystemExit) as e:
-            analyze.main(argv)
-        assert e.value.code == 1, argv
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("analyze.py: error:") and "\n" not in err, (argv, err)
+        assert_one_line_analyze_error(argv, capsys)
     assert not os.path.exists(tmp_path / "fresh")  # refused before any work
     # a rate folder whose dense model is not the copy of out/dense is refused, not trained from another start
     copy = tmp_path / "copy"
