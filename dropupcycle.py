@@ -20,41 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Grouped GEMM (one kernel for all experts' matmuls) is public from PyTorch 2.10 on, private before.
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def bf16_supported(device):
-    """Whether the GPU computes in bf16 natively (Ampere, sm80, on). Emulated bf16 (a T4 or V100 will "support" it
-    through fp32) is slower than fp16 and is not counted."""
-    try:
-        with torch.cuda.device(device):
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # PyTorch before 2.3 has no including_emulation and does not emulate
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def moe_path(device):
-    """Which implementation of Eq. 2 MoE.forward runs on device: "grouped", "dense" or "reference".
-
-    grouped:   experts_grouped, sorted tokens + grouped GEMM in bf16; only where PyTorch has a real grouped kernel
-               for the card: Hopper (sm90), and from PyTorch 2.9 on also sm100 (B200). Elsewhere _grouped_mm either
-               raises (before 2.9) or falls back to a loop of matmuls that waits for the GPU at every call (2.9 on).
-    dense:     experts_dense, every expert on every token: E/k times the FLOPs, but any CUDA GPU in any precision,
-               and nothing waits for the GPU.
-    reference: experts_reference, the readable loop; on the CPU waiting for the device costs nothing.
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "reference"
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    fast_majors = (9, 10) if version >= (2, 9) else (9,)
-    major = torch.cuda.get_device_capability(device)[0]
-    if _grouped_mm is not None and major in fast_majors and bf16_supported(device):
-        return "grouped"
-    return "dense"
-
-
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
@@ -216,6 +181,42 @@ class SwiGLU(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 4. The Mixtral MoE layer (Sec. 3.1)
+
+
+# Which GPU runs which implementation of Eq. 2 (the math is the same; a test checks each against the loop).
+# Grouped GEMM (one kernel for all experts' matmuls) is public from PyTorch 2.10 on, private before.
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def bf16_supported(device):
+    """Whether the GPU computes in bf16 natively (Ampere, sm80, on). Emulated bf16 (a T4 or V100 will "support" it
+    through fp32) is slower than fp16 and is not counted."""
+    try:
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # PyTorch before 2.3 has no including_emulation and does not emulate
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def moe_path(device):
+    """Which implementation of Eq. 2 MoE.forward runs on device: "grouped", "dense" or "reference".
+
+    grouped:   experts_grouped, sorted tokens + grouped GEMM in bf16; only where PyTorch has a real grouped kernel
+               for the card: Hopper (sm90), and from PyTorch 2.9 on also sm100 (B200). Elsewhere _grouped_mm either
+               raises (before 2.9) or falls back to a loop of matmuls that waits for the GPU at every call (2.9 on).
+    dense:     experts_dense, every expert on every token: E/k times the FLOPs, but any CUDA GPU in any precision,
+               and nothing waits for the GPU.
+    reference: experts_reference, the readable loop; on the CPU waiting for the device costs nothing.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "reference"
+    fast_majors = (9, 10) if TORCH_VERSION >= (2, 9) else (9,)
+    major = torch.cuda.get_device_capability(device)[0]
+    if _grouped_mm is not None and major in fast_majors and bf16_supported(device):
+        return "grouped"
+    return "dense"
 
 
 class MoE(nn.Module):
@@ -527,7 +528,7 @@ def flops_per_token(config, seq_len):
     the forward). Matmuls only; norms, activations and the router are negligible and left out, as in the
     paper. For an MoE model n_e = top_k experts run per token, so this counts the active parameters."""
     d_h, d_f, v, d_k = config.d_model, config.d_ff, config.vocab_size, config.head_dim
-    n_h, n_q = config.n_head, config.n_kv_head
+    n_h, n_q = config.n_head, config.n_kv_head  # n_q: Table 3's "query groups", i.e. key/value heads
     s = seq_len
     embeddings = 2 * s * v * d_h
     attention = (

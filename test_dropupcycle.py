@@ -300,7 +300,7 @@ def test_moe_path_picks_grouped_gemm_only_where_pytorch_has_a_kernel_for_the_car
                                                                                    bf16, expected):
     import dropupcycle
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(dropupcycle, "TORCH_VERSION", tuple(int(v) for v in version.split("+")[0].split(".")[:2]))
     monkeypatch.setattr(dropupcycle, "bf16_supported", lambda device: bf16)
     assert dropupcycle.moe_path(torch.device("cuda")) == expected
     assert dropupcycle.moe_path(torch.device("cpu")) == "reference"

@@ -759,7 +759,7 @@ def test_precision_and_moe_path_follow_the_card_and_the_start_line_names_them(mo
                                                                                path_text):
     import dropupcycle
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr(dropupcycle, "TORCH_VERSION", (2, 11))
     monkeypatch.setattr(dropupcycle, "bf16_supported", lambda device: bf16)
     monkeypatch.setattr(train, "bf16_supported", lambda device: bf16)
     cuda = torch.device("cuda")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import distributed
 import plot
-from data import Fail, HFTokenizer, atomic_write_text, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
+from data import BUILTIN_CORPORA, Fail, HFTokenizer, atomic_write_text, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
 from dropupcycle import ModelConfig, Transformer, bf16_supported, compile_model, drop_upcycle, flops_per_token, moe_path
 
 # -----------------------------------------------------------------------------
@@ -91,8 +91,10 @@ def number(kind, ok, expected):
     Integers stay below 2**31, which every seed, size and step count fits: larger ones fail late and obscurely."""
     def convert(text):
         value = kind(text)
-        if not ok(value) or math.isinf(value) or abs(value) >= 2**31:
+        if not ok(value) or math.isinf(value):
             raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        if abs(value) >= 2**31:
+            raise argparse.ArgumentTypeError(f"must be below 2**31 = {2**31:,}, got {text}")
         return value
     convert.__name__ = "integer" if kind is int else "number"  # argparse names the type in its messages
     return convert
@@ -167,7 +169,7 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.preset is None:
-        on_gpu = torch.cuda.is_available() and args.device in ("auto", "cuda") or args.device.startswith("cuda:")
+        on_gpu = (torch.cuda.is_available() and args.device in ("auto", "cuda")) or args.device.startswith("cuda:")
         args.preset = "gpu" if on_gpu else "cpu"
     for key, value in PRESETS[args.preset].items():  # fill every unset value from the preset
         if getattr(args, key, None) is None:
@@ -178,6 +180,12 @@ def parse_args(argv=None):
         raise Fail(f"--independent-indices applies to --init drop only (got --init {args.init or 'all'})")
     if args.init == "drop" and args.r is None:
         args.r = 0.5
+    if args.data not in BUILTIN_CORPORA and not os.path.exists(args.data):  # before any folder is made
+        raise Fail(f"--data {args.data}: no such file or folder")
+    for phase in ("dense", "moe"):
+        steps, warmup = getattr(args, f"{phase}_steps"), getattr(args, f"{phase}_warmup")
+        if warmup >= steps and not (phase == "dense" and args.dense_from):
+            print(f"note: --{phase}-warmup {warmup} >= --{phase}-steps {steps}: the learning rate never decays")
     return args
 
 
