@@ -430,16 +430,16 @@ def main(argv=None):
             print(f"wrote {'Mixtral' if model.config.is_moe else 'Llama'} {args.out}")
             return
         check_out_dir(args.out)  # before loading a large model, not after
-        src = resolve(args.src)
-        dense = load_hf(src, dtype)
-        if dense.config.is_moe:
-            raise HFError(f"{args.src}: is already a Mixtral; drop-upcycle needs a dense Llama")
         try:
-            replace(dense.config, n_experts=args.n_experts, top_k=args.top_k)
+            replace(ModelConfig(), n_experts=args.n_experts, top_k=args.top_k)  # the same checks as the model's
             if not 0 <= args.r <= 1:
                 raise ValueError(f"--r must be in [0, 1], got {args.r}")
         except ValueError as e:
             raise HFError(str(e)) from None
+        src = resolve(args.src)
+        dense = load_hf(src, dtype)
+        if dense.config.is_moe:
+            raise HFError(f"{args.src}: is already a Mixtral; drop-upcycle needs a dense Llama")
         print(f"{args.src}: {dense.num_params() / 1e6:.1f}M parameters, {dense.config.n_layer} layers", flush=True)
         src_config = read_json(os.path.join(src, "config.json"))
         drop_upcycle_hf(dense, args.out, args.n_experts, args.top_k, args.r, args.seed, not args.independent_indices,
