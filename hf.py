@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 from safetensors import safe_open
