@@ -216,6 +216,64 @@ def evaluate(model, val_batches, device):
     return losses.mean().item(), se, losses.tolist()
 
 
+def restore(ckpt, model, optimizer, scaler, device):
+    """--resume: weights, optimizer, scaler and RNG from ckpt; returns (step, elapsed time, unlogged losses). The
+    data needs nothing: a step's batches follow from (seed, phase, step)."""
+    distributed.load_full_state(model, ckpt["model"], optimizer, ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):  # (empty when saved in bf16 or fp32: the scaler starts afresh)
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["step"], ckpt["elapsed"], [tuple(p) for p in ckpt.get("pending", [])]
+
+
+def open_log(run, resumed_at):
+    """The run's log.csv, open for appending rows: started afresh, or (resumed_at, a checkpoint's step) cut back to
+    that step. Writes settings.json next to it. Rank 0 alone writes files: the other ranks get /dev/null."""
+    if not distributed.is_main():
+        return open(os.devnull, "w")
+    make_dirs(run.dir)
+    rows = read_log(run.csv_path, resumed_at) if resumed_at is not None and os.path.exists(run.csv_path) else []
+    try:
+        atomic_write_text(run.csv_path, ",".join(CSV_FIELDS) + "\n" + "".join(",".join(r.get(k) or "" for k in CSV_FIELDS) + "\n" for r in rows))
+        atomic_write_text(os.path.join(run.dir, "settings.json"), json.dumps(run.settings, indent=1))
+        return open(run.csv_path, "a", newline="")
+    except OSError as e:
+        raise Fail(f"cannot write in {run.dir} ({e.strerror or e})")
+
+
+def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, device, split):
+    """One optimizer step at `step`: its learning rate, its grad_accum micro-batches (each cut into `split` pieces),
+    clipping, the update. Returns (lr, cross-entropy, balancing loss), the losses still on the device (no sync)."""
+    cfg = ModelConfig(**s["model"])
+    lr = lr_at(step, s["steps"], s["lr"], s["warmup"])
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    rng = np.random.default_rng([s["seed"], {"dense": 0, "moe": 1}[s["phase"]], step])  # data of a step: (seed, phase, step)
+    ce_sum, aux_sum = 0.0, 0.0
+    pieces = s["grad_accum"] * split  # equal pieces: the mean of their losses is the step's loss
+    for micro in range(s["grad_accum"]):
+        x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device, distributed.rows())
+        for piece, (x_piece, y_piece) in enumerate(zip(x.chunk(split), y.chunk(split))):
+            last = micro == s["grad_accum"] - 1 and piece == split - 1
+            with distributed.grad_sync(train_model, last):  # all-reduce once per step
+                with autocast(device):
+                    _, loss = train_model(x_piece, y_piece)
+                scaler.scale(loss / pieces).backward()
+            # log the cross-entropy alone (comparable with dense), the balancing loss separately
+            aux = model.aux_loss if cfg.is_moe else None
+            ce = loss.detach() - cfg.aux_loss_coef * aux if aux is not None else loss.detach()
+            ce_sum = ce_sum + ce / pieces
+            aux_sum = aux_sum + (aux / pieces if aux is not None else 0.0)
+    scaler.unscale_(optimizer)  # clip the true gradients
+    torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
+    scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, ce_sum, aux_sum
+
+
 def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_interval, ckpt=None, later_flops=0.0,
               split=1):
     """Train model from its current weights (or from ckpt, an unfinished checkpoint) for the run's steps.
@@ -233,30 +291,10 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     # clipping; a step whose gradients overflowed is skipped and the scale lowered. A no-op in bf16 and fp32.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     start_step, elapsed, pending = 0, 0.0, []  # pending: (step, ce, aux) since the last log row
-    main = distributed.is_main()  # rank 0 alone writes files
-    if main:
-        make_dirs(run.dir)
-    rows = []
-    if ckpt is not None:  # --resume: weights, optimizer, RNG, clock, unlogged losses; the data follows from the step
-        distributed.load_full_state(model, ckpt["model"], optimizer, ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):  # (empty when saved in bf16 or fp32: the scaler starts afresh)
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        start_step, elapsed, pending = ckpt["step"], ckpt["elapsed"], [tuple(p) for p in ckpt.get("pending", [])]
-        rows = read_log(run.csv_path, start_step) if main and os.path.exists(run.csv_path) else []
+    if ckpt is not None:
+        start_step, elapsed, pending = restore(ckpt, model, optimizer, scaler, device)
         print(f"[{run.name}] resuming at step {start_step}/{s['steps']}")
-    try:
-        if not main:
-            raise StopIteration
-        atomic_write_text(run.csv_path, ",".join(CSV_FIELDS) + "\n" + "".join(",".join(r.get(k) or "" for k in CSV_FIELDS) + "\n" for r in rows))
-        atomic_write_text(os.path.join(run.dir, "settings.json"), json.dumps(s, indent=1))
-        csv_file = open(run.csv_path, "a", newline="")
-    except StopIteration:
-        csv_file = open(os.devnull, "w")
-    except OSError as e:
-        raise Fail(f"cannot write in {run.dir} ({e.strerror or e})")
+    csv_file = open_log(run, start_step if ckpt is not None else None)
 
     flops = flops_per_token(cfg, s["seq_len"])
     peak = gpu_peak_flops(device, amp_dtype(device))
@@ -304,30 +342,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     STOP["training"] = True
     try:
         for step in range(start_step, s["steps"]):
-            lr = lr_at(step, s["steps"], s["lr"], s["warmup"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            rng = np.random.default_rng([s["seed"], {"dense": 0, "moe": 1}[s["phase"]], step])  # data of a step: (seed, phase, step)
-            ce_sum, aux_sum = 0.0, 0.0
-            pieces = s["grad_accum"] * split  # equal pieces: the mean of their losses is the step's loss
-            for micro in range(s["grad_accum"]):
-                x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device, distributed.rows())
-                for piece, (x_piece, y_piece) in enumerate(zip(x.chunk(split), y.chunk(split))):
-                    last = micro == s["grad_accum"] - 1 and piece == split - 1
-                    with distributed.grad_sync(train_model, last):  # all-reduce once per step
-                        with autocast(device):
-                            _, loss = train_model(x_piece, y_piece)
-                        scaler.scale(loss / pieces).backward()
-                    # log the cross-entropy alone (comparable with dense), the balancing loss separately
-                    aux = model.aux_loss if cfg.is_moe else None
-                    ce = loss.detach() - cfg.aux_loss_coef * aux if aux is not None else loss.detach()
-                    ce_sum = ce_sum + ce / pieces
-                    aux_sum = aux_sum + (aux / pieces if aux is not None else 0.0)
-            scaler.unscale_(optimizer)  # clip the true gradients
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
-            scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            lr, ce_sum, aux_sum = train_step(model, train_model, optimizer, scaler, s, step, train_tokens, device, split)
             done = step + 1
             pending.append((done, ce_sum, aux_sum))
             if distributed.world() > 1:  # a signal on any rank stops every rank after this step
@@ -389,7 +404,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
                   processes=distributed.world(), parallel=("fsdp" if distributed.STATE["fsdp"] else "ddp") if distributed.world() > 1 else None)
-    if main:
+    if distributed.is_main():
         atomic_write_text(run.result_path, json.dumps(result, indent=1))
     if s["steps"]:  # a pretrained model that was only scored (--dense-from) stays where it came from
         checkpoint(s["steps"], finished=True)
