@@ -39,7 +39,9 @@ from dropupcycle import ModelConfig, Transformer, drop_upcycle, load_balancing_l
 from data import Fail
 import data
 import distributed
+import gpus
 import plot
+from runs import load_checkpoint, on_signal
 
 # -----------------------------------------------------------------------------
 # 1. Routing statistics
@@ -434,7 +436,7 @@ def route_counts(model, tokens, seq_len, batch_size, device):
         T = min(seq_len, len(tokens))
         windows = torch.tensor(tokens[: len(tokens) // T * T], dtype=torch.long).view(-1, T)
         for i in range(0, len(windows), batch_size):
-            with train.autocast(device):
+            with gpus.autocast(device):
                 model(windows[i : i + batch_size].to(device))
     finally:
         for h in hooks:
@@ -464,7 +466,7 @@ def routing(opts, train_argv):
 
     results = {}
     for name, folder in runs:
-        ckpt = train.load_checkpoint(os.path.join(folder, "ckpt.pt"))
+        ckpt = load_checkpoint(os.path.join(folder, "ckpt.pt"))
         model = Transformer(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         model.to(device).eval()
@@ -547,7 +549,7 @@ def dense_for_probe(opts):
             out_dir = (os.path.dirname(folder) if os.path.basename(folder) == "dense" else folder) or "."
             raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there; train one with python train.py --preset "
                        f"cpu --init dense --out-dir {out_dir} (it goes to {os.path.join(out_dir, 'dense')})")
-        ckpt = train.load_checkpoint(path)
+        ckpt = load_checkpoint(path)
         cfg = ModelConfig(**ckpt["model_config"])
         if cfg.is_moe:
             raise Fail(f"--dense-ckpt {opts.dense_ckpt}: that is an MoE checkpoint; give the dense one (out/.../dense)")
@@ -716,8 +718,8 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    signal.signal(signal.SIGINT, train.on_signal)  # Ctrl-C in a sweep saves a checkpoint, as in train.py
-    signal.signal(signal.SIGTERM, train.on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # Ctrl-C in a sweep saves a checkpoint, as in train.py
+    signal.signal(signal.SIGTERM, on_signal)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         opts, rest = parse_args(argv)

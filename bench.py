@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 import dropupcycle as du
+import gpus
 import train
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match on the name wins.
@@ -303,7 +304,7 @@ def fmt_layer_row(r):
 def peak_flops(device, override):
     if override:
         return override * 1e12
-    return train.gpu_peak_flops(device)
+    return gpus.gpu_peak_flops(device)
 
 
 def bench_steps(args, device, record, profiles):

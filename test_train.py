@@ -19,6 +19,7 @@ import torch
 from conftest import HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, tiny, write_corpus
 
 import data
+import gpus
 import plot
 import train
 from dropupcycle import ModelConfig, Transformer
@@ -732,7 +733,7 @@ def test_summary_of_a_dense_only_run_describes_only_the_dense_run(drop_run, trai
 
 
 # -----------------------------------------------------------------------------
-# any CUDA GPU: precision, MFU peak, memory (simulated on the CPU by monkeypatching what the GPU would report)
+# any CUDA GPU (gpus.py): precision, MFU peak, memory (simulated on the CPU by monkeypatching what the GPU would report)
 
 
 @pytest.mark.parametrize("name, bf16, fp16", [
@@ -745,8 +746,8 @@ def test_summary_of_a_dense_only_run_describes_only_the_dense_run(drop_run, trai
 def test_mfu_peak_is_the_cards_peak_in_the_precision_used(monkeypatch, name, bf16, fp16):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     cuda = torch.device("cuda")
-    assert train.gpu_peak_flops(cuda, torch.bfloat16) == bf16 and train.gpu_peak_flops(cuda, torch.float16) == fp16
-    assert train.gpu_peak_flops(torch.device("cpu")) is None
+    assert gpus.gpu_peak_flops(cuda, torch.bfloat16) == bf16 and gpus.gpu_peak_flops(cuda, torch.float16) == fp16
+    assert gpus.gpu_peak_flops(torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("capability, bf16, dtype, path_text", [
@@ -761,13 +762,13 @@ def test_precision_and_moe_path_follow_the_card_and_the_start_line_names_them(mo
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(dropupcycle, "TORCH_VERSION", (2, 11))
     monkeypatch.setattr(dropupcycle, "bf16_supported", lambda device: bf16)
-    monkeypatch.setattr(train, "bf16_supported", lambda device: bf16)
+    monkeypatch.setattr(gpus, "bf16_supported", lambda device: bf16)
     cuda = torch.device("cuda")
-    assert train.amp_dtype(cuda) == dtype
-    line = train.compute_description(cuda)
+    assert gpus.amp_dtype(cuda) == dtype
+    line = gpus.compute_description(cuda)
     assert path_text in line and ("gradient scaler" in line) == (dtype == torch.float16)
-    assert train.amp_dtype(torch.device("cpu")) == torch.float32
-    assert train.compute_description(torch.device("cpu")) == "fp32 | MoE experts: reference loop (CPU)"
+    assert gpus.amp_dtype(torch.device("cpu")) == torch.float32
+    assert gpus.compute_description(torch.device("cpu")) == "fp32 | MoE experts: reference loop (CPU)"
 
 
 GPU_PRESET_MOE = ModelConfig(vocab_size=257, d_model=256, n_layer=4, n_head=4, n_kv_head=4, d_ff=1024, max_seq_len=512,
@@ -777,7 +778,7 @@ GPU_PRESET_MOE = ModelConfig(vocab_size=257, d_model=256, n_layer=4, n_head=4, n
 def test_memory_estimate_matches_the_gpu_preset_measured_on_an_h200():
     # measured: 7.2 GiB peak on an H200 with the 1.8 GiB corpus (4 bytes x 475M tokens) on the GPU
     n_params = Transformer(GPU_PRESET_MOE).num_params()
-    estimate = 128 * 512 * train.activation_bytes_per_token(GPU_PRESET_MOE, "grouped") + 16 * n_params
+    estimate = 128 * 512 * gpus.activation_bytes_per_token(GPU_PRESET_MOE, "grouped") + 16 * n_params
     assert estimate / 2**30 == pytest.approx(7.2 - 1.8, rel=0.15)
 
 
@@ -791,10 +792,10 @@ def test_memory_estimate_matches_the_gpu_preset_measured_on_an_h200():
 ])
 def test_micro_batch_is_cut_into_pieces_only_where_the_step_would_not_fit(monkeypatch, free_gib, path, expected):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), int(free_gib * 2**30)))
-    monkeypatch.setattr(train, "moe_path", lambda device: path)
+    monkeypatch.setattr(gpus, "moe_path", lambda device: path)
     n_params = Transformer(GPU_PRESET_MOE).num_params()
-    assert train.micro_split(GPU_PRESET_MOE, 128, 512, torch.device("cuda"), n_params) == expected
-    assert train.micro_split(GPU_PRESET_MOE, 128, 512, torch.device("cpu"), n_params) == 1
+    assert gpus.micro_split(GPU_PRESET_MOE, 128, 512, torch.device("cuda"), n_params) == expected
+    assert gpus.micro_split(GPU_PRESET_MOE, 128, 512, torch.device("cpu"), n_params) == 1
 
 
 def test_micro_batch_pieces_and_the_gradient_scaler_train_like_one_piece(drop_run, train_corpus, tmp_path, capsys,

@@ -10,11 +10,11 @@ Read top to bottom:
   2. one training run: optimizer, schedule, the loop ("once in a while: evaluate, log, save"), checkpoints
   3. the experiment: dense once, then every requested MoE init from the same dense weights and data order
   4. sampling and main: every expected failure becomes one line on stderr and a non-zero exit
-The data (corpus, tokenizer, token cache, batches) is data.py's job, the figure and summary plot.py's.
+The data (corpus, tokenizer, token cache, batches) is data.py's job, the figure and summary plot.py's, a run's
+folder (settings, checkpoints, log, lock, Ctrl-C) runs.py's, and precision, MFU and memory fit gpus.py's.
 """
 
 import argparse
-import fcntl
 import json
 import math
 import os
@@ -30,7 +30,9 @@ import torch.nn.functional as F
 import distributed
 import plot
 from data import BUILTIN_CORPORA, Fail, HFTokenizer, atomic_write_text, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
-from dropupcycle import ModelConfig, Transformer, bf16_supported, compile_model, drop_upcycle, flops_per_token, moe_path
+from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token
+from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split
+from runs import CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, lock_out_dir, on_signal, read_log, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. Presets and command line
@@ -67,18 +69,6 @@ MOE_INITS = ["scratch", "naive", "drop"]
 # --init all, in this order: (init, r, shared index sets). Drop r = 0.5 twice: with one index set S for all three
 # matrices (the paper's text) and with one per matrix (the authors' released code, which made the paper's numbers).
 ALL_RUNS = [("scratch", None, True), ("naive", 0.0, True), ("drop", 0.5, True), ("drop", 0.5, False), ("drop", 1.0, True)]
-# Peak FLOP/s of the GPUs MFU is reported for, per autocast precision: (name, bf16, fp16), None where the card has no
-# bf16 tensor cores (the project's one table; bench.py reads it too). Datasheet dense tensor-core numbers: without
-# sparsity, with fp32 accumulation (GeForce cards run fp16-accumulate at twice that; autocast accumulates in fp32).
-# Matched in this order against torch.cuda.get_device_name: "H100 PCIe" before "H100", "A100" before "A10",
-# "L40S" before "L40" before "L4".
-PEAK_FLOPS = [("H100 PCIe", 756e12, 756e12), ("H100", 989e12, 989e12), ("H200", 989e12, 989e12),
-              ("H800", 989e12, 989e12), ("GH200", 989e12, 989e12), ("A100", 312e12, 312e12),
-              ("L40S", 362e12, 362e12), ("L40", 181e12, 181e12), ("L4", 121e12, 121e12), ("A10", 125e12, 125e12),
-              ("4090", 165e12, 165e12), ("3090", 71e12, 71e12), ("V100", None, 125e12), ("T4", None, 65e12)]
-# The gpu preset's MoE (65,536 tokens a micro-batch, grouped path) peaked at 7.2 GiB on an H200, 1.8 GiB of it the
-# corpus: activation_bytes_per_token is checked against that in test_train.py.
-MEMORY_SAFETY = 0.85  # share of the free GPU memory a training step may plan to use (fragmentation, eval, compile)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -192,24 +182,6 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # 2. One training run
 
-STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": False}  # see on_signal
-
-
-def on_signal(signum, frame):
-    if STOP["training"] and distributed.world() > 1:  # torchrun: every rank stops at the step all agree on
-        if STOP["received"] is None:  # (torchrun repeats a Ctrl-C to every rank: a repeat is not "quit now")
-            STOP["received"] = signum
-            print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step", flush=True)
-    elif STOP["training"] and STOP["signal"] is None:
-        STOP["signal"] = signum  # finish this step, save a checkpoint, exit
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to quit now)",
-              flush=True)
-    elif STOP["saving"]:  # quit, but once the checkpoint being written is complete
-        STOP["deferred"] = True
-    else:
-        raise KeyboardInterrupt  # outside training, or a second Ctrl-C: stop at once
-
-
 def lr_at(step, max_steps, peak, warmup):
     """Linear warmup to peak, then cosine decay to MIN_LR_RATIO * peak at max_steps (Appendix A.4)."""
     if step < warmup:
@@ -224,54 +196,6 @@ def make_optimizer(model, lr, weight_decay, device):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=ADAM_EPS, fused=device.type == "cuda")
-
-
-def amp_dtype(device):
-    """The precision of the matmuls. bf16 on GPUs that have it (sm80 on): fp32's range, no scaler. fp16 on older
-    ones (T4, V100): their tensor cores run fp16 at ~8x fp32's speed, and a gradient scaler (train_run) keeps small
-    gradients from underflowing fp16's 5-bit exponent. Norms, router and loss stay fp32 inside the model either way.
-    fp32 on the CPU: exact and reproducible."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if bf16_supported(device) else torch.float16
-
-
-def autocast(device):
-    dtype = amp_dtype(device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def compute_description(device):
-    """One line for the start of a command: the precision and which MoE implementation (moe_path) runs, and why."""
-    if device.type != "cuda":
-        return "fp32 | MoE experts: reference loop (CPU)"
-    sm = "sm{}{}".format(*torch.cuda.get_device_capability(device))
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device)]
-    autocast_text = f"{precision} autocast" + (" + gradient scaler" if precision == "fp16" else "")
-    path = {"grouped": "grouped GEMM", "dense": "dense (every expert on every token: no grouped GEMM kernel for this "
-            "card in this PyTorch)"}[moe_path(device)]
-    return f"{autocast_text} | MoE experts: {path} ({sm}, {precision}, PyTorch {torch.__version__})"
-
-
-def activation_bytes_per_token(cfg, path):
-    """Rough bytes a training step keeps per token for the backward: per layer ~12 d_model values for attention,
-    norms and residuals, and per expert row a token occupies its input and output (2 d_model) and gate, up and
-    silu*up (3 d_ff): top_k rows on the grouped or reference path, all n_experts on the dense path; 2 bytes each
-    under autocast. Plus ~12 bytes per vocabulary entry for the logits and the loss."""
-    rows = (cfg.n_experts if path == "dense" else cfg.top_k) if cfg.is_moe else 1
-    return 2 * cfg.n_layer * (12 * cfg.d_model + rows * (2 * cfg.d_model + 3 * cfg.d_ff)) + 12 * cfg.vocab_size
-
-
-def micro_split(cfg, rows, seq_len, device, n_params):
-    """Into how many equal pieces train_run cuts each micro-batch of `rows` sequences, so that a step fits the GPU's
-    free memory: gradients accumulate over the pieces, so every step sees the same data and the same global batch
-    on every card (only the balancing loss, which is per batch, and the order of additions differ). 1 off the GPU."""
-    if device.type != "cuda":
-        return 1
-    budget = MEMORY_SAFETY * torch.cuda.mem_get_info(device)[0] - 16 * n_params  # fp32 weights, grads, AdamW moments
-    per_sequence = seq_len * activation_bytes_per_token(cfg, moe_path(device))
-    fitting = [n for n in range(1, rows + 1) if rows % n == 0 and rows // n * per_sequence <= budget]
-    return fitting[0] if fitting else rows  # one sequence at a time, the most that can be done
 
 
 @torch.no_grad()
@@ -292,102 +216,62 @@ def evaluate(model, val_batches, device):
     return losses.mean().item(), se, losses.tolist()
 
 
-def gpu_peak_flops(device, dtype=torch.bfloat16):
-    """Dense peak FLOP/s of the GPU in dtype (bf16 or fp16; for MFU), or None where unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak[dtype == torch.float16] for key, *peak in PEAK_FLOPS if key in name), None)
+def restore(ckpt, model, optimizer, scaler, device):
+    """--resume: weights, optimizer, scaler and RNG from ckpt; returns (step, elapsed time, unlogged losses). The
+    data needs nothing: a step's batches follow from (seed, phase, step)."""
+    distributed.load_full_state(model, ckpt["model"], optimizer, ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):  # (empty when saved in bf16 or fp32: the scaler starts afresh)
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["step"], ckpt["elapsed"], [tuple(p) for p in ckpt.get("pending", [])]
 
 
-def save_checkpoint(state, path):
-    """Write to a temporary file, flush it to disk, then rename over the old checkpoint, with SIGINT/SIGTERM held
-    back meanwhile: a crash, a full disk or a second Ctrl-C during the save leaves the previous checkpoint as it was."""
-    tmp = path + ".tmp"
-    # the mask alone is not enough: a signal sent to the process goes to any thread that does not block it (torch
-    # and tiktoken start threads), and Python then runs the handler in this thread mid-save. So on_signal also
-    # defers a quit while STOP["saving"], and the quit happens below once the file is complete.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    STOP["saving"], STOP["deferred"] = True, False
+def open_log(run, resumed_at):
+    """The run's log.csv, open for appending rows: started afresh, or (resumed_at, a checkpoint's step) cut back to
+    that step. Writes settings.json next to it. Rank 0 alone writes files: the other ranks get /dev/null."""
+    if not distributed.is_main():
+        return open(os.devnull, "w")
+    make_dirs(run.dir)
+    rows = read_log(run.csv_path, resumed_at) if resumed_at is not None and os.path.exists(run.csv_path) else []
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:  # a full disk is an OSError from open/fsync, a RuntimeError from torch.save's writer
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
-        raise Fail(f"could not write checkpoint {path} ({reason}); the previous checkpoint is unchanged")
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
-        STOP["saving"] = False
-        if STOP["deferred"]:
-            STOP["deferred"] = False
-            raise KeyboardInterrupt
+        atomic_write_text(run.csv_path, ",".join(CSV_FIELDS) + "\n" + "".join(",".join(r.get(k) or "" for k in CSV_FIELDS) + "\n" for r in rows))
+        atomic_write_text(os.path.join(run.dir, "settings.json"), json.dumps(run.settings, indent=1))
+        return open(run.csv_path, "a", newline="")
+    except OSError as e:
+        raise Fail(f"cannot write in {run.dir} ({e.strerror or e})")
 
 
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise Fail(f"checkpoint {path} is unreadable (truncated or corrupt: {reason}); delete it to start that run over")
-    if not isinstance(ckpt, dict) or not {"model", "settings", "step", "model_config"} <= set(ckpt):
-        raise Fail(f"checkpoint {path} is not a train.py checkpoint; delete it to start that run over")
-    return ckpt
-
-
-def settings_diff(old, new, prefix=""):
-    keys = sorted(set(old) | set(new))
-    diffs = []
-    for k in keys:
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += settings_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            diffs.append(f"{prefix}{k}: {a} -> {b}")
-    return diffs
-
-
-CSV_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_se", "aux_loss", "lr", "time"]
-
-
-class Run:
-    """One training run (the dense model, or one MoE init): its folder and its settings. The settings are the
-    run's identity: everything that changes a number it records. A checkpoint made with other settings is refused
-    rather than continued, and only runs with equal settings (but the init) are compared."""
-
-    def __init__(self, name, out_dir, settings):
-        self.name, self.settings = name, settings
-        self.dir = os.path.join(out_dir, name)
-        self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
-        self.csv_path = os.path.join(self.dir, "log.csv")
-        self.result_path = os.path.join(self.dir, "result.json")
-
-    def existing(self, resume):
-        """The run's checkpoint if one exists and matches the current settings; None if there is none."""
-        if not os.path.exists(self.ckpt_path):
-            return None
-        ckpt = load_checkpoint(self.ckpt_path)
-        if ckpt["settings"] != self.settings:
-            diff = settings_diff(ckpt["settings"], self.settings)
-            raise Fail(f"{self.dir} holds a run with other settings ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}); "
-                       f"use another --out-dir, or delete {self.dir} to replace it")
-        if not ckpt.get("finished") and not resume:
-            raise Fail(f"{self.dir} holds an unfinished run (step {ckpt['step']}/{self.settings['steps']}): pass "
-                       f"--resume to continue it, or delete {self.dir} to start it over")
-        return ckpt
-
-
-def read_log(path, up_to_step):
-    """The rows of log.csv up to a checkpoint's step (a resumed run continues the log from there)."""
-    try:
-        rows = plot.read_csv(path)
-        return [r for r in rows if int(r["step"]) <= up_to_step]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise Fail(f"{path} is damaged (not a log.csv of train.py); delete the run's folder to start it over")
+def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, device, split):
+    """One optimizer step at `step`: its learning rate, its grad_accum micro-batches (each cut into `split` pieces),
+    clipping, the update. Returns (lr, cross-entropy, balancing loss), the losses still on the device (no sync)."""
+    cfg = ModelConfig(**s["model"])
+    lr = lr_at(step, s["steps"], s["lr"], s["warmup"])
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    rng = np.random.default_rng([s["seed"], {"dense": 0, "moe": 1}[s["phase"]], step])  # data of a step: (seed, phase, step)
+    ce_sum, aux_sum = 0.0, 0.0
+    pieces = s["grad_accum"] * split  # equal pieces: the mean of their losses is the step's loss
+    for micro in range(s["grad_accum"]):
+        x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device, distributed.rows())
+        for piece, (x_piece, y_piece) in enumerate(zip(x.chunk(split), y.chunk(split))):
+            last = micro == s["grad_accum"] - 1 and piece == split - 1
+            with distributed.grad_sync(train_model, last):  # all-reduce once per step
+                with autocast(device):
+                    _, loss = train_model(x_piece, y_piece)
+                scaler.scale(loss / pieces).backward()
+            # log the cross-entropy alone (comparable with dense), the balancing loss separately
+            aux = model.aux_loss if cfg.is_moe else None
+            ce = loss.detach() - cfg.aux_loss_coef * aux if aux is not None else loss.detach()
+            ce_sum = ce_sum + ce / pieces
+            aux_sum = aux_sum + (aux / pieces if aux is not None else 0.0)
+    scaler.unscale_(optimizer)  # clip the true gradients
+    torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
+    scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, ce_sum, aux_sum
 
 
 def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_interval, ckpt=None, later_flops=0.0,
@@ -407,30 +291,10 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     # clipping; a step whose gradients overflowed is skipped and the scale lowered. A no-op in bf16 and fp32.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     start_step, elapsed, pending = 0, 0.0, []  # pending: (step, ce, aux) since the last log row
-    main = distributed.is_main()  # rank 0 alone writes files
-    if main:
-        make_dirs(run.dir)
-    rows = []
-    if ckpt is not None:  # --resume: weights, optimizer, RNG, clock, unlogged losses; the data follows from the step
-        distributed.load_full_state(model, ckpt["model"], optimizer, ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):  # (empty when saved in bf16 or fp32: the scaler starts afresh)
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        start_step, elapsed, pending = ckpt["step"], ckpt["elapsed"], [tuple(p) for p in ckpt.get("pending", [])]
-        rows = read_log(run.csv_path, start_step) if main and os.path.exists(run.csv_path) else []
+    if ckpt is not None:
+        start_step, elapsed, pending = restore(ckpt, model, optimizer, scaler, device)
         print(f"[{run.name}] resuming at step {start_step}/{s['steps']}")
-    try:
-        if not main:
-            raise StopIteration
-        atomic_write_text(run.csv_path, ",".join(CSV_FIELDS) + "\n" + "".join(",".join(r.get(k) or "" for k in CSV_FIELDS) + "\n" for r in rows))
-        atomic_write_text(os.path.join(run.dir, "settings.json"), json.dumps(s, indent=1))
-        csv_file = open(run.csv_path, "a", newline="")
-    except StopIteration:
-        csv_file = open(os.devnull, "w")
-    except OSError as e:
-        raise Fail(f"cannot write in {run.dir} ({e.strerror or e})")
+    csv_file = open_log(run, start_step if ckpt is not None else None)
 
     flops = flops_per_token(cfg, s["seq_len"])
     peak = gpu_peak_flops(device, amp_dtype(device))
@@ -478,30 +342,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     STOP["training"] = True
     try:
         for step in range(start_step, s["steps"]):
-            lr = lr_at(step, s["steps"], s["lr"], s["warmup"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            rng = np.random.default_rng([s["seed"], {"dense": 0, "moe": 1}[s["phase"]], step])  # data of a step: (seed, phase, step)
-            ce_sum, aux_sum = 0.0, 0.0
-            pieces = s["grad_accum"] * split  # equal pieces: the mean of their losses is the step's loss
-            for micro in range(s["grad_accum"]):
-                x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device, distributed.rows())
-                for piece, (x_piece, y_piece) in enumerate(zip(x.chunk(split), y.chunk(split))):
-                    last = micro == s["grad_accum"] - 1 and piece == split - 1
-                    with distributed.grad_sync(train_model, last):  # all-reduce once per step
-                        with autocast(device):
-                            _, loss = train_model(x_piece, y_piece)
-                        scaler.scale(loss / pieces).backward()
-                    # log the cross-entropy alone (comparable with dense), the balancing loss separately
-                    aux = model.aux_loss if cfg.is_moe else None
-                    ce = loss.detach() - cfg.aux_loss_coef * aux if aux is not None else loss.detach()
-                    ce_sum = ce_sum + ce / pieces
-                    aux_sum = aux_sum + (aux / pieces if aux is not None else 0.0)
-            scaler.unscale_(optimizer)  # clip the true gradients
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
-            scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            lr, ce_sum, aux_sum = train_step(model, train_model, optimizer, scaler, s, step, train_tokens, device, split)
             done = step + 1
             pending.append((done, ce_sum, aux_sum))
             if distributed.world() > 1:  # a signal on any rank stops every rank after this step
@@ -563,7 +404,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
                   processes=distributed.world(), parallel=("fsdp" if distributed.STATE["fsdp"] else "ddp") if distributed.world() > 1 else None)
-    if main:
+    if distributed.is_main():
         atomic_write_text(run.result_path, json.dumps(result, indent=1))
     if s["steps"]:  # a pretrained model that was only scored (--dense-from) stays where it came from
         checkpoint(s["steps"], finished=True)
@@ -654,35 +495,6 @@ def maybe_compile(model, compile, check_batch, name):
         print(f"[{name}] WARNING: the compiled model disagrees with eager mode: training this model without compile")
         return wrapped
     return compiled
-
-
-LOCK = {}  # out_dir -> open lock file, held for the life of the process
-
-
-def lock_out_dir(out_dir):
-    """One writer per output folder: a second process would interleave its rows with ours. The lock is the
-    kernel's (flock), so it goes away with the process that held it, even after kill -9."""
-    path = os.path.join(out_dir, ".lock")
-    key = os.path.realpath(out_dir)  # one lock per folder, however it is spelled (analyze.py sweep locks it again)
-    try:
-        f = LOCK.get(key) or open(path, "a+")
-    except OSError as e:
-        raise Fail(f"could not write {path} ({e.strerror or e})")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise Fail(f"--out-dir {out_dir} is in use by {holder}; wait for it to finish, or use another --out-dir")
-    LOCK[key] = f
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:4])} ...)")
-        f.flush()
-    except OSError as e:
-        raise Fail(f"could not write {path} ({e.strerror or e})")
 
 
 def experiment(args):

@@ -1,0 +1,155 @@
+"""
+A run's folder: its identity (settings), checkpoints, log.csv and lock; and Ctrl-C handling during training.
+
+train.py and analyze.py use it; it imports neither.
+"""
+
+import fcntl
+import os
+import signal
+import sys
+
+import torch
+
+import distributed
+import plot
+from data import Fail
+
+
+STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": False}  # see on_signal
+
+
+def on_signal(signum, frame):
+    if STOP["training"] and distributed.world() > 1:  # torchrun: every rank stops at the step all agree on
+        if STOP["received"] is None:  # (torchrun repeats a Ctrl-C to every rank: a repeat is not "quit now")
+            STOP["received"] = signum
+            print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step", flush=True)
+    elif STOP["training"] and STOP["signal"] is None:
+        STOP["signal"] = signum  # finish this step, save a checkpoint, exit
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to quit now)",
+              flush=True)
+    elif STOP["saving"]:  # quit, but once the checkpoint being written is complete
+        STOP["deferred"] = True
+    else:
+        raise KeyboardInterrupt  # outside training, or a second Ctrl-C: stop at once
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, flush it to disk, then rename over the old checkpoint, with SIGINT/SIGTERM held
+    back meanwhile: a crash, a full disk or a second Ctrl-C during the save leaves the previous checkpoint as it was."""
+    tmp = path + ".tmp"
+    # the mask alone is not enough: a signal sent to the process goes to any thread that does not block it (torch
+    # and tiktoken start threads), and Python then runs the handler in this thread mid-save. So on_signal also
+    # defers a quit while STOP["saving"], and the quit happens below once the file is complete.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    STOP["saving"], STOP["deferred"] = True, False
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:  # a full disk is an OSError from open/fsync, a RuntimeError from torch.save's writer
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
+        raise Fail(f"could not write checkpoint {path} ({reason}); the previous checkpoint is unchanged")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
+        STOP["saving"] = False
+        if STOP["deferred"]:
+            STOP["deferred"] = False
+            raise KeyboardInterrupt
+
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise Fail(f"checkpoint {path} is unreadable (truncated or corrupt: {reason}); delete it to start that run over")
+    if not isinstance(ckpt, dict) or not {"model", "settings", "step", "model_config"} <= set(ckpt):
+        raise Fail(f"checkpoint {path} is not a train.py checkpoint; delete it to start that run over")
+    return ckpt
+
+
+def settings_diff(old, new, prefix=""):
+    keys = sorted(set(old) | set(new))
+    diffs = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += settings_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k}: {a} -> {b}")
+    return diffs
+
+
+CSV_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_se", "aux_loss", "lr", "time"]
+
+
+class Run:
+    """One training run (the dense model, or one MoE init): its folder and its settings. The settings are the
+    run's identity: everything that changes a number it records. A checkpoint made with other settings is refused
+    rather than continued, and only runs with equal settings (but the init) are compared."""
+
+    def __init__(self, name, out_dir, settings):
+        self.name, self.settings = name, settings
+        self.dir = os.path.join(out_dir, name)
+        self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
+        self.csv_path = os.path.join(self.dir, "log.csv")
+        self.result_path = os.path.join(self.dir, "result.json")
+
+    def existing(self, resume):
+        """The run's checkpoint if one exists and matches the current settings; None if there is none."""
+        if not os.path.exists(self.ckpt_path):
+            return None
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt["settings"] != self.settings:
+            diff = settings_diff(ckpt["settings"], self.settings)
+            raise Fail(f"{self.dir} holds a run with other settings ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}); "
+                       f"use another --out-dir, or delete {self.dir} to replace it")
+        if not ckpt.get("finished") and not resume:
+            raise Fail(f"{self.dir} holds an unfinished run (step {ckpt['step']}/{self.settings['steps']}): pass "
+                       f"--resume to continue it, or delete {self.dir} to start it over")
+        return ckpt
+
+
+def read_log(path, up_to_step):
+    """The rows of log.csv up to a checkpoint's step (a resumed run continues the log from there)."""
+    try:
+        rows = plot.read_csv(path)
+        return [r for r in rows if int(r["step"]) <= up_to_step]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise Fail(f"{path} is damaged (not a log.csv of train.py); delete the run's folder to start it over")
+
+
+
+LOCK = {}  # out_dir -> open lock file, held for the life of the process
+
+
+def lock_out_dir(out_dir):
+    """One writer per output folder: a second process would interleave its rows with ours. The lock is the
+    kernel's (flock), so it goes away with the process that held it, even after kill -9."""
+    path = os.path.join(out_dir, ".lock")
+    key = os.path.realpath(out_dir)  # one lock per folder, however it is spelled (analyze.py sweep locks it again)
+    try:
+        f = LOCK.get(key) or open(path, "a+")
+    except OSError as e:
+        raise Fail(f"could not write {path} ({e.strerror or e})")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise Fail(f"--out-dir {out_dir} is in use by {holder}; wait for it to finish, or use another --out-dir")
+    LOCK[key] = f
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:4])} ...)")
+        f.flush()
+    except OSError as e:
+        raise Fail(f"could not write {path} ({e.strerror or e})")
+
