@@ -463,12 +463,11 @@ def run_name(init, r, shared_indices=True):
     return (f"moe-drop-r{r:g}" + ("" if shared_indices else "-indep")) if init == "drop" else f"moe-{init}"
 
 
-def run_settings(args, phase, model_cfg, data_fingerprint):
+def run_settings(args, phase, model_cfg, data_fingerprint, tokenizer, steps, lr, warmup):
     """What a run's numbers depend on: its identity (see Run)."""
-    return dict(phase=phase, model=asdict(model_cfg), data=data_fingerprint, tokenizer=args.tokenizer,
+    return dict(phase=phase, model=asdict(model_cfg), data=data_fingerprint, tokenizer=tokenizer,
                 seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                steps=getattr(args, f"{phase}_steps"), lr=getattr(args, f"{phase}_lr"),
-                warmup=getattr(args, f"{phase}_warmup"), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                steps=steps, lr=lr, warmup=warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                 betas=list(BETAS), eps=ADAM_EPS, min_lr_ratio=MIN_LR_RATIO, eval_batches=args.eval_batches,
                 eval_interval=args.eval_interval, log_interval=args.log_interval, val_windows_seed=VAL_WINDOWS_SEED)
 
@@ -497,25 +496,32 @@ def maybe_compile(model, compile, check_batch, name):
     return compiled
 
 
-def experiment(args):
+def setup_device(args):
     device = distributed.setup(resolve_device(args.device), args.fsdp)  # under torchrun: this rank's device
     if args.compile and device.type != "cuda":
         print("note: --compile on the CPU needs a C++ compiler and mostly measures compile time")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if args.dense_from:  # a pretrained model: its own shape and tokenizer, no dense phase
-        from hf import load_pretrained  # (safetensors and tokenizers are needed only here)
+    return device
 
-        dense_model, enc, source = load_pretrained(args.dense_from, args.seq_len)
-        dense_cfg = dense_model.config
-        args.tokenizer, args.dense_steps, args.d_model, args.n_layer = enc.name, 0, dense_cfg.d_model, dense_cfg.n_layer
-        moe_cfg = replace(dense_cfg, n_experts=args.n_experts, top_k=args.top_k, aux_loss_coef=args.aux_loss_coef)
-    else:
+
+def dense_start(args):
+    """What the MoE runs start from: (the dense model or None where it is trained here, tokenizer, dense and MoE
+    configs, the --dense-from source or None)."""
+    if not args.dense_from:
         enc = get_tokenizer(args.tokenizer)
-        dense_cfg, moe_cfg = model_configs(args, enc.n_vocab)
-    planned = planned_runs(args.init, args.r, args.independent_indices)
-    distributed.startup_barrier(first=True)  # ranks > 0 wait here for rank 0's checks and token cache
+        return (None, enc, *model_configs(args, enc.n_vocab), None)
+    from hf import load_pretrained  # a pretrained model: its own shape and tokenizer, no dense phase (safetensors and tokenizers are needed only here)
+
+    dense_model, enc, source = load_pretrained(args.dense_from, args.seq_len)
+    dense_cfg = dense_model.config
+    moe_cfg = replace(dense_cfg, n_experts=args.n_experts, top_k=args.top_k, aux_loss_coef=args.aux_loss_coef)
+    return dense_model, enc, dense_cfg, moe_cfg, source
+
+
+def claim_out_dir(args, device, names):
+    """Checks the flags against the processes and the folder, locks --out-dir, and says what will run."""
     if args.batch_size % distributed.world():
         raise Fail(f"--batch-size {args.batch_size} (sequences per micro-batch, all processes together) must be "
                    f"divisible by the {distributed.world()} processes")
@@ -529,78 +535,94 @@ def experiment(args):
     procs = f" x {distributed.world()} processes ({'FSDP2' if args.fsdp else 'DDP'})" if distributed.world() > 1 else ""
     print(f"{what} | preset {args.preset} | device {device}{procs}{' | compile' if args.compile else ''} | out {args.out_dir}")
     print(compute_description(device))
-    names = ["dense"] + [run_name(*p) for p in planned]
     print("runs: " + ", ".join(names))
     if args.resume and not any(os.path.exists(os.path.join(args.out_dir, name, "ckpt.pt")) for name in names):
         raise Fail(f"--resume: no checkpoint in {args.out_dir} for these runs (nothing to resume); run without --resume")
-    train_tokens, val_tokens, data_info = load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)
+
+
+def prepare_data(args, tokenizer, enc, device):
+    """(training tokens on the device, the fixed validation batches, the data's description and fingerprint)."""
+    train_tokens, val_tokens, data_info = load_data(args.data, tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)
     print(f"data: {data_info['description']}")
     val_rng = np.random.default_rng(VAL_WINDOWS_SEED)
     val_batches = [get_batch(val_tokens, args.batch_size, args.seq_len, val_rng, device, distributed.rows())
                    for _ in range(args.eval_batches)]
     train_tokens = corpus_to_device(train_tokens, device)  # on a GPU, the host stays out of the training step
+    return train_tokens, val_batches, data_info
 
-    dense_run = Run("dense", args.out_dir, run_settings(args, "dense", dense_cfg, data_info["fingerprint"]))
-    if args.dense_from:
+
+def plan_runs(args, planned, tokenizer, dense_cfg, moe_cfg, data_fingerprint, source):
+    """(the dense Run, the MoE Runs, each run's existing checkpoint or None, the FLOPs left after a run (for the ETA)).
+    Every existing checkpoint is checked before any work: settings mismatches and corrupt files fail fast."""
+    dense_steps = 0 if source is not None else args.dense_steps  # a --dense-from model has no dense phase
+    dense_run = Run("dense", args.out_dir, run_settings(args, "dense", dense_cfg, data_fingerprint, tokenizer,
+                                                        dense_steps, args.dense_lr, args.dense_warmup))
+    if source is not None:  # --dense-from
         dense_run.settings["source"] = source
     moe_runs = []
     for init, r, shared in planned:
-        settings = dict(run_settings(args, "moe", moe_cfg, data_info["fingerprint"]), init=init, r=r, shared_indices=shared,
+        settings = dict(run_settings(args, "moe", moe_cfg, data_fingerprint, tokenizer, args.moe_steps, args.moe_lr,
+                                     args.moe_warmup), init=init, r=r, shared_indices=shared,
                         dense=dense_run.settings if init != "scratch" else None)
         moe_runs.append(Run(run_name(init, r, shared), args.out_dir, settings))
-    # check every existing checkpoint before any work: settings mismatches and corrupt files fail fast
     existing = {run.name: run.existing(args.resume) for run in [dense_run] + moe_runs}
     todo = [run for run in [dense_run] + moe_runs if not (existing[run.name] or {}).get("finished")]
     run_flops = {run.name: run.settings["steps"] * args.batch_size * args.seq_len * args.grad_accum *
                  flops_per_token(ModelConfig(**run.settings["model"]), args.seq_len) for run in todo}
     later_flops = lambda run: sum(run_flops[r.name] for r in todo[todo.index(run) + 1:])
-    distributed.startup_barrier(first=False)
+    return dense_run, moe_runs, existing, later_flops
 
-    if not args.dense_from:
-        dense_model = Transformer(dense_cfg)
-    moe_probe = Transformer(moe_cfg) if moe_runs else None
+
+def micro_splits(dense_model, moe_cfg, with_moe, batch_size, seq_len, device):
+    """Prints both models' sizes; returns {phase: pieces}: a micro-batch too big for this GPU is cut into pieces
+    (after the corpus took its share of the memory)."""
+    moe_probe = Transformer(moe_cfg) if with_moe else None
     print(f"dense: {dense_model.num_params() / 1e6:.2f}M params" + (f" | MoE: {moe_probe.num_params() / 1e6:.2f}M params, "
                                                                     f"{moe_probe.num_params(active=True) / 1e6:.2f}M active" if moe_probe else ""))
-    # a micro-batch too big for this GPU is cut into pieces (after the corpus took its share of the memory)
-    rows = args.batch_size // distributed.world()
-    split = {"dense": micro_split(dense_cfg, rows, args.seq_len, device, dense_model.num_params()),
-             "moe": micro_split(moe_cfg, rows, args.seq_len, device, moe_probe.num_params()) if moe_probe else 1}
+    rows = batch_size // distributed.world()
+    split = {"dense": micro_split(dense_model.config, rows, seq_len, device, dense_model.num_params()),
+             "moe": micro_split(moe_cfg, rows, seq_len, device, moe_probe.num_params()) if moe_probe else 1}
     for phase, n in split.items():
         if n > 1:
             print(f"{phase}: micro-batch of {rows} sequences cut into {n} pieces of {rows // n} to fit the GPU's "
                   f"free memory (gradients accumulate: the same data and global batch per step)")
-    del moe_probe
-    t_all = time.time()
+    return split
 
-    # Phase 1: the dense model. Trained once; any later command with the same settings reuses it.
-    ckpt = existing["dense"]
+
+def train_dense(args, run, model, ckpt, train_tokens, val_batches, device, later_flops, pieces):
+    """Phase 1: the dense model. Trained once; any later command with the same settings reuses it. Returns the
+    trained dense model (full weights, also under --fsdp)."""
     if args.dense_from:  # scored once on the validation windows, so the figure and summary have its loss
-        dense_model.to(device)
-        train_run(dense_run, dense_model, dense_model, train_tokens, val_batches, device, args.ckpt_interval)
+        model.to(device)
+        train_run(run, model, model, train_tokens, val_batches, device, args.ckpt_interval)
     elif ckpt is not None and ckpt.get("finished"):
-        print(f"[dense] reusing the finished dense model in {dense_run.dir}")
-        dense_model.load_state_dict(ckpt["model"])
-        dense_model.to(device)
+        print(f"[dense] reusing the finished dense model in {run.dir}")
+        model.load_state_dict(ckpt["model"])
+        model.to(device)
     else:
+        cfg = model.config
         torch.manual_seed(args.seed)
-        dense_model = Transformer(dense_cfg).to(device)
-        train_run(dense_run, dense_model, maybe_compile(dense_model, args.compile, val_batches[0], "dense"),
-                  train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(dense_run), split["dense"])
+        model = Transformer(cfg).to(device)
+        train_run(run, model, maybe_compile(model, args.compile, val_batches[0], "dense"),
+                  train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run), pieces)
         if args.fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
             distributed.barrier()
-            dense_model = Transformer(dense_cfg)
-            dense_model.load_state_dict(load_checkpoint(dense_run.ckpt_path)["model"])
-    del ckpt
+            model = Transformer(cfg)
+            model.load_state_dict(load_checkpoint(run.ckpt_path)["model"])
+    return model
 
-    # Phase 2: every MoE init, each from the same dense weights, with the same data stream and step count.
-    # One MoE module is trained in turn with each init's weights, so torch.compile compiles it once.
+
+def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device,
+                    later_flops, pieces, t_all):
+    """Phase 2: every MoE init, each from the same dense weights, with the same data stream and step count.
+    One MoE module is trained in turn with each init's weights, so torch.compile compiles it once."""
     moe_model, moe_train_model = None, None
-    for i, run in enumerate(moe_runs):
+    for i, run in enumerate(runs):
         ckpt = existing[run.name]
         if ckpt is not None and ckpt.get("finished"):
             print(f"[{run.name}] reusing the finished run in {run.dir}")
             continue
-        print(f"--- MoE run {i + 1}/{len(moe_runs)}: {run.name} ({plot.fmt_time(time.time() - t_all)} so far)")
+        print(f"--- MoE run {i + 1}/{len(runs)}: {run.name} ({plot.fmt_time(time.time() - t_all)} so far)")
         init, r = run.settings["init"], run.settings["r"]
         if ckpt is None:
             if init == "scratch":  # Sec. 4: every weight N(0, 0.02), router included
@@ -619,14 +641,38 @@ def experiment(args):
         if moe_train_model is None:  # compiled once, after the first init's weights are in
             moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name)
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt,
-                  later_flops(run), split["moe"])
+                  later_flops(run), pieces)
         if init == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
             try:
                 start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
                 print(f"[{run.name}] check: naive Upcycling starts at val {start_val:.4f}; the dense model ended at {dense_val:.4f}")
             except (OSError, ValueError, KeyError, IndexError):
                 print(f"warning: {dense_run.csv_path} is damaged: no check of naive Upcycling's start against it")
-        del ckpt
+
+
+def experiment(args):
+    """The paper's steps in order: a dense model (trained here, or --dense-from), every MoE init made from its
+    weights and trained on the same data for the same steps, then the comparison (analyze.py calls this per run)."""
+    device = setup_device(args)
+    dense_model, enc, dense_cfg, moe_cfg, source = dense_start(args)
+    tokenizer = enc.name if args.dense_from else args.tokenizer  # a --dense-from model brings its own
+    SHAPE.update(d_model=dense_cfg.d_model, n_layer=dense_cfg.n_layer, n_experts=args.n_experts)  # for main()'s OOM message
+    planned = planned_runs(args.init, args.r, args.independent_indices)
+    distributed.startup_barrier(first=True)  # ranks > 0 wait here for rank 0's checks and token cache
+    claim_out_dir(args, device, ["dense"] + [run_name(*p) for p in planned])
+    train_tokens, val_batches, data_info = prepare_data(args, tokenizer, enc, device)
+    dense_run, moe_runs, existing, later_flops = plan_runs(args, planned, tokenizer, dense_cfg, moe_cfg,
+                                                           data_info["fingerprint"], source)
+    distributed.startup_barrier(first=False)
+
+    if dense_model is None:
+        dense_model = Transformer(dense_cfg)
+    split = micro_splits(dense_model, moe_cfg, bool(moe_runs), args.batch_size, args.seq_len, device)
+    t_all = time.time()
+    dense_model = train_dense(args, dense_run, dense_model, existing["dense"], train_tokens, val_batches, device,
+                              later_flops, split["dense"])
+    train_moe_inits(args, moe_runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device,
+                    later_flops, split["moe"], t_all)
     if distributed.is_main():  # with any runs of earlier commands that share these settings
         names = ["dense"] + [run_name(*p) for p in ALL_RUNS] + [run.name for run in moe_runs]
         plot.report(args.out_dir, names, dense_run.settings, moe_runs[0].settings if moe_runs else None,
@@ -664,20 +710,24 @@ def sample(args):
         print(enc.decode([t for t in row if t < enc.n_vocab], errors="replace"))
 
 
-def oom_message(args, e):
+SHAPE = {}  # the model shape experiment() trains (a --dense-from model has its own), for main()'s OOM message
+
+
+def oom_message(batch_size, seq_len, grad_accum, d_model, n_layer, n_experts):
     where = ""
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         where = f"; GPU {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated by PyTorch, {total / 2**30:.1f} GiB total"
-    tokens = args.batch_size * args.seq_len
-    return (f"CUDA out of memory with micro-batches of {args.batch_size} x {args.seq_len} = {tokens:,} tokens "
-            f"(d_model {args.d_model}, {args.n_layer} layers, {args.n_experts} experts){where}. Try --batch-size "
-            f"{max(1, args.batch_size // 2)} --grad-accum {args.grad_accum * 2} (same tokens per step) or a smaller model")
+    tokens = batch_size * seq_len
+    return (f"CUDA out of memory with micro-batches of {batch_size} x {seq_len} = {tokens:,} tokens "
+            f"(d_model {d_model}, {n_layer} layers, {n_experts} experts){where}. Try --batch-size "
+            f"{max(1, batch_size // 2)} --grad-accum {grad_accum * 2} (same tokens per step) or a smaller model")
 
 
 def main(argv=None):
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     STOP["signal"] = None
+    SHAPE.clear()
     prog = os.path.basename(sys.argv[0]) if argv is None else "train.py"
     args = None
     try:
@@ -693,8 +743,9 @@ def main(argv=None):
             where = f"[rank {distributed.rank()}] " if distributed.rank() > 0 else ""
             print(f"{prog}: error: {where}{e}", file=sys.stderr)
         sys.exit(1)
-    except torch.OutOfMemoryError as e:
-        print(f"{prog}: error: {oom_message(args, e)}", file=sys.stderr)
+    except torch.OutOfMemoryError:
+        shape = SHAPE or dict(d_model=args.d_model, n_layer=args.n_layer, n_experts=args.n_experts)  # (--sample: the flags)
+        print(f"{prog}: error: {oom_message(args.batch_size, args.seq_len, args.grad_accum, **shape)}", file=sys.stderr)
         sys.exit(1)
     except RuntimeError as e:
         if not distributed.peer_gone(e):
