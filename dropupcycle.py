@@ -199,6 +199,9 @@ def bf16_supported(device):
         return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+# The device queries below would break a compiled graph in every MoE layer: torch.compile runs this once while it
+# traces a forward and keeps the answer as a constant of the graph (a new device means a new graph anyway).
+@torch.compiler.assume_constant_result
 def moe_path(device):
     """Which implementation of Eq. 2 MoE.forward runs on device: "grouped", "dense" or "reference".
 

@@ -276,6 +276,34 @@ def test_dense_path_matches_reference_path_in_outputs_and_gradients(device, top_
     assert torch.all(dense[2][7] == 0)  # the unused expert gets no gradient
 
 
+def test_choosing_the_path_never_breaks_a_compiled_graph():
+    """moe_path asks the GPU for its capability and bf16 support, which torch.compile cannot trace: it is marked to be
+    run once at trace time, its answer a constant. Without the mark, this wrapper of it breaks the graph."""
+    import dropupcycle
+
+    def breaks_unless_constant(device):
+        torch._dynamo.graph_break()  # stands in for the CUDA queries, which this CPU machine cannot make
+        return "dense"  # the path that is one graph by itself (test below)
+
+    layer = random_moe_layer()
+    x = torch.randn(2, 8, TINY.d_model)
+    for mark, breaks in [(lambda f: f, 1), (torch.compiler.assume_constant_result, 0)]:
+        torch._dynamo.reset()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(dropupcycle, "moe_path", mark(breaks_unless_constant))
+            assert torch._dynamo.explain(layer)(x).graph_break_count == breaks
+    assert getattr(dropupcycle.moe_path, "_dynamo_marked_constant", False)  # the real one carries the mark
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_compiled_model_is_one_graph_on_cuda():
+    model = Transformer(TINY_MOE).cuda()
+    x = torch.randint(0, TINY_MOE.vocab_size, (2, 16), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 def test_dense_path_compiles_to_one_graph_without_breaks(monkeypatch):
     """No data-dependent shape and no .item(): torch.compile traces the fallback whole (nothing waits for the GPU)."""
     import dropupcycle
