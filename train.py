@@ -576,7 +576,8 @@ def plan_runs(args, planned, tokenizer, dense_cfg, moe_cfg, data_fingerprint, so
 def micro_splits(dense_model, moe_cfg, with_moe, batch_size, seq_len, device):
     """Prints both models' sizes; returns {phase: pieces}: a micro-batch too big for this GPU is cut into pieces
     (after the corpus took its share of the memory)."""
-    moe_probe = Transformer(moe_cfg) if with_moe else None
+    with torch.device("meta"):  # shapes only: the MoE of a 1B dense model would take 28 GB and a minute to init
+        moe_probe = Transformer(moe_cfg) if with_moe else None
     print(f"dense: {dense_model.num_params() / 1e6:.2f}M params" + (f" | MoE: {moe_probe.num_params() / 1e6:.2f}M params, "
                                                                     f"{moe_probe.num_params(active=True) / 1e6:.2f}M active" if moe_probe else ""))
     rows = batch_size // distributed.world()
