@@ -345,9 +345,8 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
     open_split = lambda s: np.memmap(os.path.join(cache_dir, f"{s}.bin"), dtype=dtype, mode="r") if meta[f"{s}_tokens"] else np.zeros(0, dtype)
     if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
         # one file (or one text file among binaries) cannot be split by file: split its tokens by position
-        tokens = open_split("train" if meta["train_tokens"] else "val")
-        n_val = max(int(len(tokens) * VAL_FRACTION), seq_len + 2)
-        train, val, how = tokens[:-n_val], tokens[-n_val:], "one file: split by position"
+        train, val = split_by_position(open_split("train" if meta["train_tokens"] else "val"), seq_len)
+        how = "one file: split by position"
     else:
         train, val, how = open_split("train"), open_split("val"), "split by file"
     langs = ", ".join(f"{n:,} {lang}" for lang, n in sorted(meta.get("languages", {}).items()))
@@ -368,12 +367,17 @@ def load_token_file(path, tokenizer, enc, seq_len):
     if top >= enc.n_vocab:
         raise Fail(f"--data {path}: token id {top} is outside the vocabulary of --tokenizer {tokenizer} "
                    f"({enc.n_vocab} tokens); was it made with another tokenizer?")
-    n_val = max(int(len(tokens) * VAL_FRACTION), seq_len + 2)
-    train, val = tokens[:-n_val], tokens[-n_val:]
+    train, val = split_by_position(tokens, seq_len)
     fingerprint = file_sha1(path)[:16]
     info = dict(fingerprint=fingerprint, description=f"token file {path}: {len(train):,} train / {len(val):,} val "
                                                      f"tokens (split by position; fingerprint {fingerprint[:8]})")
     return check_split(train, val, seq_len, info)
+
+
+def split_by_position(tokens, seq_len):
+    """The last VAL_FRACTION of the tokens (at least one window) as validation, the rest as training."""
+    n_val = max(int(len(tokens) * VAL_FRACTION), seq_len + 2)
+    return tokens[:-n_val], tokens[-n_val:]
 
 
 def check_split(train, val, seq_len, info):
