@@ -679,6 +679,7 @@ def experiment(args):
         plot.report(args.out_dir, names, dense_run.settings, moe_runs[0].settings if moe_runs else None,
                     data_info["fingerprint"])
     print(f"total time {plot.fmt_time(time.time() - t_all)}")
+    distributed.barrier()  # ranks leave together: one tearing down its process group while rank 0 still works can abort
 
 
 # -----------------------------------------------------------------------------
