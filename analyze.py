@@ -735,11 +735,11 @@ def main(argv=None):
             overlap(opts)
     except Fail as e:
         print(f"analyze.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        distributed.leave(1)
     except KeyboardInterrupt:
         print("analyze.py: interrupted (finished runs and checkpoints are kept; rerun the same command, adding "
               "--resume for an unfinished run)", file=sys.stderr)
-        sys.exit(130)
+        distributed.leave(130)
 
 
 if __name__ == "__main__":

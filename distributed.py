@@ -65,6 +65,18 @@ def teardown():
     STATE.update(rank=0, world=1, fsdp=False, device=None, cpu_group=None, past_startup=False)
 
 
+def leave(code):
+    """sys.exit(code); under a process group of several ranks at once, skipping Python's clean-up: a rank that
+    fails while a peer waits in a collective can deadlock in the group's destructor (gloo joins its worker
+    thread while holding the GIL the thread needs), and then torchrun never learns that it failed."""
+    if world() > 1:
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def startup_barrier(first):
     """Rank 0 checks the flags and files and builds the token cache first (first=True before, False after);
     the other ranks wait, then load what rank 0 made. A failure rank 0 also sees is reported by rank 0 alone."""

@@ -744,23 +744,23 @@ def main(argv=None):
         if distributed.is_main() or distributed.STATE["past_startup"]:
             where = f"[rank {distributed.rank()}] " if distributed.rank() > 0 else ""
             print(f"{prog}: error: {where}{e}", file=sys.stderr)
-        sys.exit(1)
+        distributed.leave(1)
     except torch.OutOfMemoryError:
         shape = SHAPE or dict(d_model=args.d_model, n_layer=args.n_layer, n_experts=args.n_experts)  # (--sample: the flags)
         print(f"{prog}: error: {oom_message(args.batch_size, args.seq_len, args.grad_accum, **shape)}", file=sys.stderr)
-        sys.exit(1)
+        distributed.leave(1)
     except RuntimeError as e:
         if not distributed.peer_gone(e):
             raise
-        sys.exit(1)  # another rank failed and said why (torchrun's report names it)
+        distributed.leave(1)  # another rank failed and said why (torchrun's report names it)
     except KeyboardInterrupt:
         if not distributed.is_main():
-            sys.exit(130)
+            distributed.leave(130)
         print(f"{prog}: interrupted (checkpoints already on disk are kept; --resume continues from them)", file=sys.stderr)
-        sys.exit(130)
+        distributed.leave(130)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        distributed.leave(1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
