@@ -451,7 +451,7 @@ def routing(opts, train_argv):
     if args.data not in data.BUILTIN_CORPORA and not os.path.isdir(args.data):
         raise Fail(f"routing needs text of two or more domains: the built-in corpus (Python vs C/C++) or "
                    f"--data FOLDER with one subfolder per domain; --data {args.data} is not a folder")
-    device = train.resolve_device(args.device)
+    device = gpus.resolve_device(args.device)
     enc = data.get_tokenizer(args.tokenizer)
     _, _, data_info = data.load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)  # the fingerprint that tells which runs used this data
     runs = moe_run_folders(args.out_dir, data_info["fingerprint"])

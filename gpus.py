@@ -1,12 +1,14 @@
 """
-The GPU side of a training run: the precision (autocast), the card's peak FLOP/s for MFU, and how much of a
-micro-batch fits its memory. On the CPU: fp32, no MFU, no split.
+The device side of a training run: which device --device names, the precision (autocast), the card's peak
+FLOP/s for MFU, how much of a micro-batch fits its memory, and what to say when it did not. On the CPU: fp32, no
+MFU, no split.
 
-train.py, analyze.py and bench.py use it; it imports only dropupcycle.
+train.py, analyze.py and bench.py use it; it imports only dropupcycle and data (for Fail).
 """
 
 import torch
 
+from data import Fail
 from dropupcycle import bf16_supported, moe_path
 
 
@@ -79,3 +81,31 @@ def gpu_peak_flops(device, dtype=torch.bfloat16):
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak[dtype == torch.float16] for key, *peak in PEAK_FLOPS if key in name), None)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise Fail(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Fail(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise Fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise Fail(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def oom_message(batch_size, seq_len, grad_accum, d_model, n_layer, n_experts):
+    where = ""
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        where = f"; GPU {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated by PyTorch, {total / 2**30:.1f} GiB total"
+    tokens = batch_size * seq_len
+    return (f"CUDA out of memory with micro-batches of {batch_size} x {seq_len} = {tokens:,} tokens "
+            f"(d_model {d_model}, {n_layer} layers, {n_experts} experts){where}. Try --batch-size "
+            f"{max(1, batch_size // 2)} --grad-accum {grad_accum * 2} (same tokens per step) or a smaller model")

@@ -5,6 +5,7 @@ train.py and analyze.py use it; it imports neither.
 """
 
 import fcntl
+import json
 import os
 import signal
 import sys
@@ -13,7 +14,7 @@ import torch
 
 import distributed
 import plot
-from data import Fail
+from data import Fail, atomic_write_text, make_dirs
 
 
 STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": False}  # see on_signal
@@ -113,6 +114,32 @@ class Run:
             raise Fail(f"{self.dir} holds an unfinished run (step {ckpt['step']}/{self.settings['steps']}): pass "
                        f"--resume to continue it, or delete {self.dir} to start it over")
         return ckpt
+
+    def open_log(self, resumed_at):
+        """The run's log.csv, open for appending rows: started afresh, or (resumed_at, a checkpoint's step) cut back to
+        that step. Writes settings.json next to it. Rank 0 alone writes files: the other ranks get /dev/null."""
+        if not distributed.is_main():
+            return open(os.devnull, "w")
+        make_dirs(self.dir)
+        rows = read_log(self.csv_path, resumed_at) if resumed_at is not None and os.path.exists(self.csv_path) else []
+        try:
+            atomic_write_text(self.csv_path, ",".join(CSV_FIELDS) + "\n" + "".join(",".join(r.get(k) or "" for k in CSV_FIELDS) + "\n" for r in rows))
+            atomic_write_text(os.path.join(self.dir, "settings.json"), json.dumps(self.settings, indent=1))
+            return open(self.csv_path, "a", newline="")
+        except OSError as e:
+            raise Fail(f"cannot write in {self.dir} ({e.strerror or e})")
+
+
+def restore(ckpt, model, optimizer, scaler, device):
+    """--resume: weights, optimizer, scaler and RNG from ckpt; returns (step, elapsed time, unlogged losses). The
+    data needs nothing: a step's batches follow from (seed, phase, step)."""
+    distributed.load_full_state(model, ckpt["model"], optimizer, ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):  # (empty when saved in bf16 or fp32: the scaler starts afresh)
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["step"], ckpt["elapsed"], [tuple(p) for p in ckpt.get("pending", [])]
 
 
 def read_log(path, up_to_step):

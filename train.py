@@ -31,8 +31,8 @@ import distributed
 import plot
 from data import BUILTIN_CORPORA, Fail, HFTokenizer, atomic_write_text, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token
-from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split
-from runs import CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, lock_out_dir, on_signal, read_log, save_checkpoint
+from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
+from runs import CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, lock_out_dir, on_signal, restore, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. Presets and command line
@@ -216,33 +216,6 @@ def evaluate(model, val_batches, device):
     return losses.mean().item(), se, losses.tolist()
 
 
-def restore(ckpt, model, optimizer, scaler, device):
-    """--resume: weights, optimizer, scaler and RNG from ckpt; returns (step, elapsed time, unlogged losses). The
-    data needs nothing: a step's batches follow from (seed, phase, step)."""
-    distributed.load_full_state(model, ckpt["model"], optimizer, ckpt["optimizer"])
-    if scaler.is_enabled() and ckpt.get("scaler"):  # (empty when saved in bf16 or fp32: the scaler starts afresh)
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return ckpt["step"], ckpt["elapsed"], [tuple(p) for p in ckpt.get("pending", [])]
-
-
-def open_log(run, resumed_at):
-    """The run's log.csv, open for appending rows: started afresh, or (resumed_at, a checkpoint's step) cut back to
-    that step. Writes settings.json next to it. Rank 0 alone writes files: the other ranks get /dev/null."""
-    if not distributed.is_main():
-        return open(os.devnull, "w")
-    make_dirs(run.dir)
-    rows = read_log(run.csv_path, resumed_at) if resumed_at is not None and os.path.exists(run.csv_path) else []
-    try:
-        atomic_write_text(run.csv_path, ",".join(CSV_FIELDS) + "\n" + "".join(",".join(r.get(k) or "" for k in CSV_FIELDS) + "\n" for r in rows))
-        atomic_write_text(os.path.join(run.dir, "settings.json"), json.dumps(run.settings, indent=1))
-        return open(run.csv_path, "a", newline="")
-    except OSError as e:
-        raise Fail(f"cannot write in {run.dir} ({e.strerror or e})")
-
-
 def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, device, split):
     """One optimizer step at `step`: its learning rate, its grad_accum micro-batches (each cut into `split` pieces),
     clipping, the update. Returns (lr, cross-entropy, balancing loss), the losses still on the device (no sync)."""
@@ -294,7 +267,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     if ckpt is not None:
         start_step, elapsed, pending = restore(ckpt, model, optimizer, scaler, device)
         print(f"[{run.name}] resuming at step {start_step}/{s['steps']}")
-    csv_file = open_log(run, start_step if ckpt is not None else None)
+    csv_file = run.open_log(start_step if ckpt is not None else None)
 
     flops = flops_per_token(cfg, s["seq_len"])
     peak = gpu_peak_flops(device, amp_dtype(device))
@@ -417,23 +390,6 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
 
 # -----------------------------------------------------------------------------
 # 3. The experiment
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise Fail(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise Fail(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise Fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise Fail(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 def model_configs(args, vocab_size):
@@ -713,17 +669,6 @@ def sample(args):
 
 
 SHAPE = {}  # the model shape experiment() trains (a --dense-from model has its own), for main()'s OOM message
-
-
-def oom_message(batch_size, seq_len, grad_accum, d_model, n_layer, n_experts):
-    where = ""
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        where = f"; GPU {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated by PyTorch, {total / 2**30:.1f} GiB total"
-    tokens = batch_size * seq_len
-    return (f"CUDA out of memory with micro-batches of {batch_size} x {seq_len} = {tokens:,} tokens "
-            f"(d_model {d_model}, {n_layer} layers, {n_experts} experts){where}. Try --batch-size "
-            f"{max(1, batch_size // 2)} --grad-accum {grad_accum * 2} (same tokens per step) or a smaller model")
 
 
 def main(argv=None):
