@@ -20,15 +20,24 @@ from data import Fail, atomic_write_text, make_dirs
 STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": False}  # see on_signal
 
 
+def say_from_handler(text):
+    """Print from a signal handler. The handler runs between two bytecodes of the main thread, which may be inside
+    a print to the same stream: a second print there raises "reentrant call inside BufferedWriter", so this
+    writes to the file descriptor underneath (lost where there is none, as under pytest's capture)."""
+    try:
+        os.write(sys.stdout.fileno(), text.encode())
+    except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation is both of the first two)
+        pass
+
+
 def on_signal(signum, frame):
     if STOP["training"] and distributed.world() > 1:  # torchrun: every rank stops at the step all agree on
         if STOP["received"] is None:  # (torchrun repeats a Ctrl-C to every rank: a repeat is not "quit now")
             STOP["received"] = signum
-            print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step", flush=True)
+            say_from_handler(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step\n")
     elif STOP["training"] and STOP["signal"] is None:
         STOP["signal"] = signum  # finish this step, save a checkpoint, exit
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to quit now)",
-              flush=True)
+        say_from_handler(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to quit now)\n")
     elif STOP["saving"]:  # quit, but once the checkpoint being written is complete
         STOP["deferred"] = True
     else:

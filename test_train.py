@@ -570,6 +570,29 @@ def test_a_full_disk_anywhere_is_one_line_and_leaves_no_temporary_file(where, ex
     assert not leftovers
 
 
+def test_a_signal_that_arrives_in_the_middle_of_a_print_is_still_announced_and_honoured(tmp_path, monkeypatch):
+    # a handler runs between two bytecodes of the main thread, possibly inside its print to the same stream, where a
+    # second print raises "reentrant call inside BufferedWriter" (a rank died of that in a torchrun test)
+    import io
+    import runs
+
+    class SignalMidWrite(io.FileIO):
+        def write(self, b):
+            if b"step 5" in bytes(b):
+                runs.on_signal(signal.SIGTERM, None)
+            return super().write(b)
+
+    path = tmp_path / "stdout.txt"
+    stream = io.TextIOWrapper(io.BufferedWriter(SignalMidWrite(path, "w")), write_through=False)
+    monkeypatch.setattr(sys, "stdout", stream)
+    monkeypatch.setitem(runs.STOP, "training", True)
+    monkeypatch.setitem(runs.STOP, "signal", None)
+    print("[dense] step 5/40 | loss 1.0", flush=True)
+    stream.flush()
+    assert runs.STOP["signal"] == signal.SIGTERM
+    assert "SIGTERM received: saving a checkpoint after this step" in path.read_text()
+
+
 def test_a_second_signal_during_a_save_lets_the_save_finish_and_exits_with_one_line(train_corpus, tmp_path, capsys, monkeypatch):
     real_lr_at, real_save = train.lr_at, torch.save
 
