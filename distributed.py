@@ -132,6 +132,18 @@ def wrap(model):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def reshard(model):
+    """Under FSDP2, put every weight back into its shard. After a forward without a backward (a check or an
+    evaluation) the root module keeps its gathered weights registered as its parameters, and an optimizer made then
+    would hold those full copies instead of the shards: it would update tensors FSDP discards and could not be
+    saved (get_optimizer_state_dict fails with a KeyError)."""
+    if world() > 1 and STATE["fsdp"]:
+        from torch.distributed.fsdp import FSDPModule
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 def grad_sync(train_model, sync):
     """Context for one micro-batch's backward: gradients are reduced over ranks only when sync (the last one)."""
     module = getattr(train_model, "_orig_mod", train_model)  # under torch.compile

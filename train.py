@@ -259,6 +259,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     s = run.settings
     cfg = ModelConfig(**s["model"])
     tokens_per_step = s["batch_size"] * s["seq_len"] * s["grad_accum"]
+    distributed.reshard(model)  # (maybe_compile's check ran a forward: under FSDP2 the optimizer needs the shards)
     optimizer = make_optimizer(model, s["lr"], s["weight_decay"], device)
     # fp16 autocast: the loss is scaled up before backward so that small gradients survive fp16, unscaled before
     # clipping; a step whose gradients overflowed is skipped and the scale lowered. A no-op in bf16 and fp32.
