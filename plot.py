@@ -114,10 +114,13 @@ def summary_table(header, curves, results):
 def diff_to_naive_panel(ax, curves, names, colors, results=None):
     """Each run's validation loss minus naive Upcycling's against MoE-phase tokens, on a linear axis. The large
     differences right after upcycling are off the chart (the y range is set by the upcycled runs' last two thirds), so the final
-    gaps and the crossover stay readable; the shaded band is the noise of the final gaps."""
+    gaps and the crossover stay readable. Each final gap carries an error bar of its own noise, the one the summary
+    table gives (plotted only where every run was scored on the same batches: unpaired errors measure how hard the
+    batches are, not the noise of a gap)."""
     naive = curves["moe-naive"]
     batches = {n: (results or {}).get(n, {}).get("final_val_batches") for n in curves}
-    late, noises = [], []
+    paired = all(batches[n] for n in names)
+    late, bar_label, bars = [], "final gap ± its noise (2 s.e.)", 0
     for name in names:
         if name == "moe-naive" or compare_to_naive(curves[name], naive) is None:
             continue
@@ -127,14 +130,14 @@ def diff_to_naive_panel(ax, curves, names, colors, results=None):
         if name != "moe-scratch":  # far above at this scale: its curve leaves the chart, its number is in the table
             late.extend(diff[len(diff) // 3:])
         gap, noise, verdict = compare_to_naive(curves[name], naive, batches[name], batches["moe-naive"])
-        noises.append(noise)
+        if paired:
+            x = tokens[-1] / 1e6 * (1 + 0.012 * bars)  # side by side at the end, not on top of each other
+            ax.errorbar(x, gap, yerr=noise, color=colors[name], capsize=3, lw=1.5, label=bar_label)
+            bar_label, bars = None, bars + 1
         if verdict.startswith("below from step"):
             s = int(verdict.split()[-1])
             x = tokens[list(steps).index(s)] / 1e6
             ax.axvline(x, color=colors[name], ls=":", lw=1)
-    paired = all(batches[n] for n in names)
-    if noises and paired:  # (unpaired errors measure how hard the batches are, not the noise of a gap: no band)
-        ax.axhspan(-max(noises), max(noises), color="0.9", zorder=0, label="noise of the final gaps (2 s.e.)")
     ax.axhline(0, color=COLORS["moe-naive"], lw=1, label=label_of("moe-naive"))
     if late:
         lo, hi = min(min(late), 0), max(max(late), 0)
