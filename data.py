@@ -266,7 +266,8 @@ def build_cache(cache_dir, splits, enc, settings):
     t0 = time.time()
     train_files, val_files = splits
     total_mb = sum(f[2] for f in train_files + val_files) / 1e6
-    print(f"tokenizing {len(train_files) + len(val_files):,} files ({total_mb:.1f} MB) into {cache_dir} ...")
+    n_files = len(train_files) + len(val_files)
+    print(f"tokenizing {n_files:,} file{'s' * (n_files != 1)} ({total_mb:.1f} MB) into {cache_dir} ...")
     meta, seen, tmp = dict(settings=settings), set(), None
     try:
         for split, split_files in (("train", train_files), ("val", val_files)):
@@ -352,7 +353,9 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
     langs = ", ".join(f"{n:,} {lang}" for lang, n in sorted(meta.get("languages", {}).items()))
     what = {":stdlib": "this Python's standard library", ":python": "this Python installation"}.get(data, data)
     fingerprint = meta.get("tokens_sha1", "")[:16]
-    desc = (f"{what}: {meta['train_files'] + meta['val_files']:,} files ({langs}), {len(train):,} train / "
+    written, listed = meta["train_files"] + meta["val_files"], sum(meta.get("languages", {}).values())
+    left_out = f"; {listed - written:,} empty or duplicate left out" if listed > written else ""
+    desc = (f"{what}: {written:,} file{'s' * (written != 1)} ({langs}{left_out}), {len(train):,} train / "
             f"{len(val):,} val tokens ({how}; fingerprint {fingerprint[:8]}; cache {cache_dir})")
     return check_split(train, val, seq_len, dict(fingerprint=fingerprint, description=desc))
 

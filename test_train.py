@@ -275,7 +275,7 @@ def test_cli_errors_for_invalid_r_and_missing_data_are_one_line(tmp_path):
     (["--init", "bogus"], "invalid choice: 'bogus'"),
     (["--top-k", "5"], "top_k (5) must be between 1 and n_experts (4)"),
     (["--n-experts", "1"], "at least 2 experts"),
-    (["--d-model", "30", "--n-head", "4"], "n_head (4) must divide d_model (30)"),
+    (["--d-model", "30", "--n-head", "4"], "--n-head 4 must divide --d-model 30"),
     (["--n-kv-head", "3", "--n-head", "4"], "n_kv_head (3) must divide n_head (4)"),
     (["--batch-size", "0"], "--batch-size: must be a positive integer"),
     (["--seq-len", "-3"], "--seq-len: must be a positive integer"),

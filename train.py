@@ -132,7 +132,7 @@ def build_parser():
     g.add_argument("--top-k", type=positive_int, help="experts per token")
     g.add_argument("--seq-len", type=positive_int, help="tokens per training sequence")
     g = p.add_argument_group("training (override the preset)")
-    g.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch")
+    g.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch (under torchrun: of all processes together)")
     g.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
     g.add_argument("--dense-steps", type=positive_int, help="optimizer steps of the dense phase")
     g.add_argument("--dense-lr", type=positive_float, help="peak learning rate of the dense phase")
@@ -311,7 +311,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     if start_step == 0:
         result_val, se, val_batches_losses = evaluate(train_model, val_batches, device)  # at the upcycling point, before any MoE step
         log_row(0, val_loss=repr(result_val), val_se=repr(se))
-        print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f}")
+        print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f} ± {se:.4f}")
     t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
     STOP["training"] = True
     try:
@@ -394,6 +394,8 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
 
 
 def model_configs(args, vocab_size):
+    if args.d_model % args.n_head:  # (ModelConfig would also accept a d_head of its own, which train.py has no flag for)
+        raise Fail(f"invalid model shape: --n-head {args.n_head} must divide --d-model {args.d_model}")
     try:
         dense = ModelConfig(vocab_size=vocab_size, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
                             n_kv_head=args.n_kv_head, d_ff=args.d_ff, max_seq_len=args.seq_len,
