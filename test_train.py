@@ -183,6 +183,34 @@ def test_overtake_step_is_the_last_sign_change():
     assert plot.overtake_step(steps, np.array([0.1, 0.05, 0.01, 0.02, -0.0])) is None
 
 
+def test_the_difference_panel_shows_each_final_gap_with_the_noise_the_summary_table_gives():
+    # from scratch: a large gap and a large noise; r = 0.5: a small gap, small noise, above naive. One band at the
+    # largest noise would put r = 0.5 inside it ("level") while the table says "above naive".
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = np.array([0, 10, 20])
+    curve = lambda losses: (steps, steps * 1000, np.array(losses), np.full(3, 0.01))
+    curves = {"moe-naive": curve([2.0, 1.8, 1.6]), "moe-scratch": curve([5.0, 2.4, 2.0]),
+              "moe-drop-r0.5": curve([2.5, 1.9, 1.612])}
+    rng = np.random.default_rng(0)
+    naive_batches = list(1.6 + rng.normal(0, 0.05, 8))
+    results = {"moe-naive": dict(final_val_batches=naive_batches),
+               "moe-scratch": dict(final_val_batches=list(np.array(naive_batches) + 0.4 + rng.normal(0, 0.03, 8))),
+               "moe-drop-r0.5": dict(final_val_batches=list(np.array(naive_batches) + 0.012 + rng.normal(0, 0.002, 8)))}
+    fig, ax = plt.subplots()
+    plot.diff_to_naive_panel(ax, curves, list(curves), {n: "C0" for n in curves}, results)
+    bars = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
+    assert len(bars) == 2
+    for name, bar in zip(["moe-scratch", "moe-drop-r0.5"], bars):
+        gap, noise, verdict = plot.compare_to_naive(curves[name], curves["moe-naive"],
+                                                    results[name]["final_val_batches"], naive_batches)
+        (segment,) = bar.lines[2][0].get_segments()
+        assert segment[:, 1] == pytest.approx([gap - noise, gap + noise])
+        assert (verdict == "above naive") == (segment[:, 1].min() > 0)
+    plt.close(fig)
+
+
 # -----------------------------------------------------------------------------
 # no lost work: interrupt and resume, NaN, failed saves
 
