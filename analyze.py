@@ -646,7 +646,8 @@ def overlap(opts):
     dense, _, source = dense_for_probe(opts)
     shared = not opts.independent_indices
     print(f"dense model: {source}; {opts.n_experts} experts; {'shared' if shared else 'independent'} index sets")
-    print("| r | two experts keep the same neuron, per matrix | expected (1-r)^2 | neurons intact in all 3 matrices, "
+    print("r' = floor(r d_ff) / d_ff: the share of neurons actually re-initialised (whole neurons only)")
+    print("| r | two experts keep the same neuron, per matrix | expected (1-r')^2 | neurons intact in all 3 matrices, "
           "per expert | expected | intact in both of two experts | expected |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in opts.r:
