@@ -14,6 +14,7 @@ import contextlib
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -70,11 +71,20 @@ def leave(code):
     fails while a peer waits in a collective can deadlock in the group's destructor (gloo joins its worker
     thread while holding the GIL the thread needs), and then torchrun never learns that it failed."""
     if world() > 1:
-        with contextlib.suppress(OSError):
-            sys.stdout.flush()
-            sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def crash():
+    """An unexpected error (a bug, a CUDA fault): its traceback, then leave(1) under a process group of several
+    ranks (the clean-up could deadlock, see leave); with one process the error propagates as usual."""
+    if world() > 1:
+        traceback.print_exc()
+        leave(1)
+    raise
 
 
 def startup_barrier(first):

@@ -115,8 +115,8 @@ def test_a_one_process_checkpoint_resumes_on_two_sharded(reference, train_corpus
     assert_same_run(tmp_path, reference)
 
 
-def test_a_failing_rank_ends_both_with_its_one_line(train_corpus, tmp_path):
-    # rank 1 alone cannot read its batches from the third step on; rank 0 would wait for it forever
+def script_failing_on_rank_1(tmp_path, error):
+    """A train.py whose rank 1 alone raises error from its third step on (rank 0 would wait for it forever)."""
     script = tmp_path / "train.py"
     script.write_text(f"""import os, sys
 sys.path.insert(0, {HERE!r})
@@ -125,13 +125,27 @@ calls = []
 def broken(*args):
     calls.append(1)
     if os.environ["RANK"] == "1" and len(calls) > 4:
-        raise data.Fail("test: rank 1 cannot read its batch")
+        raise {error}
     return data.get_batch(*args)
 train.get_batch = broken
 train.main()
 """)
+    return script
+
+
+def test_a_failing_rank_ends_both_with_its_one_line(train_corpus, tmp_path):
+    script = script_failing_on_rank_1(tmp_path, 'data.Fail("test: rank 1 cannot read its batch")')
     start = time.time()
     result = run([*TORCHRUN, str(script), *flags(train_corpus, tmp_path / "out")])
     assert result.returncode != 0 and time.time() - start < 120
     ours = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
     assert ours == ["train.py: error: [rank 1] test: rank 1 cannot read its batch"], result.stderr
+
+
+def test_a_bug_on_one_rank_ends_both_with_its_traceback(train_corpus, tmp_path):
+    # an unexpected error is not a one-line failure, but it must not hang the other rank either
+    script = script_failing_on_rank_1(tmp_path, 'ZeroDivisionError("test: a bug on rank 1")')
+    start = time.time()
+    result = run([*TORCHRUN, str(script), *flags(train_corpus, tmp_path / "out")])
+    assert result.returncode != 0 and time.time() - start < 120
+    assert "ZeroDivisionError: test: a bug on rank 1" in result.stderr

@@ -294,6 +294,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
             state["optimizer"], state["scaler"] = optimizer_sd, scaler.state_dict()
         if distributed.is_main():
             save_checkpoint(state, run.ckpt_path)
+        distributed.barrier()  # no rank runs on, or exits on a signal, while rank 0 writes: torchrun would kill it
         last_saved = step
 
     def kept():
@@ -700,7 +701,7 @@ def main(argv=None):
         distributed.leave(1)
     except RuntimeError as e:
         if not distributed.peer_gone(e):
-            raise
+            distributed.crash()
         distributed.leave(1)  # another rank failed and said why (torchrun's report names it)
     except KeyboardInterrupt:
         if not distributed.is_main():
@@ -710,6 +711,8 @@ def main(argv=None):
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         distributed.leave(1)
+    except Exception:
+        distributed.crash()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
