@@ -354,7 +354,7 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
     what = {":stdlib": "this Python's standard library", ":python": "this Python installation"}.get(data, data)
     fingerprint = meta.get("tokens_sha1", "")[:16]
     written, listed = meta["train_files"] + meta["val_files"], sum(meta.get("languages", {}).values())
-    left_out = f"; {listed - written:,} empty or duplicate left out" if listed > written else ""
+    left_out = f" listed; {listed - written:,} empty, binary or duplicate left out" if listed > written else ""
     desc = (f"{what}: {written:,} file{'s' * (written != 1)} ({langs}{left_out}), {len(train):,} train / "
             f"{len(val):,} val tokens ({how}; fingerprint {fingerprint[:8]}; cache {cache_dir})")
     return check_split(train, val, seq_len, dict(fingerprint=fingerprint, description=desc))

@@ -23,7 +23,7 @@ STOP = {"signal": None, "received": None, "training": False, "saving": False, "d
 def say_from_handler(text):
     """Print from a signal handler. The handler runs between two bytecodes of the main thread, which may be inside
     a print to the same stream: a second print there raises "reentrant call inside BufferedWriter", so this
-    writes to the file descriptor underneath (lost where there is none, as under pytest's capture)."""
+    writes to the file descriptor underneath (lost where there is none, as under pytest's capsys)."""
     try:
         os.write(sys.stdout.fileno(), text.encode())
     except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation is both of the first two)
