@@ -741,10 +741,8 @@ def main(argv=None):
         print("analyze.py: interrupted (finished runs and checkpoints are kept; rerun the same command, adding "
               "--resume for an unfinished run)", file=sys.stderr)
         distributed.leave(130)
-    except RuntimeError as e:  # under torchrun: another rank failed and said why, or a bug (its traceback)
-        if not distributed.peer_gone(e):
-            distributed.crash()
-        distributed.leave(1)
+    except Exception:  # under torchrun: another rank failed and said why, or a bug (its traceback)
+        distributed.crash()
 
 
 if __name__ == "__main__":

@@ -79,10 +79,13 @@ def leave(code):
 
 
 def crash():
-    """An unexpected error (a bug, a CUDA fault): its traceback, then leave(1) under a process group of several
-    ranks (the clean-up could deadlock, see leave); with one process the error propagates as usual."""
+    """Called while handling an error that is not one of the expected, one-line failures. Under a process group of
+    several ranks: a collective failing because another rank exited (that rank said why; torchrun's report names
+    it) ends quietly, anything else (a bug, a CUDA fault) prints its traceback; then leave(1), whose clean-up
+    cannot deadlock. With one process the error propagates as usual."""
     if world() > 1:
-        traceback.print_exc()
+        if not peer_gone(sys.exc_info()[1]):
+            traceback.print_exc()
         leave(1)
     raise
 

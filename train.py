@@ -699,10 +699,6 @@ def main(argv=None):
         shape = SHAPE or dict(d_model=args.d_model, n_layer=args.n_layer, n_experts=args.n_experts)  # (--sample: the flags)
         print(f"{prog}: error: {oom_message(args.batch_size, args.seq_len, args.grad_accum, **shape)}", file=sys.stderr)
         distributed.leave(1)
-    except RuntimeError as e:
-        if not distributed.peer_gone(e):
-            distributed.crash()
-        distributed.leave(1)  # another rank failed and said why (torchrun's report names it)
     except KeyboardInterrupt:
         if not distributed.is_main():
             distributed.leave(130)
@@ -711,7 +707,7 @@ def main(argv=None):
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         distributed.leave(1)
-    except Exception:
+    except Exception:  # under torchrun: another rank failed and said why, or a bug (its traceback)
         distributed.crash()
     finally:
         for sig, handler in previous.items():
