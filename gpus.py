@@ -103,7 +103,7 @@ def resolve_device(name):
 def oom_message(batch_size, seq_len, grad_accum, d_model, n_layer, n_experts):
     where = ""
     if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
+        total = torch.cuda.mem_get_info()[1]
         where = f"; GPU {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated by PyTorch, {total / 2**30:.1f} GiB total"
     tokens = batch_size * seq_len
     return (f"CUDA out of memory with micro-batches of {batch_size} x {seq_len} = {tokens:,} tokens "

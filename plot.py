@@ -120,7 +120,7 @@ def diff_to_naive_panel(ax, curves, names, colors, results=None):
     naive = curves["moe-naive"]
     batches = {n: (results or {}).get(n, {}).get("final_val_batches") for n in curves}
     paired = all(batches[n] for n in names)
-    late, bar_label, bars = [], "final gap ± its noise (2 s.e.)", 0
+    late, bars = [], 0
     for name in names:
         if name == "moe-naive" or compare_to_naive(curves[name], naive) is None:
             continue
@@ -132,8 +132,9 @@ def diff_to_naive_panel(ax, curves, names, colors, results=None):
         gap, noise, verdict = compare_to_naive(curves[name], naive, batches[name], batches["moe-naive"])
         if paired:
             x = tokens[-1] / 1e6 * (1 + 0.012 * bars)  # side by side at the end, not on top of each other
-            ax.errorbar(x, gap, yerr=noise, color=colors[name], capsize=3, lw=1.5, label=bar_label)
-            bar_label, bars = None, bars + 1
+            ax.errorbar(x, gap, yerr=noise, color=colors[name], capsize=3, lw=1.5,
+                        label=None if bars else "final gap ± its noise (2 s.e.)")
+            bars += 1
         if verdict.startswith("below from step"):
             s = int(verdict.split()[-1])
             x = tokens[list(steps).index(s)] / 1e6
