@@ -52,7 +52,7 @@ lr)
     ;;
 long)
     declare -A inits=([naive]="naive" [drop]="drop --r 0.5" [drop-indep]="drop --r 0.5 --independent-indices")
-    for name in naive drop drop-indep; do
+    for name in ${LONG_RUNS:-naive drop drop-indep}; do
         restore_dense "$out/long/$name" --moe-steps 8000
         timeout -k 20 "$(left)" python train.py --out-dir "$out/long/$name" --moe-steps 8000 --init ${inits[$name]} ${EXTRA:-} \
             >"$out/long/$name.log" 2>&1 &
@@ -60,7 +60,7 @@ long)
     wait
     # the three runs in one folder, for one figure and summary (train.py reuses finished runs and reports)
     mkdir -p "$out/long/all"
-    for name in naive drop drop-indep; do cp -r "$out/long/$name"/dense "$out/long/$name"/moe-* "$out/long/all/"; done
+    for name in ${LONG_RUNS:-naive drop drop-indep}; do cp -r "$out/long/$name"/dense "$out/long/$name"/moe-* "$out/long/all/"; done
     train --out-dir "$out/long/all" --moe-steps 8000 --init naive >"$out/long/all.log" 2>&1
     ;;
 *) echo "usage: bash figures/reference_h200.sh seeds|lr|long OUT [DENSE]"; exit 2 ;;
