@@ -3,6 +3,7 @@ The paper's two analyses at small scale, and the small measurements behind the c
 
     python analyze.py sweep   --preset cpu --out-dir out/cpu   # Sec. 5.3, Fig. 4: the re-initialisation ratio r
     python analyze.py lr      --preset cpu --out-dir out/lr    # is naive Upcycling only hurt by the MoE learning rate?
+    python analyze.py seeds out/seed0 out/seed1 out/seed2   # is each gap to naive larger than the seed spread?
     python analyze.py routing --preset cpu --out-dir out/cpu   # Sec. 5.4, Fig. 5: where each domain's tokens go
     python analyze.py router-grad --r 0 0.5                    # does the router learn from the LM loss at step 0?
     python analyze.py overlap --r 0.5                          # Sec. 3.2.2: two experts share (1 - r)^2 of the neurons
@@ -15,7 +16,8 @@ them to train.py, so one --out-dir holds one dense model, every MoE run made fro
 Read top to bottom:
   1. routing statistics: load balance and domain specialisation (plain functions of counts, tested with known numbers)
   2. sweep: r in {0, 0.1, 0.25, 0.5, 0.75, 1} from one dense model, plus r = 0.5 with independent index sets
-  3. lr: naive, drop r = 0.5 (both index-set variants) and scratch at each MoE peak learning rate, one dense model
+  3. lr: naive, drop r = 0.5 (both index-set variants) and scratch at each MoE peak learning rate, one dense model;
+     seeds: each gap to naive in several seeds, against their spread
   4. routing: held-out text of each domain through each MoE, per layer and expert
   5. router-grad and overlap: two measurements right after upcycling, no training needed
   6. main: every expected failure becomes one line on stderr and a non-zero exit
@@ -41,7 +43,7 @@ import data
 import distributed
 import gpus
 import plot
-from runs import load_checkpoint, on_signal
+from runs import load_checkpoint, on_signal, settings_diff
 
 # -----------------------------------------------------------------------------
 # 1. Routing statistics
@@ -359,6 +361,118 @@ def lr_report(out_dir, folders, command):
 
 
 # -----------------------------------------------------------------------------
+# 3b. Seeds: is a gap larger than what another seed moves it by?
+
+
+def without_seed(settings):
+    """A run's settings with its seed (and its dense parent's) left out: what must match across seeds."""
+    s = {k: v for k, v in settings.items() if k != "seed"}
+    return dict(s, dense=without_seed(s["dense"])) if s.get("dense") else s
+
+
+def seed_folder_runs(folder):
+    """(seed, {run name: (settings, result, curve)}) of the finished runs in one --out-dir."""
+    runs = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if not os.path.exists(os.path.join(path, "result.json")):
+            continue
+        try:
+            with open(os.path.join(path, "settings.json")) as f:
+                settings = json.load(f)
+            with open(os.path.join(path, "result.json")) as f:
+                result = json.load(f)
+            runs[name] = settings, result, plot.val_curve(os.path.join(path, "log.csv"))
+        except (OSError, ValueError, KeyError):
+            print(f"warning: {path} has a damaged settings.json, result.json or log.csv: left out")
+    if "dense" not in runs or "moe-naive" not in runs:
+        raise Fail(f"{folder}: no finished dense and naive runs (every seed is compared with its own naive Upcycling)")
+    return runs["dense"][0]["seed"], runs
+
+
+def mean_spread(values):
+    """'mean ± sample standard deviation' of the values (the value alone for one)."""
+    if len(values) == 1:
+        return f"{values[0]:+.4f}"
+    return f"{np.mean(values):+.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def seeds_verdict(gaps):
+    """A gap is called real only when every seed puts it on the same side of zero and its mean is beyond the seed
+    spread; otherwise it is noise, whatever one seed says."""
+    if len(gaps) < 2:
+        return "one seed: no spread to judge by"
+    mean, sd = float(np.mean(gaps)), float(np.std(gaps, ddof=1))
+    if abs(mean) > sd and (all(g < 0 for g in gaps) or all(g > 0 for g in gaps)):
+        return ("below" if mean < 0 else "above") + f" in all {len(gaps)} seeds"
+    return "within the seed spread (noise)"
+
+
+def seeds(opts):
+    """OUT: every init's final gap to naive Upcycling and its crossover step in each seed, their mean and spread."""
+    folders = {}
+    for folder in opts.folders:
+        seed, runs = seed_folder_runs(folder)
+        if seed in folders:
+            raise Fail(f"{folder} and {folders[seed][0]} both hold seed {seed}: give one folder per seed")
+        folders[seed] = folder, runs
+    order = sorted(folders)
+    first = folders[order[0]]
+    for seed in order[1:]:
+        folder, runs = folders[seed]
+        for name in set(runs) & set(first[1]):
+            if without_seed(runs[name][0]) != without_seed(first[1][name][0]):
+                diff = settings_diff(without_seed(first[1][name][0]), without_seed(runs[name][0]))
+                raise Fail(f"{name} in {first[0]} and in {folder} differ in more than the seed ({', '.join(diff[:4])})")
+    known = ["dense"] + [train.run_name(*run) for run in train.ALL_RUNS]  # the order of train.py's summary
+    names = sorted(dict.fromkeys(n for s in order for n in folders[s][1]),
+                   key=lambda n: (known.index(n) if n in known else len(known), n))
+    cols = " | ".join(f"seed {s}" for s in order)
+    lines = ["Final validation loss of each run in each seed:", "", f"| run | {cols} | mean ± sd |",
+             "| --- " * (len(order) + 2) + "|"]
+    for name in names:
+        finals = [folders[s][1][name][1]["final_val_loss"] if name in folders[s][1] else None for s in order]
+        done = [f for f in finals if f is not None]
+        spread = mean_spread(done).lstrip("+")
+        lines.append(f"| {name} | " + " | ".join(f"{f:.4f}" if f is not None else "-" for f in finals) + f" | {spread} |")
+
+    def gap(seed, name, ref):  # (final gap, evaluation noise, crossover step or None) of name minus ref in one seed
+        runs = folders[seed][1]
+        if name not in runs or ref not in runs:
+            return None
+        (_, res, curve), (_, ref_res, ref_curve) = runs[name], runs[ref]
+        g = plot.compare_to_naive(curve, ref_curve, res.get("final_val_batches"), ref_res.get("final_val_batches"))
+        return g and (g[0], g[1], plot.overtake_step(curve[0], curve[2] - ref_curve[2]) if g[0] < 0 else None)
+
+    pairs = [(n, "moe-naive") for n in names if n not in ("dense", "moe-naive")]
+    if "moe-drop-r0.5" in names and "moe-drop-r0.5-indep" in names:
+        pairs.append(("moe-drop-r0.5-indep", "moe-drop-r0.5"))
+    lines += ["", "Each run minus the reference in the same seed (final loss; in brackets the evaluation noise, two "
+                  "standard errors of the per-batch differences), and the step from which it stays below:", "",
+              f"| run minus reference | {cols} | mean ± sd | below from step (per seed) | verdict |",
+              "| --- " * (len(order) + 4) + "|"]
+    for name, ref in pairs:
+        per_seed = {s: gap(s, name, ref) for s in order}
+        done = [g for g in per_seed.values() if g]
+        if not done:
+            continue
+        cells = [f"{g[0]:+.4f} (±{g[1]:.4f})" if g else "-" for g in per_seed.values()]
+        steps = ", ".join(("never" if g[2] is None else str(g[2])) if g else "-" for g in per_seed.values())
+        lines.append(f"| {name} minus {ref} | " + " | ".join(cells) + f" | {mean_spread([g[0] for g in done])} | "
+                     f"{steps} | {seeds_verdict([g[0] for g in done])} |")
+    dense = first[1]["dense"][1]
+    moe = first[1]["moe-naive"][1]
+    header = (f"Seeds {', '.join(map(str, order))} of the same runs ({dense['steps']} dense steps, {moe['steps']} MoE "
+              f"steps; device {dense['device']}), from {', '.join(folders[s][0] for s in order)}. sd: sample standard "
+              f"deviation over the seeds. A gap counts only when every seed puts it on the same side and its mean is "
+              f"beyond the sd; otherwise it is called noise.")
+    table = f"{header}\n\nMade with: `python analyze.py seeds {shlex.join(opts.folders)}`\n\n" + "\n".join(lines) + "\n"
+    if opts.out:
+        data.atomic_write_text(opts.out, table)
+    print("\n" + table + (f"table: {opts.out}" if opts.out else ""))
+
+
+# -----------------------------------------------------------------------------
 # 4. Routing specialisation (Sec. 5.4, Figure 5, Appendix C.2)
 
 FIGURE_MODELS = ["moe-naive", "moe-drop-r0.5", "moe-scratch"]  # the paper's Fig. 5 columns
@@ -663,7 +777,7 @@ def overlap(opts):
 def parse_args(argv):
     p = train.OneLineParser(prog="analyze.py", description="The paper's analyses (r sweep, routing) and two "
                             "measurements right after upcycling. The classroom exercises that use them: EXERCISES.md.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,lr,routing,router-grad,overlap}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,lr,seeds,routing,router-grad,overlap}")
     s = sub.add_parser("sweep", allow_abbrev=False,
                        help="Sec. 5.3: MoE runs for every r from one dense model; figure + table",
                        description="MoE runs for every r (plus r = 0.5 with independent index sets, and from scratch) "
@@ -681,6 +795,12 @@ def parse_args(argv):
     s.add_argument("--lrs", type=train.positive_float, nargs="+", default=DEFAULT_LRS, metavar="LR",
                    help="MoE peak learning rates (default 5e-4 1e-3 2e-3 4e-3)")
     s.add_argument("--report-only", action="store_true", help="no training: figure and table of the finished runs")
+    s = sub.add_parser("seeds", allow_abbrev=False, help="every init's gap to naive in several seeds: mean, spread",
+                       description="Reads the finished runs of one --out-dir per seed (same settings but the seed) and "
+                                   "tabulates each init's final loss, its gap to naive Upcycling and its crossover step "
+                                   "in every seed, with their mean and spread.")
+    s.add_argument("folders", nargs="+", metavar="OUT_DIR", help="one train.py --out-dir per seed")
+    s.add_argument("--out", metavar="FILE", help="also write the table to FILE (markdown)")
     s = sub.add_parser("routing", allow_abbrev=False, help="Sec. 5.4: routing statistics of every MoE run in --out-dir",
                        description="Routes held-out text of each domain through every finished MoE run in --out-dir; "
                                    "writes routing_specialisation.png, routing_summary.md and routing_counts.json. "
@@ -728,6 +848,8 @@ def main(argv=None):
             sweep(opts, rest)
         elif opts.command == "lr":
             lr_sweep(opts, rest)
+        elif opts.command == "seeds":
+            seeds(opts)
         elif opts.command == "routing":
             routing(opts, rest)
         elif opts.command == "router-grad":

@@ -403,3 +403,66 @@ def test_lr_bad_input_gives_one_line_and_nonzero_exit(lr_swept, tmp_path, capsys
                       *flags[flags.index("--out-dir") + 2:]])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and "is not a copy of the dense model" in err and "\n" not in err
+
+
+# -----------------------------------------------------------------------------
+# seeds: a gap is called real only beyond the spread of the seeds
+
+def write_finished_run(folder, name, seed, val_losses, final_batches, lr=0.002):
+    """A finished run's three files as train.py writes them (validation every 100 steps), for tables alone."""
+    os.makedirs(os.path.join(folder, name))
+    dense = dict(phase="dense", seed=seed, steps=200, lr=0.003)
+    settings = dense if name == "dense" else dict(phase="moe", seed=seed, steps=200, lr=lr, init=name, dense=dense)
+    result = dict(name=name, final_val_loss=val_losses[-1], final_val_batches=final_batches, steps=200, tokens=6400,
+                  device="cpu", wall_time=1.0, tokens_per_s=6400.0)
+    rows = [f"{100 * i},{6400 * i // 2},,{loss!r},0.01,,," for i, loss in enumerate(val_losses)]
+    for file, text in (("settings.json", json.dumps(settings)), ("result.json", json.dumps(result)),
+                       ("log.csv", "step,tokens,train_loss,val_loss,val_se,aux_loss,lr,time\n" + "\n".join(rows) + "\n")):
+        with open(os.path.join(folder, name, file), "w") as f:
+            f.write(text)
+
+
+def seed_folders(root, gaps, lr=0.002):
+    """One folder per seed: dense, naive (2.1, then 2.0) and each run of gaps (2.2, then 2.0 plus its gap)."""
+    folders = []
+    for seed in range(len(next(iter(gaps.values())))):
+        folder = str(root / f"seed{seed}")
+        write_finished_run(folder, "dense", seed, [3.0, 2.5, 2.2], [2.2] * 4)
+        write_finished_run(folder, "moe-naive", seed, [2.2, 2.1, 2.0], [1.99, 2.01, 1.98, 2.02])
+        for name, per_seed in gaps.items():
+            g = per_seed[seed]
+            write_finished_run(folder, name, seed, [4.0, 2.2, 2.0 + g], [1.99 + g, 2.01 + g, 1.98 + g, 2.02 + g], lr)
+        folders.append(folder)
+    return folders
+
+
+def test_a_gap_to_naive_counts_only_when_every_seed_puts_it_on_the_same_side_beyond_their_spread(tmp_path, capsys):
+    gaps = {"moe-drop-r0.5": [-0.02, -0.018, -0.022],          # same side in every seed, mean far beyond the sd
+            "moe-drop-r0.5-indep": [-0.03, -0.03, 0.001],      # mean beyond the sd, but one seed on the other side
+            "moe-drop-r1": [-0.001, -0.001, -0.03]}            # every seed below, but the mean inside the sd
+    folders = seed_folders(tmp_path, gaps)
+    out = tmp_path / "seeds.md"
+    analyze.main(["seeds", *folders, "--out", str(out)])
+    table = out.read_text()
+    assert table in capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if " minus moe-naive |" in line}
+    for name, per_seed in gaps.items():
+        mean, sd = np.mean(per_seed), np.std(per_seed, ddof=1)
+        assert f"{mean:+.4f} ± {sd:.4f}" in rows[f"{name} minus moe-naive"], (name, rows)
+    assert rows["moe-drop-r0.5 minus moe-naive"].endswith("| below in all 3 seeds |")
+    assert rows["moe-drop-r0.5-indep minus moe-naive"].endswith("| within the seed spread (noise) |")
+    assert rows["moe-drop-r1 minus moe-naive"].endswith("| within the seed spread (noise) |")
+    # the crossover of each seed: the step from which the run stays below naive (seed 2 of indep never is)
+    assert "| 200, 200, 200 |" in rows["moe-drop-r0.5 minus moe-naive"]
+    assert "| 200, 200, never |" in rows["moe-drop-r0.5-indep minus moe-naive"]
+    # the two r = 0.5 variants are compared with each other too, seed by seed
+    assert "| moe-drop-r0.5-indep minus moe-drop-r0.5 |" in table
+    assert [seed.split(" | ")[0] for seed in table.splitlines() if seed.startswith("| dense |")] == ["| dense"]
+
+
+def test_seeds_refuses_folders_that_differ_in_more_than_the_seed(tmp_path, capsys):
+    folders = seed_folders(tmp_path / "a", {"moe-drop-r0.5": [-0.02, -0.01]})
+    other = seed_folders(tmp_path / "b", {"moe-drop-r0.5": [-0.02, -0.01, -0.03]}, lr=0.004)[2]  # seed 2, other MoE lr
+    assert_one_line_analyze_error(["seeds", *folders, other], capsys)
+    assert_one_line_analyze_error(["seeds", folders[0], folders[0]], capsys)  # one seed twice
+    assert_one_line_analyze_error(["seeds", folders[0], str(tmp_path / "none")], capsys)  # no finished runs
