@@ -6,6 +6,7 @@ train.py and analyze.py call it; it imports neither.
   2. comparing with naive Upcycling: the gap, its noise, and where a curve crosses
   3. the training figure (the paper's Fig. 3, top row) and summary table, and train.py's report of an out-dir
   4. the r sweep figure (Fig. 4), the learning-rate sweep figure and the routing figure (Fig. 5)
+  5. from the command line: python plot.py OUT_DIR draws an out-dir's summary and figure again from its logs
 """
 
 import csv
@@ -370,3 +371,38 @@ def routing_figure(path, header, results, domains, models, layers):
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
+
+
+# -----------------------------------------------------------------------------
+# 5. From the command line: an out-dir's summary and figure again, from its logs alone
+
+
+def report_from_logs(out_dir):
+    """report() of the runs in out_dir with their settings read from their settings.json, not from train.py's flags:
+    for runs trained apart (in several folders, or on several machines) and copied into one folder afterwards."""
+    def settings_of(name):
+        with open(os.path.join(out_dir, name, "settings.json")) as f:
+            return json.load(f)
+
+    present = [n for n in sorted(os.listdir(out_dir)) if os.path.exists(os.path.join(out_dir, n, "result.json"))]
+    moe = [n for n in present if n.startswith("moe-")]
+    if "dense" not in present or not moe:
+        raise Fail(f"{out_dir}: no finished dense run and MoE run to report (folders dense/ and moe-*/ with result.json)")
+    names = sorted(present, key=lambda n: (list(COLORS).index(n) if n in COLORS else len(COLORS), n))
+    try:
+        dense_settings = settings_of("dense")
+        moe_settings = settings_of("moe-naive" if "moe-naive" in moe else moe[0])
+    except (OSError, ValueError) as e:
+        raise Fail(f"{out_dir}: unreadable settings.json ({e})")
+    report(out_dir, names, dense_settings, moe_settings, dense_settings["data"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        raise SystemExit("usage: python plot.py OUT_DIR   (summary.md and loss_curves.png again from the runs' logs)")
+    try:
+        report_from_logs(sys.argv[1])
+    except (Fail, OSError) as e:
+        raise SystemExit(f"plot.py: error: {e}")

@@ -1,7 +1,6 @@
 """analyze.py: the paper's analyses (Sec. 5.3 r sweep, Sec. 5.4 routing) and the classroom exercises.
 Routing statistics with known routing in and known numbers out, the commands end to end on a tiny corpus."""
 
-import csv
 import json
 import math
 import os
@@ -9,7 +8,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, tiny, write_corpus
+from conftest import HERE
 
 import analyze
 import plot

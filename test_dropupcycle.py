@@ -3,26 +3,13 @@
 Run: python -m pytest -q
 """
 
-import csv
-import json
 import math
-import os
-import random
-import shlex
-import shutil
-import signal
-import subprocess
-import sys
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import analyze
-import bench
-import train
 from dropupcycle import (
     MoE,
     ModelConfig,

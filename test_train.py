@@ -1,12 +1,9 @@
 """train.py, data.py and plot.py: the data, the real CLI end to end, resume, and every expected failure:
 one line on stderr, a non-zero exit, no lost work."""
 
-import csv
 import json
 import math
 import os
-import random
-import shlex
 import shutil
 import signal
 import subprocess
@@ -153,6 +150,22 @@ def test_second_init_reuses_dense_and_naive_starts_at_the_dense_loss(drop_run, t
     assert drop_start > naive_start + 1e-3  # half the FFN neurons re-initialised: worse at first
     summary = open(out / "summary.md").read()
     assert "moe-naive" in summary and "moe-drop-r0.5" in summary
+
+
+def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(drop_run[0], out)
+    assert run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)[0] == 0
+    written_by_train = (out / "summary.md").read_text()
+    for leftover in ["summary.md", "loss_curves.png", "dense/ckpt.pt", "moe-naive/ckpt.pt", "moe-drop-r0.5/ckpt.pt"]:
+        (out / leftover).unlink()  # runs copied from elsewhere: logs, settings and results, no checkpoints
+    plot.report_from_logs(str(out))
+    assert (out / "summary.md").read_text() == written_by_train
+    assert os.path.getsize(out / "loss_curves.png") > 0
+    with pytest.raises(data.Fail):  # a folder with no runs: one line, not a traceback
+        plot.report_from_logs(str(tmp_path))
 
 
 def test_sample_prints_text_from_a_checkpoint(drop_run, capsys):
