@@ -341,15 +341,20 @@ def lr_report(out_dir, folders, command):
             cells.append(f"{g[0]:+.4f} (±{g[1]:.4f}), {g[2]}" if g else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
+    logs = [os.path.join(folder, "dense", "log.csv") for folder in folders.values()]
+    if not all(os.path.exists(log) and filecmp.cmp(logs[0], log, shallow=False) for log in logs):
+        raise Fail(f"the lr-* folders in {out_dir} hold different dense models (their dense/log.csv differ): "
+                   f"every rate must start from the same one")
     with open(os.path.join(next(iter(folders.values())), "dense", "result.json")) as f:
         dense = json.load(f)
+    source = (f"{out_dir}/dense, copied into each lr-* folder" if os.path.isdir(os.path.join(out_dir, "dense"))
+              else "the same dense/ in each lr-* folder")
     moe = runs["moe-naive", best["moe-naive"]][0]
     header = (f"MoE peak learning-rate sweep: naive Upcycling, Drop-Upcycling r=0.5 (shared and independent index "
               f"sets) and from scratch at each of {', '.join(lr_text(lr) for lr in lrs)} (same schedule shape: warmup, "
               f"cosine to {train.MIN_LR_RATIO:g} x peak), all from one dense model ({dense['steps']} steps, "
-              f"{dense['tokens'] / 1e6:.1f}M tokens, final val loss {dense['final_val_loss']:.4f}; {out_dir}/dense, "
-              f"copied into each lr-* folder), {moe['steps']} MoE steps ({moe['tokens'] / 1e6:.1f}M tokens) with the "
-              f"same data order; validation loss in nats/token; device {dense['device']}. Noise: two standard errors "
+              f"{dense['tokens'] / 1e6:.1f}M tokens, final val loss {dense['final_val_loss']:.4f}; {source}), "
+              f"{moe['steps']} MoE steps ({moe['tokens'] / 1e6:.1f}M tokens) with the same data order; validation loss in nats/token; device {dense['device']}. Noise: two standard errors "
               f"of the per-batch differences of the two final losses (the same validation batches for every run).")
     table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
     table_path, figure_path = os.path.join(out_dir, "lr_summary.md"), os.path.join(out_dir, "lr_loss.png")

@@ -401,6 +401,11 @@ def test_lr_bad_input_gives_one_line_and_nonzero_exit(lr_swept, tmp_path, capsys
                       *flags[flags.index("--out-dir") + 2:]])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and "is not a copy of the dense model" in err and "\n" not in err
+    # the report, too, refuses rates that did not start from one dense model (runs assembled from elsewhere)
+    with open(copy / "lr-1e-3" / "dense" / "log.csv", "a") as f:
+        f.write("2000,0,,,,,,,0\n")
+    report = ["lr", "--report-only", "--lrs", *map(str, LRS), "--out-dir", str(copy)]
+    assert_one_line_analyze_error(report, capsys)
 
 
 # -----------------------------------------------------------------------------
