@@ -341,20 +341,26 @@ def lr_report(out_dir, folders, command):
             cells.append(f"{g[0]:+.4f} (±{g[1]:.4f}), {g[2]}" if g else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    logs = [os.path.join(folder, "dense", "log.csv") for folder in folders.values()]
-    if not all(os.path.exists(log) and filecmp.cmp(logs[0], log, shallow=False) for log in logs):
-        raise Fail(f"the lr-* folders in {out_dir} hold different dense models (their dense/log.csv differ): "
-                   f"every rate must start from the same one")
-    with open(os.path.join(next(iter(folders.values())), "dense", "result.json")) as f:
+    # every rate must start from one dense model: the same log (and checkpoint, where one was kept) in each folder
+    denses = [os.path.join(folder, "dense") for lr, folder in folders.items() if any((n, lr) in runs for n in names)]
+    top = os.path.join(out_dir, "dense")
+    for other in denses[1:] + ([top] if os.path.isdir(top) else []):
+        for file in ("log.csv", "ckpt.pt"):
+            a, b = os.path.join(denses[0], file), os.path.join(other, file)
+            if (file == "log.csv" or os.path.exists(a) and os.path.exists(b)) and not (
+                    os.path.exists(a) and os.path.exists(b) and filecmp.cmp(a, b, shallow=False)):
+                raise Fail(f"{denses[0]} and {other} are different dense models (their {file} differ): every rate "
+                           f"must start from the same one")
+    with open(os.path.join(denses[0], "result.json")) as f:
         dense = json.load(f)
-    source = (f"{out_dir}/dense, copied into each lr-* folder" if os.path.isdir(os.path.join(out_dir, "dense"))
-              else "the same dense/ in each lr-* folder")
+    source = (f"{top}, copied into each lr-* folder" if os.path.isdir(top) else "the same dense/ in each lr-* folder")
     moe = runs["moe-naive", best["moe-naive"]][0]
     header = (f"MoE peak learning-rate sweep: naive Upcycling, Drop-Upcycling r=0.5 (shared and independent index "
               f"sets) and from scratch at each of {', '.join(lr_text(lr) for lr in lrs)} (same schedule shape: warmup, "
               f"cosine to {train.MIN_LR_RATIO:g} x peak), all from one dense model ({dense['steps']} steps, "
               f"{dense['tokens'] / 1e6:.1f}M tokens, final val loss {dense['final_val_loss']:.4f}; {source}), "
-              f"{moe['steps']} MoE steps ({moe['tokens'] / 1e6:.1f}M tokens) with the same data order; validation loss in nats/token; device {dense['device']}. Noise: two standard errors "
+              f"{moe['steps']} MoE steps ({moe['tokens'] / 1e6:.1f}M tokens) with the same data order; validation "
+              f"loss in nats/token; device {dense['device']}. Noise: two standard errors "
               f"of the per-batch differences of the two final losses (the same validation batches for every run).")
     table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
     table_path, figure_path = os.path.join(out_dir, "lr_summary.md"), os.path.join(out_dir, "lr_loss.png")
@@ -403,10 +409,10 @@ def mean_spread(values):
 
 
 def seeds_verdict(gaps):
-    """A gap is called real only when every seed puts it on the same side of zero and its mean is beyond the seed
-    spread; otherwise it is noise, whatever one seed says."""
-    if len(gaps) < 2:
-        return "one seed: no spread to judge by"
+    """A gap is called real only when at least three seeds all put it on the same side of zero and its mean is
+    beyond their spread; otherwise it is noise, whatever one seed says."""
+    if len(gaps) < 3:
+        return f"{len(gaps)} seed{'s' * (len(gaps) > 1)}: too few to judge"
     mean, sd = float(np.mean(gaps)), float(np.std(gaps, ddof=1))
     if abs(mean) > sd and (all(g < 0 for g in gaps) or all(g > 0 for g in gaps)):
         return ("below" if mean < 0 else "above") + f" in all {len(gaps)} seeds"
@@ -423,12 +429,14 @@ def seeds(opts):
         folders[seed] = folder, runs
     order = sorted(folders)
     first = folders[order[0]]
-    for seed in order[1:]:
+    holder = {}  # run name -> the first folder that holds it: every other folder's run must match it
+    for seed in order:
         folder, runs = folders[seed]
-        for name in set(runs) & set(first[1]):
-            if without_seed(runs[name][0]) != without_seed(first[1][name][0]):
-                diff = settings_diff(without_seed(first[1][name][0]), without_seed(runs[name][0]))
-                raise Fail(f"{name} in {first[0]} and in {folder} differ in more than the seed ({', '.join(diff[:4])})")
+        for name, (settings, _, _) in runs.items():
+            ref_folder, ref = holder.setdefault(name, (folder, settings))
+            if without_seed(settings) != without_seed(ref):
+                diff = settings_diff(without_seed(ref), without_seed(settings))
+                raise Fail(f"{name} in {ref_folder} and in {folder} differ in more than the seed ({', '.join(diff[:4])})")
     known = ["dense"] + [train.run_name(*run) for run in train.ALL_RUNS]  # the order of train.py's summary
     names = sorted(dict.fromkeys(n for s in order for n in folders[s][1]),
                    key=lambda n: (known.index(n) if n in known else len(known), n))
@@ -469,8 +477,8 @@ def seeds(opts):
     moe = first[1]["moe-naive"][1]
     header = (f"Seeds {', '.join(map(str, order))} of the same runs ({dense['steps']} dense steps, {moe['steps']} MoE "
               f"steps; device {dense['device']}), from {', '.join(folders[s][0] for s in order)}. sd: sample standard "
-              f"deviation over the seeds. A gap counts only when every seed puts it on the same side and its mean is "
-              f"beyond the sd; otherwise it is called noise.")
+              f"deviation over the seeds. A gap counts only when at least three seeds all put it on the same side and its "
+              f"mean is beyond the sd; otherwise it is called noise.")
     table = f"{header}\n\nMade with: `python analyze.py seeds {shlex.join(opts.folders)}`\n\n" + "\n".join(lines) + "\n"
     if opts.out:
         data.atomic_write_text(opts.out, table)

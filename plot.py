@@ -221,6 +221,9 @@ def finished_runs(out_dir, names, dense_settings, moe_settings):
         wanted = dense_settings if name == "dense" else moe_settings
         if wanted is None or identity(settings) != identity(json.loads(json.dumps(wanted))):
             continue  # trained with other settings: not comparable
+        if settings.get("dense") not in (None, json.loads(json.dumps(dense_settings))):
+            print(f"warning: {folder} was upcycled from another dense model than {out_dir}/dense: left out")
+            continue
         found[name] = (result, curve)
     return found
 
@@ -392,9 +395,10 @@ def report_from_logs(out_dir):
     try:
         dense_settings = settings_of("dense")
         moe_settings = settings_of("moe-naive" if "moe-naive" in moe else moe[0])
-    except (OSError, ValueError) as e:
-        raise Fail(f"{out_dir}: unreadable settings.json ({e})")
-    report(out_dir, names, dense_settings, moe_settings, dense_settings["data"])
+        fingerprint = dense_settings["data"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Fail(f"{out_dir}: a settings.json is unreadable or not a train.py run's ({e!r})")
+    report(out_dir, names, dense_settings, moe_settings, fingerprint)
 
 
 if __name__ == "__main__":

@@ -371,6 +371,15 @@ def test_lr_table_names_each_inits_best_rate(lr_swept):
     assert os.path.getsize(os.path.join(out, "lr_loss.png")) > 10_000
 
 
+def test_lr_report_leaves_out_a_rate_never_trained_and_names_it(lr_swept, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(lr_swept[0], copy)
+    analyze.main(["lr", "--report-only", "--lrs", *map(str, LRS), "8e-3", "--out-dir", str(copy)])
+    printed = capsys.readouterr().out
+    assert f"{copy}/lr-8e-3/moe-naive: no finished run, left out" in printed
+    assert "| lr 8e-3 |" in (copy / "lr_summary.md").read_text()
+
+
 def test_lr_rerun_reuses_every_run(lr_swept, capsys):
     out, flags, _ = lr_swept
     before = {lr: os.path.getmtime(os.path.join(out, "lr-" + analyze.lr_text(lr), "moe-naive", "ckpt.pt")) for lr in LRS}
@@ -463,9 +472,26 @@ def test_a_gap_to_naive_counts_only_when_every_seed_puts_it_on_the_same_side_bey
     assert [seed.split(" | ")[0] for seed in table.splitlines() if seed.startswith("| dense |")] == ["| dense"]
 
 
+def test_two_seeds_are_too_few_to_call_a_gap_real(tmp_path, capsys):
+    analyze.main(["seeds", *seed_folders(tmp_path, {"moe-drop-r0.5": [-0.01, -0.02]})])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| moe-drop-r0.5 minus"))
+    assert row.endswith("| 2 seeds: too few to judge |")
+
+
+def seeds_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        analyze.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.startswith("analyze.py: error:") and "\n" not in err, err
+    return err
+
+
 def test_seeds_refuses_folders_that_differ_in_more_than_the_seed(tmp_path, capsys):
     folders = seed_folders(tmp_path / "a", {"moe-drop-r0.5": [-0.02, -0.01]})
     other = seed_folders(tmp_path / "b", {"moe-drop-r0.5": [-0.02, -0.01, -0.03]}, lr=0.004)[2]  # seed 2, other MoE lr
-    assert_one_line_analyze_error(["seeds", *folders, other], capsys)
-    assert_one_line_analyze_error(["seeds", folders[0], folders[0]], capsys)  # one seed twice
-    assert_one_line_analyze_error(["seeds", folders[0], str(tmp_path / "none")], capsys)  # no finished runs
+    assert "differ in more than the seed (lr" in seeds_error(["seeds", *folders, other], capsys)
+    # a run that the lowest seed lacks is compared between the seeds that have it
+    shutil.rmtree(os.path.join(folders[0], "moe-drop-r0.5"))
+    assert "moe-drop-r0.5 in " in seeds_error(["seeds", *folders, other], capsys)
+    assert "both hold seed 0" in seeds_error(["seeds", folders[0], folders[0]], capsys)
+    assert "no finished dense and naive runs" in seeds_error(["seeds", folders[0], str(tmp_path / "none")], capsys)

@@ -164,8 +164,18 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
     plot.report_from_logs(str(out))
     assert (out / "summary.md").read_text() == written_by_train
     assert os.path.getsize(out / "loss_curves.png") > 0
+    # a run upcycled from another dense model is not compared with this one
+    settings = json.loads((out / "moe-drop-r0.5" / "settings.json").read_text())
+    settings["dense"]["steps"] += 1
+    (out / "moe-drop-r0.5" / "settings.json").write_text(json.dumps(settings))
+    plot.report_from_logs(str(out))
+    assert "moe-drop-r0.5" not in (out / "summary.md").read_text()
+    assert "upcycled from another dense model" in capsys.readouterr().out
     with pytest.raises(data.Fail):  # a folder with no runs: one line, not a traceback
         plot.report_from_logs(str(tmp_path))
+    (out / "dense" / "settings.json").write_text("{}")  # not a train.py run's settings
+    with pytest.raises(data.Fail):
+        plot.report_from_logs(str(out))
 
 
 def test_sample_prints_text_from_a_checkpoint(drop_run, capsys):

@@ -1,26 +1,40 @@
 #!/usr/bin/env bash
-# How the H200 references in figures/ were made (crossover_*, seeds_*, lr_*, long_*), from the repository root.
-# The GPU machine runs a command for at most 10 minutes, so the work is several commands; the seed-0 dense model
-# travels from the first to the others as a file, so that every MoE run starts from the same dense weights:
+# The GPU commands behind the H200 references in figures/ (crossover_*, seeds_*, lr_*, long_*), run from the
+# repository root. The GPU machine runs a command for at most 10 minutes, so the work is cut into several commands;
+# the seed-0 dense model travels from the first to the others as a file, so that every MoE run starts from the
+# same dense weights:
 #
-#   bash figures/reference_h200.sh seeds OUT         # seed 0: python train.py (--init all), timed, its dense model
-#                                                    # packed; seeds 1, 2: naive and both r = 0.5 (SEEDS="0 1 2")
-#   bash figures/reference_h200.sh lr OUT DENSE      # MoE peak LR (LRS="5e-4 1e-3 4e-3"; 2e-3 is seed 0's runs)
-#                                                    # for naive, both r = 0.5 and scratch (RUNS)
-#   bash figures/reference_h200.sh long OUT DENSE    # naive and both r = 0.5 (RUNS), MoE phase 4x longer
+#   SEEDS=0 bash figures/reference_h200.sh seeds OUT         # seed 0: python train.py (--init all), alone, timed;
+#                                                            # its dense model packed as dense.tar.part-*
+#   SEEDS="1 2" bash figures/reference_h200.sh seeds OUT     # seeds 1, 2: naive and both r = 0.5 (RUNS)
+#   bash figures/reference_h200.sh lr OUT DENSE              # MoE peak LR (LRS="5e-4 1e-3 4e-3"; 2e-3 is seed 0's
+#                                                            # runs) for naive, both r = 0.5 and scratch (RUNS)
+#   bash figures/reference_h200.sh long OUT DENSE            # naive and both r = 0.5 (RUNS), MoE phase 4x longer
 #
-# DENSE: the folder holding dense.tar.part-* written by the first command. Runs go one after the other: two or
-# three side by side on one H200 were slower together than one after the other (1.43M tokens/s each for two MoE
-# runs against 3.09M for one). Each command stops its runs at BUDGET seconds (default 540) and packs the logs (no
-# checkpoints) into $OUT. EXTRA: train.py flags added to every run (a quick rehearsal on a CPU).
+# DENSE: the folder holding the dense.tar.part-* of the seed-0 command. RUNS: names from naive, drop, drop-indep,
+# scratch. Each gpu-preset MoE run takes about 45 s (2000 steps) or 3 minutes (8000) alone on an H200, so lr and
+# long fit in 10 minutes only in parts (e.g. LRS=5e-4, or RUNS=naive). Runs go one after the other: the committed
+# references of seeds 1 and 2, the rates and the long phase were made by an earlier version of this script that
+# ran a command's runs side by side, which was slower in total (1.43M tokens/s each for two MoE runs against 3.09M
+# for one alone). A run is not started once BUDGET seconds (default 540) have passed; the logs (no checkpoints)
+# are then packed into $OUT. EXTRA: train.py flags added to every run (a quick rehearsal on a CPU).
 set -u
-part=$1 out=$2 dense=${3:-}
+usage() { echo "usage: bash figures/reference_h200.sh seeds OUT | lr OUT DENSE | long OUT DENSE ($1)" >&2; exit 2; }
+part=${1:-} out=${2:-} dense=${3:-}
 budget=${BUDGET:-540}
-export PYTHONUNBUFFERED=1
-mkdir -p "$out"
 declare -A INIT=([naive]="naive" [drop]="drop --r 0.5" [drop-indep]="drop --r 0.5 --independent-indices"
                  [scratch]="scratch")
-train() { timeout -k 20 $((budget - SECONDS > 1 ? budget - SECONDS : 1)) python train.py "$@" ${EXTRA:-}; }
+case $part in seeds) ;; lr | long) [ -n "$dense" ] && ls "$dense"/dense.tar.part-* >/dev/null 2>&1 ||
+    usage "DENSE: no dense.tar.part-* in '$dense'" ;; *) usage "no such part: '$part'" ;; esac
+[ -n "$out" ] || usage "no OUT folder"
+for name in ${RUNS:-}; do [ -n "${INIT[$name]+set}" ] || usage "RUNS: no run named '$name'"; done
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+train() {  # python train.py under the time left; not started once it is too short to be of use
+    local left=$((budget - SECONDS))
+    if [ $left -lt 60 ]; then echo "not started (time budget spent): train.py $*"; return 1; fi
+    timeout -k 20 $left python train.py "$@" ${EXTRA:-}
+}
 
 restore_dense() {  # the carried seed-0 dense model into $1/dense; trained afresh if this machine's corpus differs
     mkdir -p "$1"
@@ -62,7 +76,6 @@ long)
         train --out-dir "$out/long/$name" --moe-steps 8000 --init ${INIT[$name]} >"$out/long/$name.log" 2>&1
     done
     ;;
-*) echo "usage: bash figures/reference_h200.sh seeds|lr|long OUT [DENSE]"; exit 2 ;;
 esac
 
 if [ -n "${OUT:-}" ]; then  # on the GPU machine: the logs come back, the dense model too (in pieces under 16 MiB)
