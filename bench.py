@@ -33,8 +33,6 @@ import dropupcycle as du
 import gpus
 import train
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match on the name wins.
-
 # What each device runs. CUDA: the paper's 8x152M shapes and train.py's gpu preset. CPU: tiny, so that the smoke
 # test takes seconds.
 GPU = train.PRESETS["gpu"]
