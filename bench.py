@@ -12,7 +12,9 @@ Three measurements, all in one process:
      fp32 weights under bf16 autocast (how train.py trains) and bf16 weights (fairest to the peers).
   2. Whole training steps (forward, backward, grad clipping, AdamW), dense and MoE, eager and compiled:
      tokens/s, MFU (flops_per_token counts active parameters only, over the GPU's dense bf16 peak),
-     peak memory, compile time, and the graphs/graph breaks torch.compile made.
+     peak memory, compile time, and the graphs/graph breaks torch.compile made. Random tokens through a
+     fresh router spread evenly over the experts; --router-skew adds MoE rows with the uneven routing of
+     real text, each with the load balance it gave.
   3. MoE step time / dense step time next to MoE FLOPs / dense FLOPs per token: the excess is what the
      MoE machinery (routing, sorting, grouped GEMMs) costs beyond its arithmetic.
 It prints a table and writes bench.md and bench.json (rewritten after every row) to --out.
@@ -28,7 +30,9 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+import analyze
 import dropupcycle as du
 import gpus
 import train
@@ -308,30 +312,73 @@ def peak_flops(device, override):
 def bench_steps(args, device, record, profiles):
     peak = peak_flops(device, args.peak_tflops)
     for name, shape, batch, seq in STEP_CONFIGS[device.type]:
-        for kind in ("dense", "moe"):
+        for kind, skew in [("dense", None)] + [("moe", skew) for skew in args.router_skew]:
             moe_kw = dict(n_experts=N_EXPERTS, top_k=TOP_K) if kind == "moe" else {}
             cfg = du.ModelConfig(vocab_size=257, max_seq_len=seq, **shape, **moe_kw)
             for mode in ("eager", "compiled") if args.compile else ("eager",):
                 row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, **shape)
+                if kind == "moe":
+                    row["router_skew"] = skew
                 try:
                     # profile the largest config's steps, reusing the (compiled) model just measured
-                    prof = profiles if args.profile and name == STEP_CONFIGS[device.type][-1][0] else None
-                    row.update(bench_one_step(cfg, batch, seq, mode, device, args, peak, prof))
+                    prof = (profiles if args.profile and name == STEP_CONFIGS[device.type][-1][0] and not skew
+                            else None)
+                    row.update(bench_one_step(cfg, batch, seq, mode, device, args, peak, prof, skew))
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
                 record("step", row)
                 print(fmt_step_row(row), flush=True)
 
 
-def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None):
+def skew_routing(model, skew):
+    """Adds -skew * e to expert e's router logit in every MoE layer, so that the low-numbered experts get most of
+    the tokens. A fresh router routes random tokens evenly; real text goes far less evenly to the experts of one
+    layer (naive Upcycling: load balance 0.36, figures/routing_gpu_summary.md), and the grouped GEMMs then get
+    unequal groups. This times that case. MoE.route itself is unchanged; its top-k and softmax are redone here
+    on the biased logits."""
+    for moe in (m for m in model.modules() if isinstance(m, du.MoE)):
+        bias = -skew * torch.arange(moe.n_experts, dtype=torch.float32, device=moe.router.weight.device)  # [E]
+
+        def route(x, moe=moe, bias=bias):
+            logits = du.MoE.route(moe, x)[0] + bias  # [N, E]
+            top_logits, experts = logits.topk(moe.top_k, dim=-1)
+            return logits, experts, F.softmax(top_logits, dim=-1)
+        moe.route = route
+
+
+@torch.no_grad()
+def routing_balance(model, inputs):
+    """Mean over the MoE layers of the load balance of their routing of inputs (analyze.load_balance: 1 when
+    every expert gets the same share of the assignments)."""
+    balances = []
+
+    def measure(moe, args):
+        x = args[0].reshape(-1, args[0].shape[-1])  # [N, d_model]
+        experts = moe.route(x)[1]
+        balances.append(analyze.load_balance(torch.bincount(experts.flatten(), minlength=moe.n_experts).cpu().numpy()))
+    hooks = [m.register_forward_pre_hook(measure) for m in model.modules() if isinstance(m, du.MoE)]
+    try:
+        model(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(balances) / len(balances)
+
+
+def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None, router_skew=None):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = du.Transformer(cfg).to(device)  # fp32 master weights, bf16 autocast: as train.py
+    idx = torch.randint(0, 256, (batch, seq + 1), device=device)
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    out = {}
+    if cfg.is_moe:
+        if router_skew:
+            skew_routing(model, router_skew)
+        out["load_balance"] = routing_balance(model, inputs)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     run = du.compile_model(model, mode=args.compile_mode) if mode == "compiled" else model
-    idx = torch.randint(0, 256, (batch, seq + 1), device=device)
-    inputs, targets = idx[:, :-1], idx[:, 1:]
     cuda_graphs = mode == "compiled" and args.compile_mode == "reduce-overhead"
 
     def step():
@@ -344,7 +391,6 @@ def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = {}
     counters = torch._dynamo.utils.counters
     counters.clear()
     t0 = time.perf_counter()
@@ -378,14 +424,15 @@ def fmt_step_row(r):
     mfu = f"{100 * r['mfu']:5.1f}% MFU" if r["mfu"] is not None else "  n/a MFU"
     breaks = f"  {r['graphs']} graphs, {r['graph_breaks']} breaks" if "graphs" in r else ""
     mem = f"{r['peak_gib']:5.1f} GiB" if r["peak_gib"] is not None else ""
+    routing = f"  routing skew {r['router_skew'] or 0:g}, balance {r['load_balance']:.2f}" if "load_balance" in r else ""
     return (f"{head} {r['ms']:8.2f} ms/step {r['tokens_per_s'] / 1e6:6.2f} Mtok/s {mfu} {mem}"
-            f"  first step {r['first_step_s']} s{breaks}")
+            f"  first step {r['first_step_s']} s{breaks}{routing}")
 
 
 def overheads(steps):
     """Section 3: MoE/dense step time next to MoE/dense FLOPs per token, per config and mode."""
     out = []
-    by = {(r["config"], r["model"], r["mode"]): r for r in steps if "error" not in r}
+    by = {(r["config"], r["model"], r["mode"]): r for r in steps if "error" not in r and not r.get("router_skew")}
     for (config, model, mode), moe in by.items():
         dense = by.get((config, "dense", mode))
         if model != "moe" or dense is None:
@@ -466,7 +513,8 @@ def targets(results):
             line += (f"; vs fastest HF ({best_hf['impl']}, {best_hf['weights']}, {best_hf['ms']:.2f} ms): "
                      f"{best_hf['ms'] / ours['ms']:.2f}x faster {'MET' if ours['ms'] < best_hf['ms'] else 'MISSED'}")
         lines.append(line)
-    steps = {(r["config"], r["model"], r["mode"]): r for r in results["step"] if "error" not in r}
+    steps = {(r["config"], r["model"], r["mode"]): r for r in results["step"]
+             if "error" not in r and not r.get("router_skew")}  # the targets are for the even routing
     big = results["step"][-1]["config"] if results["step"] else None  # the largest config, measured last
     for mode in ("eager", "compiled"):
         for model, goal in (("dense", STEP_MFU_DENSE), ("moe", STEP_MFU_MOE)):
@@ -516,17 +564,20 @@ def markdown(results):
            f"torch.compile mode: {mode})\n",
            "MFU = flops_per_token (active parameters, attention included) x tokens/s / peak. First step: "
            "includes compilation when compiled.\n",
-           "| config | model | mode | ms/step | tokens/s | MFU | peak GiB | first step s | graphs / breaks |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "Routing: the MoE's router-logit skew (0: a fresh router, random tokens) and the load balance it gave "
+           "(1: every expert of a layer equally used; naive Upcycling on real text: 0.36).\n",
+           "| config | model | mode | ms/step | tokens/s | MFU | peak GiB | first step s | graphs / breaks | routing |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["step"]:
         if "error" in r:
-            md.append(f"| {r['config']} | {r['model']} | {r['mode']} | {r['error']} | | | | | |")
+            md.append(f"| {r['config']} | {r['model']} | {r['mode']} | {r['error']} | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         gb = f"{r['graphs']} / {r['graph_breaks']}" if "graphs" in r else ""
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
+        routing = f"skew {r['router_skew'] or 0:g}, balance {r['load_balance']:.2f}" if "load_balance" in r else ""
         md.append(f"| {r['config']} | {r['model']} | {r['mode']} | {r['ms']:.2f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                  f"{mem} | {r['first_step_s']} | {gb} |")
+                  f"{mem} | {r['first_step_s']} | {gb} | {routing} |")
     md += ["\n## 3. MoE overhead: step-time ratio vs FLOPs ratio\n",
            "| config | mode | MoE/dense step time | MoE/dense FLOPs | overhead |", "|---|---|---|---|---|"]
     for o in results["overhead"]:
@@ -557,6 +608,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--tol", type=float, default=2e-2, help="relative error that counts as agreeing (bf16)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, if the GPU is not known")
+    p.add_argument("--router-skew", type=float, nargs="+", default=[0.0], metavar="S",
+                   help="MoE steps with each router-logit skew S (0: even routing; larger: more tokens to fewer "
+                        "experts, as real text routes; each row gives the load balance it made)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"

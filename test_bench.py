@@ -45,3 +45,14 @@ def test_bench_reports_a_failing_implementation_instead_of_crashing(tmp_path, mo
     assert "| moe |" in (tmp_path / "bench.md").read_text()
 
 
+
+
+def test_router_skew_times_uneven_routing_and_says_how_uneven(tmp_path):
+    results = bench.main(["--device", "cpu", "--out", str(tmp_path), "--warmup", "0", "--iters", "1", "--no-hf",
+                          "--sections", "step", "--router-skew", "0", "2"])
+    moe = {r["router_skew"]: r for r in results["step"] if r["model"] == "moe"}
+    assert set(moe) == {0.0, 2.0} and all("error" not in r for r in moe.values())
+    assert moe[0.0]["load_balance"] > 0.9  # random tokens, fresh router: every expert about equally used
+    assert moe[2.0]["load_balance"] < 0.6  # most tokens on the low-numbered experts
+    assert len(results["overhead"]) == 1  # the MoE overhead and the targets stay those of the even routing
+    assert "skew 2, balance" in (tmp_path / "bench.md").read_text()
