@@ -4,7 +4,7 @@ bench.py: how fast dropupcycle.py trains on one GPU, and what its MoE layer cost
     python bench.py --out figures                  # CUDA: the full run (about 3 minutes on an H100)
     python bench.py --device cpu --out /tmp/bench  # CPU: tiny shapes, fewer rows; a smoke test, not a benchmark
 
-Three measurements, all in one process:
+Four measurements, all in one process (--sections: layer and step by default, loop on request):
   1. One MoE layer, forward + backward: our grouped-GEMM path (eager and torch.compile'd), our reference loop,
      Hugging Face's MixtralSparseMoeBlock in every experts implementation the installed transformers offers,
      and a dense SwiGLU top_k * d_ff wide: the same active FLOPs, so the floor an MoE layer cannot beat.
@@ -17,10 +17,13 @@ Three measurements, all in one process:
      real text, each with the load balance it gave.
   3. MoE step time / dense step time next to MoE FLOPs / dense FLOPs per token: the excess is what the
      MoE machinery (routing, sorting, grouped GEMMs) costs beyond its arithmetic.
+  4. (loop) train.py's own step function on the first config, on random tokens and on real text: against
+     the bare step of 2, what train.py's loop adds, and what real text (its routing) adds.
 It prints a table and writes bench.md and bench.json (rewritten after every row) to --out.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -28,11 +31,13 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import analyze
+import data
 import dropupcycle as du
 import gpus
 import train
@@ -444,6 +449,69 @@ def overheads(steps):
 
 
 # -----------------------------------------------------------------------------
+# 4. train.py's own step, as its loop calls it
+
+
+def bench_loop(args, device, record):
+    """train.train_step, the function train.py's loop calls once a step (learning rate, a batch gathered from the
+    corpus, forward and backward under train.py's autocast, clipping, fused AdamW), timed like section 2's bare step
+    on the same config and first kind of input (random tokens), then on batches of real text (--loop-data). Against
+    the bare step, the first shows what the loop adds; the second, what real text adds (its routing, for the MoE)."""
+    name, shape, batch, seq = STEP_CONFIGS[device.type][0]
+    enc = data.get_tokenizer("byte")
+    text, _, _ = data.load_data(args.loop_data, "byte", enc, args.out, args.loop_corpus_mb, seq)
+    corpora = {"random tokens": torch.randint(0, 256, (1 << 22,), dtype=torch.int32, device=device)
+               if device.type == "cuda" else torch.randint(0, 256, (1 << 16,), dtype=torch.int32).numpy(),
+               f"text ({args.loop_data})": data.corpus_to_device(text, device)}
+    for kind in ("dense", "moe"):
+        moe_kw = dict(n_experts=N_EXPERTS, top_k=TOP_K) if kind == "moe" else {}
+        cfg = du.ModelConfig(vocab_size=257, max_seq_len=seq, **shape, **moe_kw)
+        for mode in ("eager", "compiled") if args.compile else ("eager",):
+            for tokens_name, tokens in corpora.items():
+                row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, tokens=tokens_name)
+                try:
+                    row.update(bench_loop_step(cfg, batch, seq, mode, device, args, tokens))
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                record("loop", row)
+                print(fmt_loop_row(row), flush=True)
+
+
+def bench_loop_step(cfg, batch, seq, mode, device, args, tokens):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = du.Transformer(cfg).to(device)
+    run = du.compile_model(model, mode=args.compile_mode) if mode == "compiled" else model
+    optimizer = train.make_optimizer(model, 3e-4, 0.1, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=gpus.amp_dtype(device) == torch.float16)
+    settings = dict(model=dataclasses.asdict(cfg), lr=3e-4, steps=10**6, warmup=100, seed=0,
+                    phase="moe" if cfg.is_moe else "dense", batch_size=batch, seq_len=seq, grad_accum=1, grad_clip=1.0)
+    steps = iter(range(10**9))
+    out = {}
+    if cfg.is_moe:  # the routing of the batches this row trains on
+        x, _ = data.get_batch(tokens, batch, seq, np.random.default_rng(0), device)
+        out["load_balance"] = routing_balance(model, x)
+
+    def step():
+        train.train_step(model, run, optimizer, scaler, settings, next(steps), tokens, device, 1)
+
+    step()  # compiles
+    sync(device)
+    ms = timeit(step, device, args.warmup, args.iters)
+    out.update(ms=ms, tokens_per_s=batch * seq / ms * 1e3)
+    del model, run, optimizer
+    return out
+
+
+def fmt_loop_row(r):
+    head = f"{r['config']:>20} {r['model']:>5} {r['mode']:>8} {r['tokens']:>28}"
+    if "error" in r:
+        return f"{head}  -- {r['error']}"
+    balance = f"  routing balance {r['load_balance']:.2f}" if "load_balance" in r else ""
+    return f"{head} {r['ms']:8.2f} ms/step {r['tokens_per_s'] / 1e6:6.2f} Mtok/s{balance}"
+
+
+# -----------------------------------------------------------------------------
 # Graph breaks, profiles, and the report
 
 
@@ -583,6 +651,24 @@ def markdown(results):
     for o in results["overhead"]:
         md.append(f"| {o['config']} | {o['mode']} | {o['time_ratio']:.2f} | {o['flops_ratio']:.2f} | "
                   f"{o['overhead']:.2f} |")
+    if results.get("loop"):
+        bare = {(r["config"], r["model"], r["mode"]): r for r in results["step"]
+                if "error" not in r and not r.get("router_skew")}
+        md += ["\n## 4. train.py's step function (train.train_step, as its loop calls it)\n",
+               "Learning rate, a batch from the corpus on the device, forward and backward under train.py's autocast, "
+               "clipping, fused AdamW. `vs section 2`: time over the bare step of the same config and mode (random "
+               "tokens, even routing); above 1, the loop or the text costs that much more.\n",
+               "| config | model | mode | batches | ms/step | tokens/s | vs section 2 | routing balance |",
+               "|---|---|---|---|---|---|---|---|"]
+        for r in results["loop"]:
+            if "error" in r:
+                md.append(f"| {r['config']} | {r['model']} | {r['mode']} | {r['tokens']} | {r['error']} | | | |")
+                continue
+            ref = bare.get((r["config"], r["model"], r["mode"]))
+            ratio = f"{r['ms'] / ref['ms']:.2f}" if ref else ""
+            balance = f"{r['load_balance']:.2f}" if "load_balance" in r else ""
+            md.append(f"| {r['config']} | {r['model']} | {r['mode']} | {r['tokens']} | {r['ms']:.2f} | "
+                      f"{r['tokens_per_s']:,.0f} | {ratio} | {balance} |")
     if results.get("explain"):
         e = results["explain"]
         md += [f"\ntorch._dynamo.explain on one MoE layer: {e['graphs']} graph(s), {e['graph_breaks']} graph "
@@ -595,7 +681,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/bench", help="folder for bench.md, bench.json (and the profile)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="layer,step", help="comma list of: layer, step")
+    p.add_argument("--sections", default="layer,step", help="comma list of: layer, step, loop")
+    p.add_argument("--loop-data", default=None, help="the real text of the loop section (default: the corpus of "
+                                                       "train.py's preset for the device, :python or :stdlib)")
+    p.add_argument("--loop-corpus-mb", type=float, default=None, help="its size cap (default: the preset's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile rows (default: on for CUDA, off for CPU)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of the training steps, e.g. "
@@ -614,6 +703,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    preset = train.PRESETS["gpu" if cuda else "cpu"]
+    args.loop_data = args.loop_data or preset["data"]
+    args.loop_corpus_mb = preset["corpus_mb"] if args.loop_corpus_mb is None else args.loop_corpus_mb
     args.compile = cuda if args.compile is None else args.compile
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.iters = args.iters if args.iters is not None else (20 if cuda else 3)
@@ -632,10 +724,10 @@ def main(argv=None):
                              transformers=hf_version, python=sys.version.split()[0],
                              date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                              peak_tflops=peak / 1e12 if peak else None, args=vars(args)),
-                   layer=[], step=[], overhead=[], targets=[])
+                   layer=[], step=[], loop=[], overhead=[], targets=[])
 
     def record(kind, item):
-        if kind in ("layer", "step"):
+        if kind in ("layer", "step", "loop"):
             results[kind].append(item)
         else:
             results[kind] = item
@@ -651,6 +743,8 @@ def main(argv=None):
     if "step" in sections:
         bench_steps(args, device, record, profiles)
         results["overhead"] = overheads(results["step"])
+    if "loop" in sections:
+        bench_loop(args, device, record)
     if args.compile:
         try:
             record("explain", explain_moe_layer(device))

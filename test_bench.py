@@ -56,3 +56,20 @@ def test_router_skew_times_uneven_routing_and_says_how_uneven(tmp_path):
     assert moe[2.0]["load_balance"] < 0.6  # most tokens on the low-numbered experts
     assert len(results["overhead"]) == 1  # the MoE overhead and the targets stay those of the even routing
     assert "skew 2, balance" in (tmp_path / "bench.md").read_text()
+
+
+def test_loop_section_times_train_py_s_own_step_on_random_tokens_and_on_text(tmp_path, monkeypatch):
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 2000)
+    calls = []
+    train_step = bench.train.train_step
+    monkeypatch.setattr(bench.train, "train_step", lambda *a: calls.append(a[5]) or train_step(*a))
+    results = bench.main(["--device", "cpu", "--out", str(tmp_path / "out"), "--warmup", "0", "--iters", "1", "--no-hf",
+                          "--sections", "step,loop", "--loop-data", str(text)])
+    rows = {(r["model"], r["tokens"]): r for r in results["loop"]}
+    assert set(rows) == {(m, t) for m in ("dense", "moe") for t in ("random tokens", f"text ({text})")}
+    assert all("error" not in r and r["ms"] > 0 for r in rows.values()), rows
+    assert all(0 < r["load_balance"] <= 1 for (m, _), r in rows.items() if m == "moe")
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert "## 4. train.py's step function" in md and "| tiny | moe | eager | random tokens |" in md
+    assert calls == [0, 1] * 4  # each row: train.py's step function itself, its first call compiling, then timed
