@@ -383,19 +383,9 @@ def without_seed(settings):
 
 def seed_folder_runs(folder):
     """(seed, {run name: (settings, result, curve)}) of the finished runs in one --out-dir."""
-    runs = {}
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        if not os.path.exists(os.path.join(path, "result.json")):
-            continue
-        try:
-            with open(os.path.join(path, "settings.json")) as f:
-                settings = json.load(f)
-            with open(os.path.join(path, "result.json")) as f:
-                result = json.load(f)
-            runs[name] = settings, result, plot.val_curve(os.path.join(path, "log.csv"))
-        except (OSError, ValueError, KeyError):
-            print(f"warning: {path} has a damaged settings.json, result.json or log.csv: left out")
+    runs = {name: plot.read_run(os.path.join(folder, name))
+            for name in (sorted(os.listdir(folder)) if os.path.isdir(folder) else [])}
+    runs = {name: run for name, run in runs.items() if run is not None}
     if "dense" not in runs or "moe-naive" not in runs:
         raise Fail(f"{folder}: no finished dense and naive runs (every seed is compared with its own naive Upcycling)")
     return runs["dense"][0]["seed"], runs

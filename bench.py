@@ -62,6 +62,17 @@ N_EXPERTS, TOP_K = 8, 2
 LAYER_VS_DENSE, STEP_MFU_DENSE, STEP_MFU_MOE, OVERHEAD = 1.2, 0.40, 0.30, 1.15
 
 
+def step_config(kind, shape, seq):
+    """The ModelConfig of a whole-model row: dense, or the MoE of the same shape (8 experts, top-2)."""
+    moe_kw = dict(n_experts=N_EXPERTS, top_k=TOP_K) if kind == "moe" else {}
+    return du.ModelConfig(vocab_size=257, max_seq_len=seq, **shape, **moe_kw)
+
+
+def error_text(e):
+    """A row's one-line account of why it could not be measured."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -281,7 +292,7 @@ def bench_layers(args, device, record):
                             dense_ms[mode] = ms
                         row["x_dense"] = ms / dense_ms.get(mode, dense_ms.get("eager", float("nan")))
                     except Exception as e:  # an implementation that cannot run here is a result, not a crash
-                        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                        msg = error_text(e)
                         row["error"] = msg
                         if label.startswith("HF") and not isinstance(e, (MemoryError, torch.OutOfMemoryError)):
                             hf_broken[impl, weights] = msg
@@ -318,8 +329,7 @@ def bench_steps(args, device, record, profiles):
     peak = peak_flops(device, args.peak_tflops)
     for name, shape, batch, seq in STEP_CONFIGS[device.type]:
         for kind, skew in [("dense", None)] + [("moe", skew) for skew in args.router_skew]:
-            moe_kw = dict(n_experts=N_EXPERTS, top_k=TOP_K) if kind == "moe" else {}
-            cfg = du.ModelConfig(vocab_size=257, max_seq_len=seq, **shape, **moe_kw)
+            cfg = step_config(kind, shape, seq)
             for mode in ("eager", "compiled") if args.compile else ("eager",):
                 row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, **shape)
                 if kind == "moe":
@@ -330,7 +340,7 @@ def bench_steps(args, device, record, profiles):
                             else None)
                     row.update(bench_one_step(cfg, batch, seq, mode, device, args, peak, prof, skew))
                 except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                    row["error"] = error_text(e)
                 record("step", row)
                 print(fmt_step_row(row), flush=True)
 
@@ -464,15 +474,14 @@ def bench_loop(args, device, record):
                if device.type == "cuda" else torch.randint(0, 256, (1 << 16,), dtype=torch.int32).numpy(),
                f"text ({args.loop_data})": data.corpus_to_device(text, device)}
     for kind in ("dense", "moe"):
-        moe_kw = dict(n_experts=N_EXPERTS, top_k=TOP_K) if kind == "moe" else {}
-        cfg = du.ModelConfig(vocab_size=257, max_seq_len=seq, **shape, **moe_kw)
+        cfg = step_config(kind, shape, seq)
         for mode in ("eager", "compiled") if args.compile else ("eager",):
             for tokens_name, tokens in corpora.items():
                 row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, tokens=tokens_name)
                 try:
                     row.update(bench_loop_step(cfg, batch, seq, mode, device, args, tokens))
                 except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                    row["error"] = error_text(e)
                 record("loop", row)
                 print(fmt_loop_row(row), flush=True)
 

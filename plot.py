@@ -199,6 +199,24 @@ def loss_figure(path, header, curves, dense_tokens, results=None):
     plt.close(fig)
 
 
+def read_run(folder):
+    """(settings, result, validation curve) of the finished run in folder; None when it has not finished, or (with a
+    warning) when one of its three files is damaged."""
+    if not os.path.exists(os.path.join(folder, "result.json")):
+        return None
+    try:
+        with open(os.path.join(folder, "settings.json")) as f:
+            settings = json.load(f)
+        with open(os.path.join(folder, "result.json")) as f:
+            result = json.load(f)
+        curve = val_curve(os.path.join(folder, "log.csv"))
+        float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        print(f"warning: {folder} has a damaged result.json, settings.json or log.csv: left out of the summary")
+        return None
+    return settings, result, curve
+
+
 def finished_runs(out_dir, names, dense_settings, moe_settings):
     """{name: (result, curve)} of the finished runs among names in out_dir that are comparable: the dense run of
     dense_settings, and MoE runs whose settings equal moe_settings but for the init."""
@@ -206,18 +224,10 @@ def finished_runs(out_dir, names, dense_settings, moe_settings):
     found = {}
     for name in dict.fromkeys(names):
         folder = os.path.join(out_dir, name)
-        if not os.path.exists(os.path.join(folder, "result.json")):
+        run = read_run(folder)
+        if run is None:
             continue
-        try:
-            with open(os.path.join(folder, "settings.json")) as f:
-                settings = json.load(f)
-            with open(os.path.join(folder, "result.json")) as f:
-                result = json.load(f)
-            curve = val_curve(os.path.join(folder, "log.csv"))
-            float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            print(f"warning: {folder} has a damaged result.json, settings.json or log.csv: left out of the summary")
-            continue
+        settings, result, curve = run
         wanted = dense_settings if name == "dense" else moe_settings
         if wanted is None or identity(settings) != identity(json.loads(json.dumps(wanted))):
             continue  # trained with other settings: not comparable
