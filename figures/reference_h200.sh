@@ -12,12 +12,13 @@
 #   bash figures/reference_h200.sh long OUT DENSE            # naive and both r = 0.5 (RUNS), MoE phase 4x longer
 #
 # DENSE: the folder holding the dense.tar.part-* of the seed-0 command. RUNS: names from naive, drop, drop-indep,
-# scratch. Each gpu-preset MoE run takes about 45 s alone on an H200 (8000 steps: about 3 minutes, estimated), so
-# lr and long fit in 10 minutes only in parts (e.g. LRS=5e-4, or RUNS=naive). Runs go one after the other: the committed
-# references of seeds 1 and 2, the rates and the long phase were made by an earlier version of this script that
-# ran a command's runs side by side, which was slower in total (1.43M tokens/s each for two MoE runs against 3.09M
-# for one alone). A run is not started once BUDGET seconds (default 540) have passed; the logs (no checkpoints)
-# are then packed into $OUT. EXTRA: train.py flags added to every run (a quick rehearsal on a CPU).
+# scratch. Each gpu-preset MoE run takes about 45 s alone on an H200 (8000 steps: 2m44s), so lr and long fit in
+# 10 minutes only in parts (e.g. LRS=5e-4, or RUNS=naive). Runs go one after the other: the committed learning-rate
+# runs other than scratch at 1e-3 and 4e-3, and the long phase's naive and drop runs, were made by an earlier
+# version of this script that ran a command's runs side by side, which was slower in total (long phase: 1.49M and
+# 1.55M tokens/s for two MoE runs side by side, 3.30M for one alone; figures/long_summary.md). A run is not
+# started once BUDGET seconds (default 540) have passed; the logs (no checkpoints) are then packed into $OUT.
+# EXTRA: train.py flags added to every run (a quick rehearsal on a CPU).
 set -u
 usage() { echo "usage: bash figures/reference_h200.sh seeds OUT | lr OUT DENSE | long OUT DENSE ($1)" >&2; exit 2; }
 part=${1:-} out=${2:-} dense=${3:-}
