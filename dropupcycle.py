@@ -300,41 +300,21 @@ class MoE(nn.Module):
         # 2. offsets[i]: where expert i's rows end (int32, as the kernel wants)
         expert_ids = torch.arange(self.n_experts, device=x.device)
         offsets = torch.searchsorted(sorted_experts, expert_ids, right=True, out_int32=True)  # [E]
-        # 3. each sorted row gathered from its token, with its gate weight g(x) (no k-fold copy of the tokens)
-        x_sorted = SortedRows.apply(x.to(bf16), order, where, k)  # [N*k, d_model]
-        weights_sorted = SortedRows.apply(weights.to(bf16).reshape(N * k, 1), order, where, 1)  # [N*k, 1]
+        # 3. each token copied to its k rows, then moved to its sorted rows. Moving rows is an index_copy
+        #    (row j goes to row where[j]), whose backward is a gather; a gather x[idx] would have a scatter-add
+        #    as backward, and bf16 atomic adds were 10% of a compiled MoE step on an H100.
+        x_rows = x.to(bf16).unsqueeze(1).expand(N, k, -1).reshape(N * k, -1)  # [N*k, d_model], row j: token j // k
+        x_sorted = x_rows.new_empty(x_rows.shape).index_copy(0, where, x_rows)
         # 4. grouped GEMMs: group i's rows times expert i's weights, one kernel for all experts. The weights
         #    go [E, out, in] -> [E, in, out] as transposed views, the layout x @ W.T needs. Gate and up are two
         #    GEMMs, not one on torch.cat([gate, up]), whose backward would copy the [N*k, 2*d_ff] gradient.
-        #    g(x) scales the down projection's input: by linearity the same as scaling its output, and it fuses
-        #    into the SwiGLU product's kernel instead of taking a pass of its own.
         h_gate = _grouped_mm(x_sorted, self.gate.to(bf16).transpose(1, 2), offs=offsets)  # [N*k, d_ff]
         h_up = _grouped_mm(x_sorted, self.up.to(bf16).transpose(1, 2), offs=offsets)  # [N*k, d_ff]
-        h = F.silu(h_gate) * h_up * weights_sorted  # [N*k, d_ff]
-        out = _grouped_mm(h, self.down.to(bf16).transpose(1, 2), offs=offsets)  # [N*k, d_model]
-        # 5. back to token order (assignment j is sorted row where[j]) and each token's k outputs added, in bf16
-        #    like the dense FFN's output
-        out = SortedRows.apply(out, where, order, 1).view(N, k, -1)  # [N, k, d_model]
-        return out.sum(dim=1).to(x.dtype)
-
-
-class SortedRows(torch.autograd.Function):
-    """rows[index // k]: the rows of `rows`, each taken k times, in the order `index` gives (a permutation of the
-    len(rows) * k output rows; `inverse` is its inverse). Autograd's backward of such a gather is a scatter-add with
-    atomic adds, which were 10% of a compiled MoE step on an H100 in bf16; rows of a permutation never collide, so
-    the backward here is a gather too: the gradient's rows in inverse order, each row's k copies summed."""
-
-    @staticmethod
-    def forward(ctx, rows, index, inverse, k):
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return rows[index // k] if k > 1 else rows[index]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        grad_rows = grad[inverse]  # [len(rows) * k, ...], row j: copy j % k of row j // k
-        return grad_rows.view(-1, ctx.k, *grad.shape[1:]).sum(dim=1), None, None, None
+        out = _grouped_mm(F.silu(h_gate) * h_up, self.down.to(bf16).transpose(1, 2), offs=offsets)
+        # 5. back to token order (sorted row i goes to row order[i], again an index_copy), then each token's
+        #    k outputs weighted by g(x) and added, in bf16 like the dense FFN's output
+        out = out.new_empty(out.shape).index_copy(0, order, out).view(N, k, -1)  # [N, k, d_model]
+        return (out * weights.to(bf16)[..., None]).sum(dim=1).to(x.dtype)
 
 
 def load_balancing_loss(router_logits, top_k):
