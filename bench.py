@@ -462,11 +462,13 @@ def overheads(steps):
 # 4. train.py's own step, as its loop calls it
 
 
-def bench_loop(args, device, record):
+def bench_loop(args, device, record, profiles):
     """train.train_step, the function train.py's loop calls once a step (learning rate, a batch gathered from the
     corpus, forward and backward under train.py's autocast, clipping, fused AdamW), timed like section 2's bare step
     on the same config and first kind of input (random tokens), then on batches of real text (--loop-data). Against
-    the bare step, the first shows what the loop adds; the second, what real text adds (its routing, for the MoE)."""
+    the bare step, the first shows what the loop adds; the second, what real text adds (its routing, for the MoE).
+    --profile: a torch.profiler table of 10 steps on real text per model (compiled where compiling); its device time per step against
+    the row's ms/step is the share of the step the GPU computes (the rest it waits for the host)."""
     name, shape, batch, seq = STEP_CONFIGS[device.type][0]
     enc = data.get_tokenizer("byte")
     text, _, _ = data.load_data(args.loop_data, "byte", enc, args.out, args.loop_corpus_mb, seq)
@@ -479,14 +481,16 @@ def bench_loop(args, device, record):
             for tokens_name, tokens in corpora.items():
                 row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, tokens=tokens_name)
                 try:
-                    row.update(bench_loop_step(cfg, batch, seq, mode, device, args, tokens))
+                    last_mode = mode == ("compiled" if args.compile else "eager")
+                    prof = profiles if args.profile and last_mode and tokens_name.startswith("text") else None
+                    row.update(bench_loop_step(cfg, batch, seq, mode, device, args, tokens, prof))
                 except Exception as e:
                     row["error"] = error_text(e)
                 record("loop", row)
                 print(fmt_loop_row(row), flush=True)
 
 
-def bench_loop_step(cfg, batch, seq, mode, device, args, tokens):
+def bench_loop_step(cfg, batch, seq, mode, device, args, tokens, profiles=None):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = du.Transformer(cfg).to(device)
@@ -508,6 +512,10 @@ def bench_loop_step(cfg, batch, seq, mode, device, args, tokens):
     sync(device)
     ms = timeit(step, device, args.warmup, args.iters)
     out.update(ms=ms, tokens_per_s=batch * seq / ms * 1e3)
+    if profiles is not None:
+        kind = "MoE" if cfg.is_moe else "dense"
+        profiles.append(profile_table(step, device, 10, f"train.train_step, {kind}, {mode}, real text, batch {batch} x {seq}, "
+                                                        f"10 steps ({ms:.2f} ms/step timed)"))
     del model, run, optimizer
     return out
 
@@ -753,7 +761,7 @@ def main(argv=None):
         bench_steps(args, device, record, profiles)
         results["overhead"] = overheads(results["step"])
     if "loop" in sections:
-        bench_loop(args, device, record)
+        bench_loop(args, device, record, profiles)
     if args.compile:
         try:
             record("explain", explain_moe_layer(device))

@@ -73,3 +73,16 @@ def test_loop_section_times_train_py_s_own_step_on_random_tokens_and_on_text(tmp
     md = (tmp_path / "out" / "bench.md").read_text()
     assert "## 4. train.py's step function" in md and "| tiny | moe | eager | random tokens |" in md
     assert calls == [0, 1] * 4  # each row: train.py's step function itself, its first call compiling, then timed
+
+
+def test_profile_of_the_loop_shows_where_train_py_s_step_spends_its_time(tmp_path):
+    """--profile with the loop section: a profiler table per model of train.py's step function on real text, with
+    the totals that say how much of a step the device computes."""
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 2000)
+    bench.main(["--device", "cpu", "--out", str(tmp_path / "out"), "--warmup", "0", "--iters", "1", "--no-hf",
+                "--sections", "loop", "--loop-data", str(text), "--profile"])
+    tables = (tmp_path / "out" / "bench.profile.txt").read_text().split("\n## ")
+    loop_tables = [t for t in tables if "train.train_step" in t.splitlines()[0]]
+    assert [t.split(",")[1].strip() for t in loop_tables] == ["dense", "MoE"]
+    assert all("real text" in t and "Self CPU time total" in t and "aten::mm" in t for t in loop_tables)

@@ -289,6 +289,19 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train
     assert ckpt["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_automatic_garbage_collection_is_off_while_training_and_back_on_after_even_a_failure(train_corpus, tmp_path,
+                                                                                             capsys, monkeypatch):
+    import gc
+    enabled_during_steps = []
+    real_step, real_lr_at = train.train_step, train.lr_at
+    monkeypatch.setattr(train, "train_step", lambda *a: enabled_during_steps.append(gc.isenabled()) or real_step(*a))
+    code, _, _ = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "ok", dense_steps=10)], capsys)
+    assert code == 0 and len(enabled_during_steps) == 10 and not any(enabled_during_steps) and gc.isenabled()
+    monkeypatch.setattr(train, "lr_at", lambda step, *a: float("nan") if step >= 3 else real_lr_at(step, *a))
+    code, _, _ = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "nan", dense_steps=10)], capsys)
+    assert code != 0 and gc.isenabled()
+
+
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)

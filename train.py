@@ -16,6 +16,7 @@ gpus.py's.
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -316,6 +317,10 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
         print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f} ± {se:.4f}")
     t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
     STOP["training"] = True
+    # Python's automatic garbage collection would now and then stop the host for a full sweep of every object
+    # (compiled graphs hold many) while the GPU runs dry; the young objects are collected at each log row instead
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         for step in range(start_step, s["steps"]):
             lr, ce_sum, aux_sum = train_step(model, train_model, optimizer, scaler, s, step, train_tokens, device, split)
@@ -333,6 +338,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                 means = distributed.mean([[float(c), float(a)] for _, c, a in pending]).tolist()
                 pending = [(st, c, a) for (st, _, _), (c, a) in zip(pending, means)]
             pending = [(st, float(c), float(a)) for st, c, a in pending]
+            gc.collect(1)  # the young objects only: cheap
             bad = [(st, c) for st, c, _ in pending if not math.isfinite(c)]
             if bad:
                 raise Fail(f"[{run.name}] loss became {bad[0][1]} at step {bad[0][0]}: stopping; {kept()}. Try a lower "
@@ -365,6 +371,8 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                 t_interval = time.time()  # evaluation time is not training time
             if is_ckpt or (STOP["signal"] is not None and done < s["steps"]):  # a signal may have come meanwhile
                 checkpoint(done)
+                if is_log:
+                    t_interval = time.time()  # nor is saving
             if STOP["signal"] is not None and done < s["steps"]:
                 csv_file.close()
                 print(f"[{run.name}] stopped at step {done}/{s['steps']}; checkpoint saved to {run.ckpt_path}. "
@@ -372,6 +380,8 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                 raise SystemExit(128 + STOP["signal"])
     finally:
         STOP["training"] = False
+        if gc_was_enabled:
+            gc.enable()
     csv_file.close()
     wall = elapsed + time.time() - t_start
     tok_s = steady_tokens / steady_time if steady_time else s["steps"] * tokens_per_step / max(wall, 1e-9)
