@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU commands behind figures/bench.md's H200 speed numbers, run from the repository root with OUT set to a
+# folder for the results. The GPU machine runs a command for at most 10 minutes, so it is two commands:
+#
+#   BEFORE=DIR bash figures/speed_h200.sh bench     # CUDA tests; bench.py (layer, step, loop, profiles) on this
+#                                                   # code, then the MoE layer rows of the code in DIR (a copy of an
+#                                                   # earlier version of the repository) in the same run
+#   bash figures/speed_h200.sh train                # python train.py (--init all, the gpu preset), timed
+set -u
+part=${1:-}
+[ -n "${OUT:-}" ] || { echo "usage: OUT=DIR bash figures/speed_h200.sh bench|train" >&2; exit 2; }
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$OUT/gpu.txt"
+python -c "import torch; print(torch.__version__, torch.version.cuda)" >>"$OUT/gpu.txt"
+case $part in
+bench)
+    python -m pytest -q -rs test_dropupcycle.py test_train.py -k "cuda or grouped or forced or one_graph or compiled" \
+        2>&1 | tail -n 5 >"$OUT/cuda_tests.txt"
+    python bench.py --sections layer,step,loop --no-hf --router-skew 0 2 --profile --out "$OUT/bench" \
+        >"$OUT/bench.log" 2>&1
+    if [ -n "${BEFORE:-}" ]; then
+        (cd "$BEFORE" && timeout 200 python bench.py --sections layer --no-hf --out "$OUT/bench_before") \
+            >"$OUT/bench_before.log" 2>&1
+    fi
+    ;;
+train)
+    python train.py --out-dir out/speed >"$OUT/train.log" 2>&1
+    tar czf "$OUT/train_logs.tgz" --exclude=data --exclude='ckpt.pt*' -C out/speed .
+    ;;
+*) echo "usage: OUT=DIR bash figures/speed_h200.sh bench|train" >&2; exit 2 ;;
+esac
