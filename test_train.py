@@ -292,14 +292,20 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train
 def test_automatic_garbage_collection_is_off_while_training_and_back_on_after_even_a_failure(train_corpus, tmp_path,
                                                                                              capsys, monkeypatch):
     import gc
-    enabled_during_steps = []
+    enabled_during_steps, collections = [], []
     real_step, real_lr_at = train.train_step, train.lr_at
     monkeypatch.setattr(train, "train_step", lambda *a: enabled_during_steps.append(gc.isenabled()) or real_step(*a))
-    code, _, _ = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "ok", dense_steps=10)], capsys)
-    assert code == 0 and len(enabled_during_steps) == 10 and not any(enabled_during_steps) and gc.isenabled()
-    monkeypatch.setattr(train, "lr_at", lambda step, *a: float("nan") if step >= 3 else real_lr_at(step, *a))
-    code, _, _ = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "nan", dense_steps=10)], capsys)
-    assert code != 0 and gc.isenabled()
+    gc.callbacks.append(lambda phase, info: phase == "start" and not gc.isenabled() and collections.append(info["generation"]))
+    try:
+        code, _, _ = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "ok", dense_steps=10)], capsys)
+        assert code == 0 and len(enabled_during_steps) == 10 and not any(enabled_during_steps) and gc.isenabled()
+        assert 1 in collections and 2 in collections  # while training: the young at log rows, all at evaluations
+        monkeypatch.setattr(train, "lr_at", lambda step, *a: float("nan") if step >= 3 else real_lr_at(step, *a))
+        code, _, err = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "nan", dense_steps=10)], capsys)
+        assert code != 0 and "loss became nan" in err and gc.isenabled()
+    finally:
+        gc.callbacks.pop()
+        gc.enable()
 
 
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

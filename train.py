@@ -318,7 +318,8 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
     STOP["training"] = True
     # Python's automatic garbage collection would now and then stop the host for a full sweep of every object
-    # (compiled graphs hold many) while the GPU runs dry; the young objects are collected at each log row instead
+    # (compiled graphs hold many) while the GPU runs dry; instead the young objects are collected at each log row,
+    # all of them at each evaluation
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -365,6 +366,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                         raise Fail(f"[{run.name}] validation loss became {result_val} at step {done}: stopping; {kept()}")
                     val = dict(val_loss=repr(result_val), val_se=repr(se))
                     print(f"[{run.name}] step {done}/{s['steps']} | val {result_val:.4f} ± {se:.4f}", flush=True)
+                    gc.collect()  # everything, also what outlived the young generation: off the clock, like evaluation
                 log_row(done, train_loss=repr(train_loss), aux_loss=repr(aux_mean) if aux_mean is not None else "",
                         lr=repr(lr), **val)
                 pending = []

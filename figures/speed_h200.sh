@@ -11,6 +11,7 @@ part=${1:-}
 [ -n "${OUT:-}" ] || { echo "usage: OUT=DIR bash figures/speed_h200.sh bench|train" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+OUT=$(realpath "$OUT")  # the BEFORE bench runs in another folder
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$OUT/gpu.txt"
 python -c "import torch; print(torch.__version__, torch.version.cuda)" >>"$OUT/gpu.txt"
 case $part in
@@ -25,8 +26,10 @@ bench)
     fi
     ;;
 train)
+    rm -rf out/speed  # every run trained and timed afresh (train.py would reuse finished runs)
     python train.py --out-dir out/speed >"$OUT/train.log" 2>&1
-    tar czf "$OUT/train_logs.tgz" --exclude=data --exclude='ckpt.pt*' -C out/speed .
+    cp "$OUT/train.log" out/speed/
+    tar czf "$OUT/train_logs.tgz" --exclude=data --exclude='ckpt.pt*' --exclude=.lock --exclude='*.png' -C out/speed .
     ;;
 *) echo "usage: OUT=DIR bash figures/speed_h200.sh bench|train" >&2; exit 2 ;;
 esac
