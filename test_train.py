@@ -297,9 +297,9 @@ def test_automatic_garbage_collection_is_off_while_training_and_back_on_after_ev
     monkeypatch.setattr(train, "train_step", lambda *a: enabled_during_steps.append(gc.isenabled()) or real_step(*a))
     gc.callbacks.append(lambda phase, info: phase == "start" and not gc.isenabled() and collections.append(info["generation"]))
     try:
-        code, _, _ = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "ok", dense_steps=10)], capsys)
-        assert code == 0 and len(enabled_during_steps) == 10 and not any(enabled_during_steps) and gc.isenabled()
-        assert 1 in collections and 2 in collections  # while training: the young at log rows, all at evaluations
+        code, _, _ = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "ok", dense_steps=20)], capsys)
+        assert code == 0 and len(enabled_during_steps) == 20 and not any(enabled_during_steps) and gc.isenabled()
+        assert 1 in collections and 2 in collections  # while training: the young at log rows, all at checkpoints
         monkeypatch.setattr(train, "lr_at", lambda step, *a: float("nan") if step >= 3 else real_lr_at(step, *a))
         code, _, err = run_main(["--init", "dense", *tiny(train_corpus, tmp_path / "nan", dense_steps=10)], capsys)
         assert code != 0 and "loss became nan" in err and gc.isenabled()

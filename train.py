@@ -319,7 +319,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     STOP["training"] = True
     # Python's automatic garbage collection would now and then stop the host for a full sweep of every object
     # (compiled graphs hold many) while the GPU runs dry; instead the young objects are collected at each log row,
-    # all of them at each evaluation
+    # all of them at each checkpoint
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -366,15 +366,15 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                         raise Fail(f"[{run.name}] validation loss became {result_val} at step {done}: stopping; {kept()}")
                     val = dict(val_loss=repr(result_val), val_se=repr(se))
                     print(f"[{run.name}] step {done}/{s['steps']} | val {result_val:.4f} ± {se:.4f}", flush=True)
-                    gc.collect()  # everything, also what outlived the young generation: off the clock, like evaluation
                 log_row(done, train_loss=repr(train_loss), aux_loss=repr(aux_mean) if aux_mean is not None else "",
                         lr=repr(lr), **val)
                 pending = []
                 t_interval = time.time()  # evaluation time is not training time
             if is_ckpt or (STOP["signal"] is not None and done < s["steps"]):  # a signal may have come meanwhile
                 checkpoint(done)
+                gc.collect()  # everything, also what outlived the young generation (a full sweep is slow: rarely)
                 if is_log:
-                    t_interval = time.time()  # nor is saving
+                    t_interval = time.time()  # nor is saving (nor the sweep)
             if STOP["signal"] is not None and done < s["steps"]:
                 csv_file.close()
                 print(f"[{run.name}] stopped at step {done}/{s['steps']}; checkpoint saved to {run.ckpt_path}. "
