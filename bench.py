@@ -515,10 +515,7 @@ def bench_loop_step(cfg, batch, seq, mode, device, args, tokens, profiles=None):
     if profiles is not None:
         kind = "MoE" if cfg.is_moe else "dense"
         title = f"train.train_step, {kind}, {mode}, real text, batch {batch} x {seq}, 10 steps ({ms:.2f} ms/step timed)"
-        try:  # a profiler that fails costs the table, not the row's timing
-            profiles.append(profile_table(step, device, 10, title))
-        except Exception as e:
-            profiles.append(f"## {title}\n\n(profile failed: {error_text(e)})")
+        profiles.append(profile_table(step, device, 10, title))
     del model, run, optimizer
     return out
 
@@ -548,14 +545,18 @@ def explain_moe_layer(device):
 
 
 def profile_table(fn, device, n, title):
-    """torch.profiler over n calls of fn: the top operators and kernels by device time (CPU time on CPU)."""
+    """torch.profiler over n calls of fn: the top operators and kernels by device time (CPU time on CPU). A profiler
+    that fails costs the table, not the measurement it was to explain."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(n):
-            fn()
-        sync(device)
+    try:
+        with profile(activities=acts) as prof:
+            for _ in range(n):
+                fn()
+            sync(device)
+    except Exception as e:
+        return f"## {title}\n\n(profile failed: {error_text(e)})"
     table = prof.key_averages()
     # the device-time column's name changed across PyTorch versions; CPU time where there is no device
     sorts = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ("self_cpu_time_total",)

@@ -4,6 +4,8 @@ not how fast anything is: speed is measured on the GPU (figures/bench.md)."""
 import json
 import sys
 
+import torch
+
 import bench
 
 
@@ -86,3 +88,10 @@ def test_profile_of_the_loop_shows_where_train_py_s_step_spends_its_time(tmp_pat
     loop_tables = [t for t in tables if "train.train_step" in t.splitlines()[0]]
     assert [t.split(",")[1].strip() for t in loop_tables] == ["dense", "MoE"]
     assert all("real text" in t and "Self CPU time total" in t and "aten::mm" in t for t in loop_tables)
+
+
+def test_a_failing_profiler_costs_the_table_not_the_measurement(tmp_path):
+    def fails():
+        raise RuntimeError("no profiler here\nsecond line")
+    text = bench.profile_table(fails, torch.device("cpu"), 3, "some step")
+    assert text == "## some step\n\n(profile failed: RuntimeError: no profiler here)"
