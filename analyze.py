@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from dropupcycle import ModelConfig, Transformer, drop_upcycle, load_balancing_loss
+from dropupcycle import ModelConfig, Transformer, drop_upcycle, load_balancing_loss, top_k_indices
 from data import Fail
 import data
 import distributed
@@ -546,7 +546,7 @@ def route_counts(model, tokens, seq_len, batch_size, device):
     for layer, block in enumerate(model.layers):
         def hook(module, inputs, output, layer=layer):
             router_logits = output[1]  # [B*T, E]: MoE.forward returns (y, router logits)
-            experts = router_logits.topk(module.top_k, dim=-1).indices  # the choice MoE.route makes
+            experts = top_k_indices(router_logits, module.top_k)  # the choice MoE.route makes
             counts[layer] += count_assignments(experts, cfg.n_experts).cpu()
         hooks.append(block.ffn.register_forward_hook(hook))
     try:

@@ -222,6 +222,20 @@ def moe_path(device):
     return "dense"
 
 
+def top_k_indices(scores, k):
+    """Indices of the k largest scores in each row, largest first: scores [N, E] -> [N, k], as torch.topk gives
+    them (a tie, which topk leaves unordered, goes to the lower index). Found as k rounds of argmax, each masking
+    the last winner: on a GPU, torch.topk runs one thread block per row, 6-8% of a compiled MoE training step at
+    the gpu preset, while torch.compile fuses these k argmaxes over E columns into one small kernel."""
+    columns = torch.arange(scores.shape[-1], device=scores.device)
+    scores, chosen = scores.detach(), []
+    for _ in range(k):
+        best = scores.argmax(dim=-1)  # [N]
+        chosen.append(best)
+        scores = torch.where(columns == best[:, None], float("-inf"), scores)
+    return torch.stack(chosen, dim=-1)
+
+
 class MoE(nn.Module):
     """n_experts SwiGLU FFNs and a router; each token goes to its top_k experts, none is dropped.
 
@@ -244,9 +258,9 @@ class MoE(nn.Module):
         # would send some tokens to different experts. It is one tiny [N, E] matmul.
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())
-        top_logits, experts = logits.topk(self.top_k, dim=-1)
+        experts = top_k_indices(logits, self.top_k)  # [N, k]
         # Eq. 3: g(x) = Softmax(Top-k(x W_router)); equal to Mixtral's softmax -> top-k -> renormalise
-        weights = F.softmax(top_logits, dim=-1)
+        weights = F.softmax(logits.gather(-1, experts), dim=-1)
         return logits, experts, weights
 
     def forward(self, x):
@@ -327,7 +341,7 @@ def load_balancing_loss(router_logits, top_k):
     """
     n_experts = router_logits.shape[-1]
     probs = F.softmax(router_logits.float(), dim=-1)  # [N, E]
-    chosen = probs.topk(top_k, dim=-1).indices  # [N, k]
+    chosen = top_k_indices(probs, top_k)  # [N, k]
     f = F.one_hot(chosen, n_experts).float().sum(dim=1).mean(dim=0)  # [E]
     P = probs.mean(dim=0)  # [E]
     return n_experts * (f * P).sum()

@@ -23,6 +23,7 @@ from dropupcycle import (
     load_balancing_loss,
     rope_cos_sin,
     swiglu,
+    top_k_indices,
 )
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64, max_seq_len=32)
@@ -176,6 +177,36 @@ def test_each_token_reaches_exactly_top_k_experts_with_gate_weights_summing_to_o
     top_p, top_i = probs.topk(top_k, dim=-1)
     assert torch.equal(experts, top_i)
     assert torch.allclose(weights, top_p / top_p.sum(-1, keepdim=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_top_k_by_argmax_rounds_picks_what_torch_topk_picks_largest_first(device, k):
+    scores = torch.randn(5000, 8, device=device)
+    expected = scores.topk(k, dim=-1).indices
+    assert torch.equal(top_k_indices(scores, k), expected)
+    if device == "cuda":  # as the compiled model runs it: fused into one kernel
+        assert torch.equal(torch.compile(top_k_indices)(scores, k), expected)
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], device=device)
+    assert top_k_indices(ties, 2).tolist() == [[1, 2], [0, 1]]  # a tie goes to the lower index
+
+
+def test_the_routers_gradient_flows_through_the_chosen_logits_as_through_torch_topk():
+    """route() takes the chosen logits with a gather; Eq. 3 written with torch.topk's values gives the same gate
+    weights and the same router gradient."""
+    layer = random_moe_layer(replace(TINY_MOE, n_experts=8, top_k=2), std=0.1)
+    x = torch.randn(200, TINY.d_model)
+    upstream = torch.randn(200, 2)
+    _, _, weights = layer.route(x)
+    (weights * upstream).sum().backward()
+    ours = layer.router.weight.grad.clone()
+    layer.zero_grad()
+    top_logits, _ = F.linear(x, layer.router.weight).topk(2, dim=-1)
+    reference = F.softmax(top_logits, dim=-1)
+    (reference * upstream).sum().backward()
+    assert torch.allclose(weights, reference, atol=1e-6)
+    assert torch.allclose(ours, layer.router.weight.grad, atol=1e-6) and ours.abs().sum() > 0
 
 
 def test_moe_layer_computes_eq2_token_by_token():
