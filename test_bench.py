@@ -74,7 +74,12 @@ def test_loop_section_times_train_py_s_own_step_on_random_tokens_and_on_text(tmp
     assert all(0 < r["load_balance"] <= 1 for (m, _), r in rows.items() if m == "moe")
     md = (tmp_path / "out" / "bench.md").read_text()
     assert "## 4. train.py's step function" in md and "| tiny | moe | eager | random tokens |" in md
-    assert calls == [0, 1] * 4  # each row: train.py's step function itself, its first call compiling, then timed
+    # each row: train.py's step function itself, its first call compiling, then timed in rounds that alternate with
+    # the bare step on the same model
+    assert calls == [0, 1, 2, 3] * 4
+    assert all(r["bare_ms"] > 0 and r["x_bare"] == r["ms"] / r["bare_ms"] for r in rows.values())
+    targets = [t for t in results["targets"] if t.startswith("train.py's step")]
+    assert [t.split(",")[2].strip() for t in targets] == ["dense", "moe"] and all("real text" in t for t in targets)
 
 
 def test_profile_of_the_loop_shows_where_train_py_s_step_spends_its_time(tmp_path):
