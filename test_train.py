@@ -864,6 +864,31 @@ def test_precision_and_moe_path_follow_the_card_and_the_start_line_names_them(mo
     assert gpus.compute_description(torch.device("cpu")) == "fp32 | MoE experts: reference loop (CPU)"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_card_without_bf16_trains_in_fp16_with_the_gradient_scaler_like_bf16(train_corpus, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A T4 or V100, simulated on this GPU: fp16 autocast, the gradient scaler and the dense experts path, compiled,
+    train the same runs as bf16 and the grouped path do, within the two precisions' rounding."""
+    import dropupcycle
+    curves = {}
+    for precision in ("bf16", "fp16"):
+        torch._dynamo.reset()  # each precision compiles its own graphs
+        if precision == "fp16":
+            monkeypatch.setattr(dropupcycle, "bf16_supported", lambda device: False)
+            monkeypatch.setattr(gpus, "bf16_supported", lambda device: False)
+        out = tmp_path / precision
+        code, stdout, stderr = run_main(["--init", "drop", "--r", "0.5", *tiny(train_corpus, out), "--device", "cuda",
+                                         "--compile"], capsys)
+        assert code == 0, stderr
+        expected = "fp16 autocast + gradient scaler | MoE experts: dense" if precision == "fp16" else "bf16 autocast"
+        assert expected in stdout
+        curves[precision] = [plot.val_curve(out / run / "log.csv")[2] for run in ("dense", "moe-drop-r0.5")]
+    torch._dynamo.reset()
+    for bf16, fp16 in zip(curves["bf16"], curves["fp16"]):
+        assert np.isfinite(fp16).all() and fp16[-1] < fp16[0] - 0.5  # it learns
+        assert abs(fp16[-1] - bf16[-1]) < 0.03 * bf16[-1], (fp16, bf16)
+
+
 GPU_PRESET_MOE = ModelConfig(vocab_size=257, d_model=256, n_layer=4, n_head=4, n_kv_head=4, d_ff=1024, max_seq_len=512,
                              n_experts=8, top_k=2)
 

@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$OUT/gpu.txt"
 python -c "import torch; print(torch.__version__, torch.version.cuda)" >>"$OUT/gpu.txt"
 case $part in
 bench)
-    python -m pytest -q -rs test_dropupcycle.py test_train.py -k "cuda or grouped or forced or one_graph or compiled" \
+    python -m pytest -q -rs test_dropupcycle.py test_train.py -k "cuda or grouped or forced or one_graph or compiled or fp16" \
         2>&1 | tail -n 5 >"$OUT/cuda_tests.txt"
     python bench.py --sections layer,step,loop --no-hf --router-skew 0 2 --profile --out "$OUT/bench" \
         >"$OUT/bench.log" 2>&1
