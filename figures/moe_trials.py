@@ -110,12 +110,14 @@ def apply(split=1, fuse=False, key=None, route="topk"):
     du.MoE.route, du.load_balancing_loss = ROUTES[route]
 
 
-def layer_rows(d, d_ff, n_tok, variants):
+def layer_rows(d, d_ff, n_tok, variants, skew=0.0):
     device = torch.device("cuda")
     torch.manual_seed(2)
     x = torch.randn(1, n_tok, d, device=device, requires_grad=True)
     dy = torch.randn(1, n_tok, d, device=device)
     moe = bench.make_moe(d, d_ff, device, torch.float32)
+    if skew:
+        bench.skew_routing(moe, skew)
     dense = bench.make_dense(d, d_ff, device, torch.float32)
     params = list(moe.parameters())
     apply()
@@ -126,7 +128,7 @@ def layer_rows(d, d_ff, n_tok, variants):
     dparams = list(dense.parameters())
     bench.run_fwd_bwd(lambda t: cd(t)[0], dparams, x, dy, True)
     dense_ms = bench.timeit(lambda: bench.run_fwd_bwd(lambda t: cd(t)[0], dparams, x, dy, True), device, 5, 30)
-    log(kind="layer", d=d, d_ff=d_ff, tokens=n_tok, variant="dense floor", ms=dense_ms)
+    log(kind="layer", d=d, d_ff=d_ff, tokens=n_tok, skew=skew, variant="dense floor", ms=dense_ms)
     for name, kw in variants:
         try:
             apply(**kw)
@@ -138,7 +140,7 @@ def layer_rows(d, d_ff, n_tok, variants):
             err = max(bench.rel_err(a, b) for a, b in zip(got, ref))
             ms = bench.timeit(lambda: bench.run_fwd_bwd(fwd, params, x, dy, True), device, 5, 30)
             ms2 = bench.timeit(lambda: bench.run_fwd_bwd(fwd, params, x, dy, True), device, 5, 30)
-            log(kind="layer", d=d, d_ff=d_ff, tokens=n_tok, variant=name, ms=ms, ms_again=ms2,
+            log(kind="layer", d=d, d_ff=d_ff, tokens=n_tok, skew=skew, variant=name, ms=ms, ms_again=ms2,
                 x_dense=min(ms, ms2) / dense_ms, rel_err=err)
         except Exception as e:
             log(kind="layer", d=d, d_ff=d_ff, tokens=n_tok, variant=name, error=bench.error_text(e))
@@ -146,7 +148,7 @@ def layer_rows(d, d_ff, n_tok, variants):
     torch._dynamo.reset()
 
 
-def step_rows(variants):
+def step_rows(variants, skew=None):
     device = torch.device("cuda")
     g = bench.GPU
     shape = {k: g[k] for k in ("n_layer", "d_model", "d_ff", "n_head", "n_kv_head")}
@@ -155,8 +157,9 @@ def step_rows(variants):
             apply(**kw)
             args = types.SimpleNamespace(compile_mode=mode, warmup=5, iters=30, profile=False)
             cfg = bench.step_config(kind, shape, g["seq_len"])
-            r = bench.bench_one_step(cfg, g["batch_size"], g["seq_len"], "compiled", device, args, None)
-            log(kind="step", model=kind, compile_mode=mode, variant=name, ms=r["ms"],
+            r = bench.bench_one_step(cfg, g["batch_size"], g["seq_len"], "compiled", device, args, None, None,
+                                     skew if kind == "moe" else None)
+            log(kind="step", model=kind, compile_mode=mode, variant=name, skew=skew, ms=r["ms"],
                 mtok_s=r["tokens_per_s"] / 1e6, first_step_s=r["first_step_s"], graphs=r.get("graphs"),
                 breaks=r.get("graph_breaks"), balance=r.get("load_balance"))
         except Exception as e:
@@ -182,3 +185,11 @@ if __name__ == "__main__":
              ("split4+max+fuse", "moe", None, dict(split=4, route="max", fuse=True)),
              ("base", "moe", "reduce-overhead", {})]
         step_rows(S)
+    if "skewstep" in which:
+        step_rows([(name, "moe", None, kw) for name, kw in L[:3]], 2.0)
+        step_rows([(name, "moe", None, kw) for name, kw in L[:3]], 1.0)
+    if "skew" in which:  # uneven routing, as real text gives (the base here routes by argmax rounds)
+        for skew in (0.0, 2.0):
+            layer_rows(256, 1024, 65536, L[:4], skew)
+        layer_rows(512, 2048, 32768, L[:3], 2.0)
+        step_rows([(name, "moe", None, kw) for name, kw in L[:4]], 2.0)
