@@ -222,6 +222,15 @@ def moe_path(device):
     return "dense"
 
 
+def row_groups_per_expert(d_model, d_ff):
+    """Into how many groups experts_grouped cuts each expert's rows: 4 for small experts (the gpu preset's
+    256 x 1024), 2 at the paper's 512 x 2048, 1 from 1024 x 4096 on. The weight gradient of a group is one GEMM
+    over its rows; a few long ones (small experts, or the uneven routing real text gives) leave most of an H200
+    idle: cut in 4, the gpu preset's whole training step took 25% less time with balance 0.33 and 2-4% less with
+    even routing (figures/moe_trials_h200.json). Larger experts fill the GPU by themselves."""
+    return min(4, max(1, 2**21 // (d_model * d_ff)))
+
+
 def top_k_indices(scores, k):
     """Indices of the k largest scores in each row, largest first: scores [N, E] -> [N, k], as torch.topk gives
     them (a tie, which topk leaves unordered, goes to the lower index). Found as k rounds of argmax, each masking
@@ -246,6 +255,7 @@ class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.row_groups = row_groups_per_expert(cfg.d_model, cfg.d_ff)  # experts_grouped only
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)  # W_router
         self.gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_ff, cfg.d_model))
         self.up = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_ff, cfg.d_model))
@@ -311,20 +321,31 @@ class MoE(nn.Module):
         sorted_experts, order = experts.flatten().sort(stable=True)  # order[i]: assignment of sorted row i
         where = torch.empty_like(order)
         where[order] = torch.arange(order.numel(), device=x.device)  # where[j]: sorted row of assignment j
-        # 2. offsets[i]: where expert i's rows end (int32, as the kernel wants)
+        # 2. offsets: where each group of rows ends (int32, as the kernel wants). Expert i's rows, from starts[i]
+        #    to ends[i], are cut into G = self.row_groups equal groups that share its weights (row_groups_per_expert
+        #    says why); autograd adds up the G weight gradients.
         expert_ids = torch.arange(self.n_experts, device=x.device)
-        offsets = torch.searchsorted(sorted_experts, expert_ids, right=True, out_int32=True)  # [E]
+        ends = torch.searchsorted(sorted_experts, expert_ids, right=True, out_int32=True)  # [E]
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        G = self.row_groups
+        cuts = torch.arange(1, G + 1, device=x.device, dtype=torch.int32)  # [G]
+        offsets = (starts[:, None] + (ends - starts)[:, None] * cuts // G).flatten().to(torch.int32)  # [E * G]
+
+        def group_weights(w):  # [E, out, in] -> [E * G, in, out]: expert i's weights for each of its G groups
+            w = w.to(bf16)
+            return (w if G == 1 else w.repeat_interleave(G, dim=0)).transpose(1, 2)
+
         # 3. each token copied to its k rows, then moved to its sorted rows. Moving rows is an index_copy
         #    (row j goes to row where[j]), whose backward is a gather; a gather x[idx] would have a scatter-add
         #    as backward, and bf16 atomic adds were 10% of a compiled MoE step on an H100.
         x_rows = x.to(bf16).unsqueeze(1).expand(N, k, -1).reshape(N * k, -1)  # [N*k, d_model], row j: token j // k
         x_sorted = x_rows.new_empty(x_rows.shape).index_copy(0, where, x_rows)
-        # 4. grouped GEMMs: group i's rows times expert i's weights, one kernel for all experts. The weights
+        # 4. grouped GEMMs: each group's rows times its expert's weights, one kernel for all experts. The weights
         #    go [E, out, in] -> [E, in, out] as transposed views, the layout x @ W.T needs. Gate and up are two
-        #    GEMMs, not one on torch.cat([gate, up]), whose backward would copy the [N*k, 2*d_ff] gradient.
-        h_gate = _grouped_mm(x_sorted, self.gate.to(bf16).transpose(1, 2), offs=offsets)  # [N*k, d_ff]
-        h_up = _grouped_mm(x_sorted, self.up.to(bf16).transpose(1, 2), offs=offsets)  # [N*k, d_ff]
-        out = _grouped_mm(F.silu(h_gate) * h_up, self.down.to(bf16).transpose(1, 2), offs=offsets)
+        #    GEMMs, not one on torch.cat([gate, up]): that was no faster on an H200, slower at the paper's shape.
+        h_gate = _grouped_mm(x_sorted, group_weights(self.gate), offs=offsets)  # [N*k, d_ff]
+        h_up = _grouped_mm(x_sorted, group_weights(self.up), offs=offsets)  # [N*k, d_ff]
+        out = _grouped_mm(F.silu(h_gate) * h_up, group_weights(self.down), offs=offsets)
         # 5. back to token order (sorted row i goes to row order[i], again an index_copy), then each token's
         #    k outputs weighted by g(x) and added, in bf16 like the dense FFN's output
         out = out.new_empty(out.shape).index_copy(0, order, out).view(N, k, -1)  # [N, k, d_model]

@@ -22,6 +22,7 @@ from dropupcycle import (
     flops_per_token,
     load_balancing_loss,
     rope_cos_sin,
+    row_groups_per_expert,
     swiglu,
     top_k_indices,
 )
@@ -224,6 +225,14 @@ def test_moe_layer_computes_eq2_token_by_token():
         assert torch.allclose(y.reshape(10, -1)[t], expected, atol=1e-5)
 
 
+def test_each_experts_rows_are_cut_into_more_groups_the_smaller_the_expert():
+    assert row_groups_per_expert(256, 1024) == 4  # the gpu preset
+    assert row_groups_per_expert(512, 2048) == 2  # the paper's 8x152M
+    assert row_groups_per_expert(1024, 4096) == 1 and row_groups_per_expert(4096, 14336) == 1
+    assert row_groups_per_expert(32, 64) == 4  # never more than 4
+    assert MoE(replace(TINY_MOE, d_model=512, d_ff=2048)).row_groups == 2
+
+
 def grouped_mm_works(device):
     if _grouped_mm is None:
         return False
@@ -250,12 +259,13 @@ def relative_error(a, b):
 GRAD_NAMES = ["output", "d_x", "d_gate", "d_up", "d_down", "d_router"]
 
 
-def outputs_and_gradients(device, top_k, path_names):
+def outputs_and_gradients(device, top_k, path_names, row_groups=1):
     """For each named experts_* path: the output and the gradients of x, the experts and the router, on the same
     layer, input and routing (expert 7 never chosen: an expert without tokens must work too)."""
     torch.manual_seed(0)
     cfg = replace(TINY_MOE, d_model=64, d_ff=128, n_experts=8, top_k=top_k)
     layer = random_moe_layer(cfg, std=0.1).to(device)
+    layer.row_groups = row_groups
     x = torch.randn(300, cfg.d_model, device=device, requires_grad=True)
     grad_out = torch.randn(300, cfg.d_model, device=device)
     never_expert_7 = torch.zeros(cfg.n_experts, device=device)
@@ -274,9 +284,11 @@ def outputs_and_gradients(device, top_k, path_names):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_grouped_gemm_path_matches_reference_path_in_outputs_and_gradients(device, top_k):
-    """The fast path (sort by expert + grouped GEMM in bf16) computes the same Eq. 2 as the readable loop."""
-    reference, grouped = outputs_and_gradients(device, top_k, ["reference", "grouped"])
+@pytest.mark.parametrize("row_groups", [1, 3, 4])
+def test_grouped_gemm_path_matches_reference_path_in_outputs_and_gradients(device, top_k, row_groups):
+    """The fast path (sort by expert + grouped GEMM in bf16, each expert's rows cut into row_groups groups)
+    computes the same Eq. 2 as the readable loop."""
+    reference, grouped = outputs_and_gradients(device, top_k, ["reference", "grouped"], row_groups)
     for name, fast, ref in zip(GRAD_NAMES, grouped, reference):
         assert relative_error(fast, ref) < 2e-2, name  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
     assert torch.all(grouped[2][7] == 0)  # the unused expert gets no gradient
