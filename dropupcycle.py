@@ -227,7 +227,8 @@ def row_groups_per_expert(d_model, d_ff):
     256 x 1024), 2 at the paper's 512 x 2048, 1 from 1024 x 4096 on. The weight gradient of a group is one GEMM
     over its rows; a few long ones (small experts, or the uneven routing real text gives) leave most of an H200
     idle: cut in 4, the gpu preset's whole training step took 25% less time with balance 0.33 and 2-4% less with
-    even routing (figures/moe_trials_h200.json). Larger experts fill the GPU by themselves."""
+    even routing (figures/moe_trials_h200.json). Larger experts have output tiles enough to fill the GPU by
+    themselves (1024 x 4096 and up were not tried in groups)."""
     return min(4, max(1, 2**21 // (d_model * d_ff)))
 
 

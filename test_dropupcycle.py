@@ -259,6 +259,28 @@ def relative_error(a, b):
 GRAD_NAMES = ["output", "d_x", "d_gate", "d_up", "d_down", "d_router"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_expert_with_fewer_rows_than_row_groups_still_gets_its_exact_gradient(device):
+    """Expert 6 gets 2 rows, cut into 4 groups (2 of them empty); expert 7 gets none."""
+    torch.manual_seed(0)
+    layer = random_moe_layer(replace(TINY_MOE, d_model=64, d_ff=128, n_experts=8, top_k=2), std=0.1).to(device)
+    layer.row_groups = 4
+    tokens = torch.arange(50, device=device)
+    experts = torch.stack([tokens % 6, (tokens + 1) % 6], dim=1)  # every token on two of experts 0-5...
+    experts[:2, 1] = 6  # ...but tokens 0 and 1 on expert 6 in their second slot
+    weights = torch.randn(50, 2, device=device).softmax(dim=-1)
+    x = torch.randn(50, 64, device=device)
+    results = []
+    for name in ("reference", "grouped"):
+        layer.zero_grad()
+        y = getattr(layer, f"experts_{name}")(x, experts, weights)
+        (y.float() * torch.ones_like(y)).sum().backward()
+        results.append([y.detach(), layer.gate.grad[6].clone(), layer.up.grad[6].clone(), layer.down.grad.clone()])
+    assert results[0][1].abs().sum() > 0 and layer.gate.grad[7].abs().sum() == 0
+    for fast, ref in zip(results[1], results[0]):
+        assert relative_error(fast, ref) < 2e-2
+
+
 def outputs_and_gradients(device, top_k, path_names, row_groups=1):
     """For each named experts_* path: the output and the gradients of x, the experts and the router, on the same
     layer, input and routing (expert 7 never chosen: an expert without tokens must work too)."""
