@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The GPU commands behind figures/bench.md's H200 speed numbers, run from the repository root with OUT set to a
-# folder for the results. The GPU machine runs a command for at most 10 minutes, so it is two commands:
+# folder for the results. The GPU machine runs a command for at most 10 minutes, so it is separate commands:
 #
 #   BEFORE=DIR bash figures/speed_h200.sh bench     # CUDA tests; bench.py (layer, step, loop, profiles) on this
 #                                                   # code, then the MoE layer rows of the code in DIR (a copy of an
 #                                                   # earlier version of the repository) in the same run
 #   bash figures/speed_h200.sh train                # python train.py (--init all, the gpu preset), timed
+#   bash figures/speed_h200.sh loop                 # bench.py's section 4 alone: train.py's step against the bare
+#                                                   # step on the same compiled model, alternating
+#
+# OUT/gpu.txt (the GPU, driver, PyTorch) and OUT/cuda_tests.txt go into figures/speed_h200_runs.txt with the results.
 set -u
 part=${1:-}
-[ -n "${OUT:-}" ] || { echo "usage: OUT=DIR bash figures/speed_h200.sh bench|train" >&2; exit 2; }
+[ -n "${OUT:-}" ] || { echo "usage: OUT=DIR bash figures/speed_h200.sh bench|train|loop" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")  # the BEFORE bench runs in another folder
@@ -31,5 +35,8 @@ train)
     cp "$OUT/train.log" out/speed/
     tar czf "$OUT/train_logs.tgz" --exclude=data --exclude='ckpt.pt*' --exclude=.lock --exclude='*.png' -C out/speed .
     ;;
-*) echo "usage: OUT=DIR bash figures/speed_h200.sh bench|train" >&2; exit 2 ;;
+loop)
+    python bench.py --sections loop --no-hf --out "$OUT/bench_loop" >"$OUT/bench_loop.log" 2>&1
+    ;;
+*) echo "usage: OUT=DIR bash figures/speed_h200.sh bench|train|loop" >&2; exit 2 ;;
 esac
