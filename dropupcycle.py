@@ -322,9 +322,9 @@ class MoE(nn.Module):
         sorted_experts, order = experts.flatten().sort(stable=True)  # order[i]: assignment of sorted row i
         where = torch.empty_like(order)
         where[order] = torch.arange(order.numel(), device=x.device)  # where[j]: sorted row of assignment j
-        # 2. offsets: where each group of rows ends (int32, as the kernel wants). Expert i's rows, from starts[i]
-        #    to ends[i], are cut into G = self.row_groups equal groups that share its weights (row_groups_per_expert
-        #    says why); autograd adds up the G weight gradients.
+        # 2. offsets: where each group of rows ends (int32, as the kernel wants). Expert i's rows, from
+        #    starts[i] to ends[i], are cut into G = self.row_groups equal groups that share its weights
+        #    (row_groups_per_expert says why); autograd adds up the G weight gradients.
         expert_ids = torch.arange(self.n_experts, device=x.device)
         ends = torch.searchsorted(sorted_experts, expert_ids, right=True, out_int32=True)  # [E]
         starts = torch.cat([ends.new_zeros(1), ends[:-1]])
@@ -342,7 +342,7 @@ class MoE(nn.Module):
         x_rows = x.to(bf16).unsqueeze(1).expand(N, k, -1).reshape(N * k, -1)  # [N*k, d_model], row j: token j // k
         x_sorted = x_rows.new_empty(x_rows.shape).index_copy(0, where, x_rows)
         # 4. grouped GEMMs: each group's rows times its expert's weights, one kernel for all experts. The weights
-        #    go [E, out, in] -> [E, in, out] as transposed views, the layout x @ W.T needs. Gate and up are two
+        #    go [E, out, in] -> [E * G, in, out], transposed, the layout x @ W.T needs. Gate and up are two
         #    GEMMs, not one on torch.cat([gate, up]): that was no faster on an H200, slower at the paper's shape.
         h_gate = _grouped_mm(x_sorted, group_weights(self.gate), offs=offsets)  # [N*k, d_ff]
         h_up = _grouped_mm(x_sorted, group_weights(self.up), offs=offsets)  # [N*k, d_ff]
