@@ -382,6 +382,17 @@ def routing_balance(model, inputs):
     return sum(balances) / len(balances)
 
 
+def bare_step(run, params, optimizer, inputs, targets, autocast):
+    """One training step with nothing around it (section 2; section 4's yardstick): forward and backward under
+    autocast() (a context), gradient clipping, the optimizer's update."""
+    with autocast():
+        _, loss = run(inputs, targets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None, router_skew=None):
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -401,12 +412,7 @@ def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None, rou
     def step():
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # this step's graph may overwrite the last one's outputs
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            _, loss = run(inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bare_step(run, params, opt, inputs, targets, lambda: torch.autocast(device.type, dtype=torch.bfloat16))
 
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -512,18 +518,14 @@ def bench_loop_step(cfg, batch, seq, mode, device, args, tokens, profiles=None):
         train.train_step(model, run, optimizer, scaler, settings, next(steps), tokens, device, 1)
 
     fixed_x, fixed_y = data.get_batch(tokens, batch, seq, np.random.default_rng(1), device)
+    params = list(model.parameters())
 
-    def bare_step():  # section 2's step: nothing around the model and the optimizer
-        with gpus.autocast(device):
-            _, loss = run(fixed_x, fixed_y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def bare():  # section 2's step on a fixed batch, in train.py's precision
+        bare_step(run, params, optimizer, fixed_x, fixed_y, lambda: gpus.autocast(device))
 
     step()  # compiles
     sync(device)
-    rounds = [(timeit(step, device, args.warmup, args.iters), timeit(bare_step, device, args.warmup, args.iters))
+    rounds = [(timeit(step, device, args.warmup, args.iters), timeit(bare, device, args.warmup, args.iters))
               for _ in range(LOOP_ROUNDS)]
     ms, bare_ms = (statistics.median(times) for times in zip(*rounds))
     out.update(ms=ms, tokens_per_s=batch * seq / ms * 1e3, bare_ms=bare_ms, x_bare=ms / bare_ms)
