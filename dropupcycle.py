@@ -224,12 +224,13 @@ def moe_path(device):
 
 def row_groups_per_expert(d_model, d_ff):
     """Into how many groups experts_grouped cuts each expert's rows: 4 for small experts (the gpu preset's
-    256 x 1024), 2 at the paper's 512 x 2048, 1 from 1024 x 4096 on. The weight gradient of a group is one GEMM
-    over its rows; a few long ones (small experts, or the uneven routing real text gives) leave most of an H200
-    idle: cut in 4, the gpu preset's whole training step took 25% less time with balance 0.33 and 2-4% less with
-    even routing (figures/moe_trials_h200.json). Larger experts have output tiles enough to fill the GPU by
-    themselves (1024 x 4096 and up were not tried in groups)."""
-    return min(4, max(1, 2**21 // (d_model * d_ff)))
+    256 x 1024), 1 from the paper's 512 x 2048 on. The weight gradient of a group is one GEMM over its rows; a few
+    long ones (small experts, or the uneven routing real text gives) leave most of an H200 idle: cut in 4, the gpu
+    preset's whole training step took 25% less time with balance 0.33 and 2-4% less with even routing
+    (figures/moe_trials_h200.json). At 512 x 2048 a cut in 2 saved 9% of the layer's time with balance 0.33 but
+    cost 4-5% at 32k tokens with even routing (figures/moe_trials2_h200.json), and routing trained with the balancing loss is far
+    nearer even (balance 0.75 on text in bench.py's section 4) than 0.33. Larger experts were not tried in groups."""
+    return min(4, max(1, 2**20 // (d_model * d_ff)))
 
 
 def top_k_indices(scores, k):
@@ -244,6 +245,23 @@ def top_k_indices(scores, k):
         chosen.append(best)
         scores = torch.where(columns == best[:, None], float("-inf"), scores)
     return torch.stack(chosen, dim=-1)
+
+
+class RowPermutation(torch.autograd.Function):
+    """rows[index] for a permutation index, with a gradient that is a gather too: grad[inverse], inverse being
+    index's inverse. Autograd's own gradient of rows[index] would be a scatter-add (bf16 atomic adds were 10% of a
+    compiled MoE step on an H100); as gathers both ways, torch.compile fuses each move into the kernel before or
+    after it, so no moved copy of the rows is stored."""
+
+    @staticmethod
+    def forward(ctx, rows, index, inverse):
+        ctx.save_for_backward(inverse)
+        return rows[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 class MoE(nn.Module):
@@ -336,20 +354,19 @@ class MoE(nn.Module):
             w = w.to(bf16)
             return (w if G == 1 else w.repeat_interleave(G, dim=0)).transpose(1, 2)
 
-        # 3. each token copied to its k rows, then moved to its sorted rows. Moving rows is an index_copy
-        #    (row j goes to row where[j]), whose backward is a gather; a gather x[idx] would have a scatter-add
-        #    as backward, and bf16 atomic adds were 10% of a compiled MoE step on an H100.
+        # 3. each token's k rows, in sorted order: sorted row i is assignment order[i], the row order[i] of x_rows.
+        #    Compiled, the k copies and the move are one gather from x (and the gradient one gather and a sum).
         x_rows = x.to(bf16).unsqueeze(1).expand(N, k, -1).reshape(N * k, -1)  # [N*k, d_model], row j: token j // k
-        x_sorted = x_rows.new_empty(x_rows.shape).index_copy(0, where, x_rows)
+        x_sorted = RowPermutation.apply(x_rows, order, where)  # [N*k, d_model]
         # 4. grouped GEMMs: each group's rows times its expert's weights, one kernel for all experts. The weights
         #    go [E, out, in] -> [E * G, in, out], transposed, the layout x @ W.T needs. Gate and up are two
         #    GEMMs, not one on torch.cat([gate, up]): that was no faster on an H200, slower at the paper's shape.
         h_gate = _grouped_mm(x_sorted, group_weights(self.gate), offs=offsets)  # [N*k, d_ff]
         h_up = _grouped_mm(x_sorted, group_weights(self.up), offs=offsets)  # [N*k, d_ff]
-        out = _grouped_mm(F.silu(h_gate) * h_up, group_weights(self.down), offs=offsets)
-        # 5. back to token order (sorted row i goes to row order[i], again an index_copy), then each token's
-        #    k outputs weighted by g(x) and added, in bf16 like the dense FFN's output
-        out = out.new_empty(out.shape).index_copy(0, order, out).view(N, k, -1)  # [N, k, d_model]
+        out = _grouped_mm(F.silu(h_gate) * h_up, group_weights(self.down), offs=offsets)  # [N*k, d_model]
+        # 5. back to token order (assignment j is sorted row where[j]), then each token's k outputs weighted by
+        #    g(x) and added, in bf16 like the dense FFN's output; compiled, one kernel
+        out = RowPermutation.apply(out, where, order).view(N, k, -1)  # [N, k, d_model]
         return (out * weights.to(bf16)[..., None]).sum(dim=1).to(x.dtype)
 
 
