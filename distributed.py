@@ -158,7 +158,8 @@ def reshard(model):
 
 
 def grad_sync(train_model, sync):
-    """Context for one micro-batch's backward: gradients are reduced over ranks only when sync (the last one)."""
+    """Context for one micro-batch's forward and backward: gradients are reduced over ranks only when sync (the
+    last one). An evaluation with gradients on passes False: no backward follows, and DDP must not wait for one."""
     module = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
     if isinstance(module, DDP) and not sync:
         return module.no_sync()

@@ -194,13 +194,13 @@ def test_sweep_trains_every_r_from_one_dense_model(swept):
     dense_model = Transformer(ModelConfig(**ckpt["model_config"]))
     dense_model.load_state_dict(ckpt["model"])
     dense_final = plot.val_curve(os.path.join(out, "dense", "log.csv"))[2][-1]
-    assert train.evaluate(dense_model, val_batches, cpu)[0] == dense_final  # the same windows as the runs'
+    assert train.evaluate(dense_model, dense_model, val_batches, cpu)[0] == dense_final  # the same windows as the runs'
     assert logs["moe-naive"][2][0] == pytest.approx(dense_final, abs=1e-5)  # identical experts: the dense function
     for n in names[:7]:
         s = settings[n]
         moe = drop_upcycle(dense_model, n_experts=s["model"]["n_experts"], top_k=s["model"]["top_k"], r=s["r"],
                            seed=s["seed"], shared_indices=s["shared_indices"])
-        assert train.evaluate(moe, val_batches, cpu)[0] == logs[n][2][0], n
+        assert train.evaluate(moe, moe, val_batches, cpu)[0] == logs[n][2][0], n
     # the two r = 0.5 runs start from different experts, so their curves differ
     assert all(np.array_equal(logs[n][0], logs["moe-naive"][0]) for n in names)  # same evaluation steps
     assert not np.array_equal(logs["moe-drop-r0.5"][2], logs["moe-drop-r0.5-indep"][2])

@@ -19,6 +19,7 @@ import data
 import gpus
 import plot
 import train
+import dropupcycle
 from dropupcycle import ModelConfig, Transformer
 
 
@@ -464,7 +465,7 @@ def test_compile_is_used_only_where_it_agrees_with_eager_mode(monkeypatch, capsy
 
         def forward(self, *a):
             logits, loss = self.model(*a)
-            return logits + self.shift * torch.arange(logits.shape[-1]), loss
+            return logits, loss + self.shift
 
     cfg = train.ModelConfig(vocab_size=257, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
                             n_experts=4)
@@ -478,6 +479,32 @@ def test_compile_is_used_only_where_it_agrees_with_eager_mode(monkeypatch, capsy
     monkeypatch.setattr(torch, "compile", lambda m, **kw: Compiled(m, shift=0.01))  # a compiler that gets it wrong
     assert train.maybe_compile(model, args, (x, x), "moe") is model
     assert "WARNING: the compiled model disagrees with eager mode" in capsys.readouterr().out
+
+
+def test_a_compiled_model_is_evaluated_with_its_training_graph_and_compiled_once(monkeypatch):
+    """The check, the evaluations and the training steps all run one graph: an evaluation under no_grad would make
+    torch.compile trace and compile a second one. What an evaluation reports is the cross-entropy alone."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager"))  # dynamo's graphs, no compiler
+    monkeypatch.setattr(dropupcycle, "moe_path", lambda device: "dense")  # one graph (the CPU's loop has breaks)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
+                      n_experts=4)
+    model = Transformer(cfg)
+    batches = [(torch.randint(0, 257, (2, 16)), torch.randint(0, 257, (2, 16))) for _ in range(2)]
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = train.maybe_compile(model, True, batches[0], "moe")
+    assert compiled is not model
+    mean, _, losses = train.evaluate(model, compiled, batches, torch.device("cpu"))
+    compiled(*batches[0])[1].backward()  # a training step's forward and backward
+    assert counters["stats"]["unique_graphs"] == 1
+    with torch.no_grad():
+        expected = [torch.nn.functional.cross_entropy(model(x)[0].view(-1, 257), y.reshape(-1)).item() for x, y in batches]
+    assert model.aux_loss > 1  # the balancing loss (about top_k), which the evaluation leaves out
+    assert losses == pytest.approx(expected, abs=1e-5) and mean == pytest.approx(sum(expected) / 2, abs=1e-5)
+    torch._dynamo.reset()
 
 
 def test_report_gives_runs_outside_init_all_a_colour_of_their_own():

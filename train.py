@@ -27,7 +27,6 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import distributed
 import plot
@@ -200,19 +199,29 @@ def make_optimizer(model, lr, weight_decay, device):
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=ADAM_EPS, fused=device.type == "cuda")
 
 
-@torch.no_grad()
-def evaluate(model, val_batches, device):
+def cross_entropy_part(model, loss):
+    """The language-modelling part of a training loss (detached): an MoE's loss includes its weighted balancing
+    term, which is logged separately, so that dense and every MoE are comparable."""
+    cfg = model.config
+    return loss.detach() - cfg.aux_loss_coef * model.aux_loss if cfg.is_moe else loss.detach()
+
+
+def evaluate(model, train_model, val_batches, device):
     """(mean, standard error, per-batch losses) of the next-token cross-entropy over fixed held-out batches: the
-    language-modelling loss alone, without the balancing term, so dense and every MoE are comparable. Every run is
-    scored on the same batches, so the noise of a difference between two runs is that of the per-batch differences
-    (plot.compare_to_naive); the standard error here is that of one run's number."""
-    model.eval()
+    language-modelling loss alone, without the balancing term. Every run is scored on the same batches, so the
+    noise of a difference between two runs is that of the per-batch differences (plot.compare_to_naive); the
+    standard error here is that of one run's number.
+
+    A compiled model is run as in a training step, gradients on and no backward: torch.compile then needs no
+    second, inference graph, whose compiling took 7-8 s per model on an H200 (figures/compile_trials_h200.json),
+    more than all of a run's evaluations take."""
+    compiled = hasattr(train_model, "_orig_mod")
     losses = []
-    for x, y in val_batches:
-        with autocast(device):
-            logits, _ = model(x)
-        losses.append(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1)))
-    model.train()
+    with torch.set_grad_enabled(compiled), distributed.grad_sync(train_model, False):  # (DDP: no backward comes)
+        for x, y in val_batches:
+            with autocast(device):
+                _, loss = train_model(x, y)
+            losses.append(cross_entropy_part(model, loss))
     losses = distributed.mean(torch.stack(losses).double().cpu())  # each rank scored its share of every batch
     se = losses.std().item() / math.sqrt(len(losses)) if len(losses) > 1 else float("nan")
     return losses.mean().item(), se, losses.tolist()
@@ -237,10 +246,8 @@ def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, dev
                     _, loss = train_model(x_piece, y_piece)
                 scaler.scale(loss / pieces).backward()
             # log the cross-entropy alone (comparable with dense), the balancing loss separately
-            aux = model.aux_loss if cfg.is_moe else None
-            ce = loss.detach() - cfg.aux_loss_coef * aux if aux is not None else loss.detach()
-            ce_sum = ce_sum + ce / pieces
-            aux_sum = aux_sum + (aux / pieces if aux is not None else 0.0)
+            ce_sum = ce_sum + cross_entropy_part(model, loss) / pieces
+            aux_sum = aux_sum + (model.aux_loss / pieces if cfg.is_moe else 0.0)
     scaler.unscale_(optimizer)  # clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
     scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
@@ -283,7 +290,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
         # weights are written only when seen to give a finite loss: an update can turn them to NaN after the
         # last loss that was checked, and such a checkpoint would fail again when resumed or sampled
         if not finished:
-            check = evaluate(train_model, val_batches[:1], device)[0]
+            check = evaluate(model, train_model, val_batches[:1], device)[0]
             if not math.isfinite(check):
                 raise Fail(f"[{run.name}] the weights after step {step} give a validation loss of {check}: stopping "
                            f"without saving them; {kept()}. Try a lower learning rate (--{s['phase']}-lr {s['lr'] / 3:.2g}) in a fresh --out-dir")
@@ -312,7 +319,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
 
     result_val = None
     if start_step == 0:
-        result_val, se, val_batches_losses = evaluate(train_model, val_batches, device)  # at the upcycling point, before any MoE step
+        result_val, se, val_batches_losses = evaluate(model, train_model, val_batches, device)  # at the upcycling point, before any MoE step
         log_row(0, val_loss=repr(result_val), val_se=repr(se))
         print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f} ± {se:.4f}")
     t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
@@ -361,7 +368,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                       f"{tok_s / 1e3:,.1f}k tok/s{mfu} | ETA {plot.fmt_time(eta)}{eta_all}", flush=True)
                 val = dict(val_loss="", val_se="")
                 if done % s["eval_interval"] == 0 or done == s["steps"]:
-                    result_val, se, val_batches_losses = evaluate(train_model, val_batches, device)
+                    result_val, se, val_batches_losses = evaluate(model, train_model, val_batches, device)
                     if not math.isfinite(result_val):
                         raise Fail(f"[{run.name}] validation loss became {result_val} at step {done}: stopping; {kept()}")
                     val = dict(val_loss=repr(result_val), val_se=repr(se))
@@ -449,19 +456,15 @@ VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: ever
 
 
 def maybe_compile(model, compile, check_batch, name):
-    """model itself, or its torch.compile wrapper once that is seen to compute the same function on one
-    validation batch (else a warning, and eager mode: slower, never wrong). The whole model is one graph,
-    MoE layers included (dropupcycle.compile_model says what it takes to keep them right)."""
+    """model itself, or its torch.compile wrapper once that is seen to compute the same loss on one validation
+    batch (else a warning, and eager mode: slower, never wrong). The whole model is one graph, MoE layers
+    included (dropupcycle.compile_model says what it takes to keep them right)."""
     wrapped = distributed.wrap(model)  # under torchrun: DDP, or FSDP2 in place; compiled after wrapping
     if not compile:
         return wrapped
     compiled = compile_model(wrapped)
-    x, y = check_batch
-    model.eval()
-    with torch.no_grad(), autocast(x.device):
-        losses = distributed.mean([F.cross_entropy(m(x)[0].float().view(-1, model.config.vocab_size), y.reshape(-1)).item()
-                                   for m in (wrapped, compiled)]).tolist()
-    model.train()
+    device = check_batch[0].device
+    losses = [evaluate(model, m, [check_batch], device)[0] for m in (wrapped, compiled)]  # (means over ranks)
     print(f"[{name}] torch.compile check on a validation batch: loss {losses[1]:.4f} compiled, {losses[0]:.4f} eager")
     if not abs(losses[1] - losses[0]) < 0.005:  # bf16 differences are ~1e-3
         print(f"[{name}] WARNING: the compiled model disagrees with eager mode: training this model without compile")
