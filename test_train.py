@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -505,6 +506,32 @@ def test_a_compiled_model_is_evaluated_with_its_training_graph_and_compiled_once
     assert model.aux_loss > 1  # the balancing loss (about top_k), which the evaluation leaves out
     assert losses == pytest.approx(expected, abs=1e-5) and mean == pytest.approx(sum(expected) / 2, abs=1e-5)
     torch._dynamo.reset()
+
+
+def test_an_evaluation_with_gradients_takes_the_steps_pieces_and_keeps_one_pieces_activations_at_a_time():
+    """On a GPU that training cuts each micro-batch into pieces for, an evaluation that kept a whole batch's (or a
+    previous piece's) activations would run out of memory where training does not."""
+    class Compiled(torch.nn.Module):  # a stand-in for torch.compile's wrapper (its _orig_mod): records each call
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod, self.rows, self.outputs_alive, self.outputs = model, [], [], []
+
+        def forward(self, x, y):
+            self.outputs_alive.append(sum(ref() is not None for ref in self.outputs))
+            self.rows.append(x.shape[0])
+            logits, loss = self._orig_mod(x, y)
+            self.outputs.append(weakref.ref(loss))
+            return logits, loss
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=257, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=64,
+                                    max_seq_len=16, n_experts=4))
+    batches = [(torch.randint(0, 257, (8, 16)), torch.randint(0, 257, (8, 16))) for _ in range(2)]
+    compiled = Compiled(model)
+    whole = train.evaluate(model, model, batches, torch.device("cpu"))
+    in_pieces = train.evaluate(model, compiled, batches, torch.device("cpu"), split=4)
+    assert compiled.rows == [2] * 8 and compiled.outputs_alive == [0] * 8
+    assert in_pieces[2] == pytest.approx(whole[2], abs=1e-5)  # the mean of equal pieces' means: the batch's mean
 
 
 def test_report_gives_runs_outside_init_all_a_colour_of_their_own():

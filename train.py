@@ -206,7 +206,7 @@ def cross_entropy_part(model, loss):
     return loss.detach() - cfg.aux_loss_coef * model.aux_loss if cfg.is_moe else loss.detach()
 
 
-def evaluate(model, train_model, val_batches, device):
+def evaluate(model, train_model, val_batches, device, split=1):
     """(mean, standard error, per-batch losses) of the next-token cross-entropy over fixed held-out batches: the
     language-modelling loss alone, without the balancing term. Every run is scored on the same batches, so the
     noise of a difference between two runs is that of the per-batch differences (plot.compare_to_naive); the
@@ -214,14 +214,17 @@ def evaluate(model, train_model, val_batches, device):
 
     A compiled model is run as in a training step, gradients on and no backward: torch.compile then needs no
     second, inference graph, whose compiling took 7-8 s per model on an H200 (figures/compile_trials_h200.json),
-    more than all of a run's evaluations take."""
+    more than all of a run's evaluations take. So each batch goes in the step's `split` pieces (the same graph,
+    and no more memory than a step), and each piece's saved activations are freed before the next forward."""
     compiled = hasattr(train_model, "_orig_mod")
     losses = []
     with torch.set_grad_enabled(compiled), distributed.grad_sync(train_model, False):  # (DDP: no backward comes)
         for x, y in val_batches:
-            with autocast(device):
-                _, loss = train_model(x, y)
-            losses.append(cross_entropy_part(model, loss))
+            batch_loss = 0.0
+            for x_piece, y_piece in zip(x.chunk(split), y.chunk(split)):
+                with autocast(device):
+                    batch_loss = batch_loss + cross_entropy_part(model, train_model(x_piece, y_piece)[1]) / split
+            losses.append(batch_loss)
     losses = distributed.mean(torch.stack(losses).double().cpu())  # each rank scored its share of every batch
     se = losses.std().item() / math.sqrt(len(losses)) if len(losses) > 1 else float("nan")
     return losses.mean().item(), se, losses.tolist()
@@ -290,7 +293,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
         # weights are written only when seen to give a finite loss: an update can turn them to NaN after the
         # last loss that was checked, and such a checkpoint would fail again when resumed or sampled
         if not finished:
-            check = evaluate(model, train_model, val_batches[:1], device)[0]
+            check = evaluate(model, train_model, val_batches[:1], device, split)[0]
             if not math.isfinite(check):
                 raise Fail(f"[{run.name}] the weights after step {step} give a validation loss of {check}: stopping "
                            f"without saving them; {kept()}. Try a lower learning rate (--{s['phase']}-lr {s['lr'] / 3:.2g}) in a fresh --out-dir")
@@ -319,7 +322,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
 
     result_val = None
     if start_step == 0:
-        result_val, se, val_batches_losses = evaluate(model, train_model, val_batches, device)  # at the upcycling point, before any MoE step
+        result_val, se, val_batches_losses = evaluate(model, train_model, val_batches, device, split)  # at the upcycling point, before any MoE step
         log_row(0, val_loss=repr(result_val), val_se=repr(se))
         print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f} ± {se:.4f}")
     t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
@@ -368,7 +371,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                       f"{tok_s / 1e3:,.1f}k tok/s{mfu} | ETA {plot.fmt_time(eta)}{eta_all}", flush=True)
                 val = dict(val_loss="", val_se="")
                 if done % s["eval_interval"] == 0 or done == s["steps"]:
-                    result_val, se, val_batches_losses = evaluate(model, train_model, val_batches, device)
+                    result_val, se, val_batches_losses = evaluate(model, train_model, val_batches, device, split)
                     if not math.isfinite(result_val):
                         raise Fail(f"[{run.name}] validation loss became {result_val} at step {done}: stopping; {kept()}")
                     val = dict(val_loss=repr(result_val), val_se=repr(se))
@@ -455,16 +458,16 @@ def run_settings(args, phase, model_cfg, data_fingerprint, tokenizer, steps, lr,
 VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: every run and seed is scored on the same text
 
 
-def maybe_compile(model, compile, check_batch, name):
+def maybe_compile(model, compile, check_batch, name, split=1):
     """model itself, or its torch.compile wrapper once that is seen to compute the same loss on one validation
-    batch (else a warning, and eager mode: slower, never wrong). The whole model is one graph, MoE layers
-    included (dropupcycle.compile_model says what it takes to keep them right)."""
+    batch, in the training step's split pieces (else a warning, and eager mode: slower, never wrong). The whole
+    model is one graph, MoE layers included (dropupcycle.compile_model says what it takes to keep them right)."""
     wrapped = distributed.wrap(model)  # under torchrun: DDP, or FSDP2 in place; compiled after wrapping
     if not compile:
         return wrapped
     compiled = compile_model(wrapped)
     device = check_batch[0].device
-    losses = [evaluate(model, m, [check_batch], device)[0] for m in (wrapped, compiled)]  # (means over ranks)
+    losses = [evaluate(model, m, [check_batch], device, split)[0] for m in (wrapped, compiled)]  # (means over ranks)
     print(f"[{name}] torch.compile check on a validation batch: loss {losses[1]:.4f} compiled, {losses[0]:.4f} eager")
     if not abs(losses[1] - losses[0]) < 0.005:  # bf16 differences are ~1e-3
         print(f"[{name}] WARNING: the compiled model disagrees with eager mode: training this model without compile")
@@ -580,7 +583,7 @@ def train_dense(args, run, model, ckpt, train_tokens, val_batches, device, later
         cfg = model.config
         torch.manual_seed(args.seed)
         model = Transformer(cfg).to(device)
-        train_run(run, model, maybe_compile(model, args.compile, val_batches[0], "dense"),
+        train_run(run, model, maybe_compile(model, args.compile, val_batches[0], "dense", pieces),
                   train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run), pieces)
         if args.fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
             distributed.barrier()
@@ -616,7 +619,7 @@ def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train
             distributed.load_full_state(moe_model, start.state_dict())  # sharded after the first init under --fsdp
         del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
-            moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name)
+            moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name, pieces)
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt,
                   later_flops(run), pieces)
         if init == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
