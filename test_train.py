@@ -984,6 +984,6 @@ def test_micro_batch_pieces_and_the_gradient_scaler_train_like_one_piece(drop_ru
     assert "moe: micro-batch of 4 sequences cut into 2 pieces of 2" in stdout
     pieces = plot.val_curve(out / "moe-drop-r0.5" / "log.csv")[2]
     whole = plot.val_curve(drop_run[0] / "moe-drop-r0.5" / "log.csv")[2]
-    assert pieces[0] == whole[0]  # the same upcycled start
+    assert pieces[0] == pytest.approx(whole[0], abs=1e-5)  # the same upcycled start (scored in pieces too)
     assert np.allclose(pieces, whole, atol=2e-2), (pieces, whole)
     assert not np.array_equal(pieces, whole)  # (the pieces did change the computation)
