@@ -163,7 +163,7 @@ def grad_sync(train_model, sync):
     module = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
     if isinstance(module, DDP) and not sync:
         return module.no_sync()
-    if world() > 1 and STATE["fsdp"]:
+    if world() > 1 and STATE["fsdp"] and hasattr(module, "set_requires_gradient_sync"):  # (not a --dense-from model, which is only scored)
         module.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 

@@ -224,13 +224,14 @@ def moe_path(device):
 
 def row_groups_per_expert(d_model, d_ff):
     """Into how many groups experts_grouped cuts each expert's rows: 4 for small experts (the gpu preset's
-    256 x 1024), 1 from the paper's 512 x 2048 on. The weight gradient of a group is one GEMM over its rows; a few
-    long ones (small experts, or the uneven routing real text gives) leave most of an H200 idle: cut in 4, the gpu
-    preset's whole training step took 25% less time with balance 0.33 and 2-4% less with even routing
-    (figures/moe_trials_h200.json). At 512 x 2048 a cut in 2 saved 9% of the layer's time with balance 0.33 but
-    cost 4-5% at 32k tokens with even routing (figures/moe_trials2_h200.json), and routing trained with the balancing loss is far
-    nearer even (balance 0.75 on text in bench.py's section 4) than 0.33. Larger experts were not tried in groups."""
-    return min(4, max(1, 2**20 // (d_model * d_ff)))
+    256 x 1024), 2 at the paper's 512 x 2048, 1 from 1024 x 4096 on. The weight gradient of a group is one GEMM
+    over its rows; a few long ones (small experts, or the uneven routing real text gives) leave most of an H200
+    idle: cut in 4, the gpu preset's whole training step took 25% less time with balance 0.33 and 2-4% less with
+    even routing (figures/moe_trials_h200.json). At 512 x 2048, 2 groups took 12% less time than 1 with balance
+    0.33 and 7% more with even routing at 32k tokens (figures/moe_trials2_h200.json); trained routers range from
+    that uneven to nearly even (balance 0.34-0.91 by init, naive 0.36: figures/routing_gpu_summary.md). Larger
+    experts were not tried in groups."""
+    return min(4, max(1, 2**21 // (d_model * d_ff)))
 
 
 def top_k_indices(scores, k):

@@ -15,7 +15,8 @@ import torch
 
 from conftest import ENV, HERE, TRAIN_PY, csv_rows, tiny
 
-import distributed  # noqa: F401  (the module under test, imported by train.py)
+import distributed
+from dropupcycle import ModelConfig, Transformer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 RUNS = ["dense", "moe-naive"]
@@ -63,21 +64,42 @@ def test_two_processes_equal_one_with_the_same_global_batch(mode, reference, tra
     assert json.load(open(tmp_path / "moe-naive" / "result.json"))["processes"] == 2
 
 
-def test_fsdp2_with_compile_trains_the_shards_and_saves_them(reference, train_corpus, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_with_compile_two_processes_train_like_one_and_fsdp2_saves_the_shards(mode, reference, train_corpus, tmp_path):
     # --compile first checks the compiled model against eager mode with a forward; under FSDP2 that forward leaves
     # the root module's gathered weights registered, and an optimizer made from them neither trains nor saves the
-    # shards. Compilation itself is replaced by the identity: the check and its forward are what matter here.
+    # shards. Compilation itself is replaced by a wrapper that calls the model as it is (its _orig_mod is what marks
+    # a compiled model): the check and the evaluations then run with gradients on and no backward, as compiled.
     script = tmp_path / "train.py"
     script.write_text(f"""import sys
 sys.path.insert(0, {HERE!r})
+import torch
 import train
-train.compile_model = lambda model, **kw: model
+
+class Compiled(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model
+
+    def forward(self, *args):
+        return self._orig_mod(*args)
+
+train.compile_model = lambda model, **kw: Compiled(model)
 train.main()
 """)
-    result = run([*TORCHRUN, str(script), *flags(train_corpus, tmp_path), "--fsdp", "--compile"])
+    result = run([*TORCHRUN, str(script), *flags(train_corpus, tmp_path), *mode, "--compile"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.compile check" in result.stdout
     assert_same_run(tmp_path, reference)
+
+
+def test_a_model_that_is_only_scored_needs_no_gradient_sync_under_fsdp(monkeypatch):
+    # --dense-from under torchrun --fsdp: the pretrained model is scored as it came, unsharded
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setitem(distributed.STATE, "fsdp", True)
+    model = Transformer(ModelConfig(vocab_size=16, d_model=8, n_layer=1, n_head=1, n_kv_head=1, d_ff=16))
+    with distributed.grad_sync(model, False):
+        pass
 
 
 def test_sigterm_on_one_rank_stops_both_and_resumes_on_one_process(reference, train_corpus, tmp_path):

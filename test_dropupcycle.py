@@ -228,11 +228,10 @@ def test_moe_layer_computes_eq2_token_by_token():
 
 def test_each_experts_rows_are_cut_into_more_groups_the_smaller_the_expert():
     assert row_groups_per_expert(256, 1024) == 4  # the gpu preset
-    assert row_groups_per_expert(512, 2048) == 1  # the paper's 8x152M
-    assert row_groups_per_expert(384, 1536) == 1 and row_groups_per_expert(1024, 4096) == 1
-    assert row_groups_per_expert(4096, 14336) == 1
+    assert row_groups_per_expert(512, 2048) == 2  # the paper's 8x152M
+    assert row_groups_per_expert(1024, 4096) == 1 and row_groups_per_expert(4096, 14336) == 1
     assert row_groups_per_expert(32, 64) == 4  # never more than 4
-    assert MoE(replace(TINY_MOE, d_model=256, d_ff=1024)).row_groups == 4
+    assert MoE(replace(TINY_MOE, d_model=512, d_ff=2048)).row_groups == 2
 
 
 def test_moving_rows_by_a_permutation_has_the_gradient_of_autograds_own_gather():

@@ -16,6 +16,7 @@ gpus.py's.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -218,7 +219,8 @@ def evaluate(model, train_model, val_batches, device, split=1):
     and no more memory than a step), and each piece's saved activations are freed before the next forward."""
     compiled = hasattr(train_model, "_orig_mod")
     losses = []
-    with torch.set_grad_enabled(compiled), distributed.grad_sync(train_model, False):  # (DDP: no backward comes)
+    no_sync = distributed.grad_sync(train_model, False) if compiled else contextlib.nullcontext()  # (DDP: no backward comes)
+    with torch.set_grad_enabled(compiled), no_sync:
         for x, y in val_batches:
             batch_loss = 0.0
             for x_piece, y_piece in zip(x.chunk(split), y.chunk(split)):
