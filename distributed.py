@@ -163,8 +163,8 @@ def grad_sync(train_model, sync):
     module = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
     if isinstance(module, DDP) and not sync:
         return module.no_sync()
-    if world() > 1 and STATE["fsdp"] and hasattr(module, "set_requires_gradient_sync"):  # (not a --dense-from model, which is only scored)
-        module.set_requires_gradient_sync(sync)
+    if world() > 1 and STATE["fsdp"] and hasattr(module, "set_requires_gradient_sync"):  # a model only scored
+        module.set_requires_gradient_sync(sync)  # (--dense-from's, before upcycling) is not sharded
     return contextlib.nullcontext()
 
 

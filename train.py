@@ -16,7 +16,6 @@ gpus.py's.
 """
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -219,8 +218,7 @@ def evaluate(model, train_model, val_batches, device, split=1):
     and no more memory than a step), and each piece's saved activations are freed before the next forward."""
     compiled = hasattr(train_model, "_orig_mod")
     losses = []
-    no_sync = distributed.grad_sync(train_model, False) if compiled else contextlib.nullcontext()  # (DDP: no backward comes)
-    with torch.set_grad_enabled(compiled), no_sync:
+    with torch.set_grad_enabled(compiled), distributed.grad_sync(train_model, False):  # (DDP: no backward comes)
         for x, y in val_batches:
             batch_loss = 0.0
             for x_piece, y_piece in zip(x.chunk(split), y.chunk(split)):
@@ -235,7 +233,6 @@ def evaluate(model, train_model, val_batches, device, split=1):
 def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, device, split):
     """One optimizer step at `step`: its learning rate, its grad_accum micro-batches (each cut into `split` pieces),
     clipping, the update. Returns (lr, cross-entropy, balancing loss), the losses still on the device (no sync)."""
-    cfg = ModelConfig(**s["model"])
     lr = lr_at(step, s["steps"], s["lr"], s["warmup"])
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -252,7 +249,7 @@ def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, dev
                 scaler.scale(loss / pieces).backward()
             # log the cross-entropy alone (comparable with dense), the balancing loss separately
             ce_sum = ce_sum + cross_entropy_part(model, loss) / pieces
-            aux_sum = aux_sum + (model.aux_loss / pieces if cfg.is_moe else 0.0)
+            aux_sum = aux_sum + (model.aux_loss / pieces if model.config.is_moe else 0.0)
     scaler.unscale_(optimizer)  # clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
     scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
