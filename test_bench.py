@@ -3,6 +3,7 @@ not how fast anything is: speed is measured on the GPU (figures/bench.md)."""
 
 import json
 import sys
+import time
 
 import torch
 
@@ -75,11 +76,23 @@ def test_loop_section_times_train_py_s_own_step_on_random_tokens_and_on_text(tmp
     md = (tmp_path / "out" / "bench.md").read_text()
     assert "## 4. train.py's step function" in md and "| tiny | moe | eager | random tokens |" in md
     # each row: train.py's step function itself, its first call compiling, then timed in rounds that alternate with
-    # the bare step on the same model
-    assert calls == [0, 1, 2, 3] * 4
+    # the bare step on the same model: one step timed by device events, 10 in a row by the clock
+    assert calls == list(range(1 + bench.LOOP_ROUNDS * (1 + 10))) * 4
     assert all(r["bare_ms"] > 0 and r["x_bare"] == r["ms"] / r["bare_ms"] for r in rows.values())
+    assert all(r["bare_wall_ms"] > 0 and r["x_bare_wall"] == r["wall_ms"] / r["bare_wall_ms"] for r in rows.values())
     targets = [t for t in results["targets"] if t.startswith("train.py's step")]
-    assert [t.split(",")[2].strip() for t in targets] == ["dense", "moe"] and all("real text" in t for t in targets)
+    assert [t.split(",")[2].strip() for t in targets] == ["dense", "dense", "moe", "moe"]
+    assert all("real text" in t for t in targets) and sum("wall clock" in t for t in targets) == 2
+
+
+def test_wall_clock_timing_counts_the_host_s_time_between_steps():
+    """A step that keeps the host busy for 3 ms and gives the device nothing: its device events would time nearly
+    nothing, the wall clock the 3 ms a training loop loses to it."""
+    def host_bound_step():
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.003:
+            pass
+    assert 3.0 <= bench.wall_ms(host_bound_step, torch.device("cpu"), 5) < 30.0
 
 
 def test_profile_of_the_loop_shows_where_train_py_s_step_spends_its_time(tmp_path):

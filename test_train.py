@@ -551,6 +551,16 @@ def test_batches_from_the_corpus_on_the_gpu_equal_those_gathered_on_the_host(dev
         x, y = data.get_batch(tokens, 8, 16, np.random.default_rng(3), torch.device(device), part)
         x2, y2 = data.get_batch(on_device, 8, 16, np.random.default_rng(3), torch.device(device), part)
         assert x2.dtype == x.dtype == torch.int64 and torch.equal(x, x2) and torch.equal(y, y2)
+    # on a GPU the window starts cross through pinned buffers, copied while the GPU still runs earlier work: each
+    # buffer must stay untouched until its copy is done, also when the next batches are made meanwhile
+    busy = torch.randn(*[4096 if device == "cuda" else 64] * 2, device=device)
+    host_rng, device_rng, batches = np.random.default_rng(5), np.random.default_rng(5), []
+    for _ in range(20):
+        busy = busy @ busy / 64  # queued work the copies wait behind
+        batches.append(data.get_batch(on_device, 8, 16, device_rng, torch.device(device)))
+    for x2, _ in batches:
+        x, _ = data.get_batch(tokens, 8, 16, host_rng, torch.device("cpu"))
+        assert torch.equal(x, x2.cpu())
 
 
 # -----------------------------------------------------------------------------

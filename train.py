@@ -237,7 +237,7 @@ def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, dev
     for group in optimizer.param_groups:
         group["lr"] = lr
     rng = np.random.default_rng([s["seed"], {"dense": 0, "moe": 1}[s["phase"]], step])  # data of a step: (seed, phase, step)
-    ce_sum, aux_sum = 0.0, 0.0
+    ce_parts, aux_parts = [], []  # each piece's losses, left on the device
     pieces = s["grad_accum"] * split  # equal pieces: the mean of their losses is the step's loss
     for micro in range(s["grad_accum"]):
         x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device, distributed.rows())
@@ -246,16 +246,23 @@ def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, dev
             with distributed.grad_sync(train_model, last):  # all-reduce once per step
                 with autocast(device):
                     _, loss = train_model(x_piece, y_piece)
-                scaler.scale(loss / pieces).backward()
+                scaler.scale(loss / pieces if pieces > 1 else loss).backward()
             # log the cross-entropy alone (comparable with dense), the balancing loss separately
-            ce_sum = ce_sum + cross_entropy_part(model, loss) / pieces
-            aux_sum = aux_sum + (model.aux_loss / pieces if model.config.is_moe else 0.0)
+            ce_parts.append(cross_entropy_part(model, loss))
+            if model.config.is_moe:
+                aux_parts.append(model.aux_loss)
     scaler.unscale_(optimizer)  # clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
     scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return lr, ce_sum, aux_sum
+    return lr, mean_of(ce_parts), mean_of(aux_parts) if aux_parts else 0.0
+
+
+def mean_of(losses):
+    """The mean of a step's piece losses; with one piece, no arithmetic: the training loop of a small model waits
+    for the host, and each extra operation is a launch (tens of microseconds on an H200 host)."""
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
 
 def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_interval, ckpt=None, later_flops=0.0,
