@@ -488,7 +488,7 @@ def bench_loop(args, device, record, profiles):
     corpus, forward and backward under train.py's autocast, clipping, fused AdamW), on random tokens and on batches
     of real text (--loop-data), each timed against the bare step of section 2 on the same compiled model and a fixed
     batch of the same input, in alternating rounds: machines and minutes differ by more than the few % sought here.
-    Against that bare step, what the loop adds; across the two inputs, what real text adds (its routing, for the MoE).
+    In train.py's own mode only: compiled when compiling (as on a GPU), else eager. Against that bare step, what the loop adds; across the two inputs, what real text adds (its routing, for the MoE).
     --profile: a torch.profiler table of 10 steps on real text per model (compiled where compiling); its device time per step against
     the row's ms/step is the share of the step the GPU computes (the rest it waits for the host)."""
     name, shape, batch, seq = STEP_CONFIGS[device.type][0]
@@ -499,17 +499,16 @@ def bench_loop(args, device, record, profiles):
                f"text ({args.loop_data})": data.corpus_to_device(text, device)}
     for kind in ("dense", "moe"):
         cfg = step_config(kind, shape, seq)
-        for mode in ("eager", "compiled") if args.compile else ("eager",):
-            for tokens_name, tokens in corpora.items():
-                row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, tokens=tokens_name)
-                try:
-                    last_mode = mode == ("compiled" if args.compile else "eager")
-                    prof = profiles if args.profile and last_mode and tokens_name.startswith("text") else None
-                    row.update(bench_loop_step(cfg, batch, seq, mode, device, args, tokens, prof))
-                except Exception as e:
-                    row["error"] = error_text(e)
-                record("loop", row)
-                print(fmt_loop_row(row), flush=True)
+        mode = "compiled" if args.compile else "eager"  # as train.py runs it
+        for tokens_name, tokens in corpora.items():
+            row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, tokens=tokens_name)
+            try:
+                prof = profiles if args.profile and tokens_name.startswith("text") else None
+                row.update(bench_loop_step(cfg, batch, seq, mode, device, args, tokens, prof))
+            except Exception as e:
+                row["error"] = error_text(e)
+            record("loop", row)
+            print(fmt_loop_row(row), flush=True)
 
 
 def bench_loop_step(cfg, batch, seq, mode, device, args, tokens, profiles=None):

@@ -406,22 +406,15 @@ def get_batch(tokens, batch_size, seq_len, rng, device, part=(0, 1)):
     share = batch_size // part[1]
     starts = starts[part[0] * share:(part[0] + 1) * share]
     if isinstance(tokens, torch.Tensor):
-        starts = to_device(torch.from_numpy(starts), tokens.device)
+        starts = torch.from_numpy(starts)
+        if tokens.is_cuda:
+            starts = starts.pin_memory().to(tokens.device, non_blocking=True)
         chunk = tokens[starts[:, None] + torch.arange(seq_len + 1, device=tokens.device)].long()
         return chunk[:, :-1], chunk[:, 1:]
-    chunk = to_device(torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)), device)
+    chunk = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    if device.type == "cuda":
+        chunk = chunk.pin_memory().to(device, non_blocking=True)  # overlaps the copy with the running step
     return chunk[:, :-1], chunk[:, 1:]
-
-
-def to_device(cpu_tensor, device):
-    """cpu_tensor on device without waiting for the GPU: a copy from pageable memory would wait for the step
-    that runs; from pinned memory it is queued behind it. The pinned buffer is taken from PyTorch's cache, not
-    made by .pin_memory(), whose check whether the memory is pinned already took 0.18 ms a step on an H200
-    host (figures/bench.md)."""
-    if device.type != "cuda":
-        return cpu_tensor
-    pinned = torch.empty(cpu_tensor.shape, dtype=cpu_tensor.dtype, pin_memory=True).copy_(cpu_tensor)
-    return pinned.to(device, non_blocking=True)
 
 
 GPU_CORPUS_SHARE = 0.1  # the training tokens move to the GPU when they take at most this share of its free memory
