@@ -17,8 +17,9 @@ Four measurements, all in one process (--sections: layer and step by default, lo
      real text, each with the load balance it gave.
   3. MoE step time / dense step time next to MoE FLOPs / dense FLOPs per token: the excess is what the
      MoE machinery (routing, sorting, grouped GEMMs) costs beyond its arithmetic.
-  4. (loop) train.py's own step function on the first config, on random tokens and on real text: against
-     the bare step of 2, what train.py's loop adds, and what real text (its routing) adds.
+  4. (loop) train.py's own step function on the first config, in train.py's mode, on random tokens and on real
+     text: against the bare step of 2, what train.py's loop adds, and what real text (its routing) adds; timed
+     by device events and by the wall clock (the GPU may wait for the host between steps).
 It prints a table and writes bench.md and bench.json (rewritten after every row) to --out.
 """
 
