@@ -489,9 +489,11 @@ def bench_loop(args, device, record, profiles):
     corpus, forward and backward under train.py's autocast, clipping, fused AdamW), on random tokens and on batches
     of real text (--loop-data), each timed against the bare step of section 2 on the same compiled model and a fixed
     batch of the same input, in alternating rounds: machines and minutes differ by more than the few % sought here.
-    In train.py's own mode only: compiled when compiling (as on a GPU), else eager. Against that bare step, what the loop adds; across the two inputs, what real text adds (its routing, for the MoE).
-    --profile: a torch.profiler table of 10 steps on real text per model (compiled where compiling); its device time per step against
-    the row's ms/step is the share of the step the GPU computes (the rest it waits for the host)."""
+    In train.py's own mode only: compiled when compiling (as on a GPU), else eager. Against that bare step, what
+    the loop adds; across the two inputs, what real text adds (its routing, for the MoE).
+    --profile: a torch.profiler table of 10 steps on real text per model (compiled where compiling); its device
+    time per step against the row's ms/step is the share of the step the GPU computes (the rest it waits for
+    the host)."""
     name, shape, batch, seq = STEP_CONFIGS[device.type][0]
     enc = data.get_tokenizer("byte")
     text, _, _ = data.load_data(args.loop_data, "byte", enc, args.out, args.loop_corpus_mb, seq)

@@ -77,7 +77,7 @@ def test_loop_section_times_train_py_s_own_step_on_random_tokens_and_on_text(tmp
     assert "## 4. train.py's step function" in md and "| tiny | moe | eager | random tokens |" in md
     # each row: train.py's step function itself, its first call compiling, then timed in rounds that alternate with
     # the bare step on the same model: one step timed by device events, 10 in a row by the clock
-    assert calls == list(range(1 + bench.LOOP_ROUNDS * (1 + 10))) * 4
+    assert calls == list(range(1 + bench.LOOP_ROUNDS * (1 + bench.LOOP_WALL_TIMES_ITERS))) * 4
     assert all(r["bare_ms"] > 0 and r["x_bare"] == r["ms"] / r["bare_ms"] for r in rows.values())
     assert all(r["bare_wall_ms"] > 0 and r["x_bare_wall"] == r["wall_ms"] / r["bare_wall_ms"] for r in rows.values())
     targets = [t for t in results["targets"] if t.startswith("train.py's step")]

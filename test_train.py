@@ -980,6 +980,27 @@ def test_micro_batch_is_cut_into_pieces_only_where_the_step_would_not_fit(monkey
     assert gpus.micro_split(GPU_PRESET_MOE, 128, 512, torch.device("cpu"), n_params) == 1
 
 
+def test_a_step_in_pieces_logs_the_mean_of_their_losses_and_takes_the_same_update():
+    """train_step with its batch cut in 2 pieces: the logged loss is the mean of the pieces' losses (the whole
+    batch's loss), not their sum, and the update is the one-piece step's."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16)
+    tokens = np.random.default_rng(0).integers(0, 64, size=4000).astype(np.uint16)
+    settings = dict(lr=1e-3, steps=10, warmup=0, seed=0, phase="dense", batch_size=4, seq_len=16, grad_accum=1,
+                    grad_clip=1.0)
+    results = []
+    for split in (1, 2):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        optimizer = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        _, ce, aux = train.train_step(model, model, optimizer, scaler, settings, 3, tokens, torch.device("cpu"), split)
+        results.append((float(ce), aux, [p.detach().clone() for p in model.parameters()]))
+    (ce_whole, aux_whole, params_whole), (ce_pieces, aux_pieces, params_pieces) = results
+    assert ce_pieces == pytest.approx(ce_whole, rel=1e-5) and 3.5 < ce_whole < 5.0  # about ln 64 at the start
+    assert aux_whole == aux_pieces == 0.0  # a dense model has no balancing loss
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params_whole, params_pieces))
+
+
 def test_micro_batch_pieces_and_the_gradient_scaler_train_like_one_piece(drop_run, train_corpus, tmp_path, capsys,
                                                                            monkeypatch):
     """The fp16 route's plumbing on the CPU: each micro-batch in 2 pieces and the gradient scaler on (its scaling,
