@@ -35,7 +35,6 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import analyze
 import data
@@ -372,8 +371,7 @@ def skew_routing(model, skew):
 
         def route(x, moe=moe, bias=bias):
             logits = du.MoE.route(moe, x)[0] + bias  # [N, E]
-            experts = du.top_k_indices(logits, moe.top_k)  # [N, k]
-            return logits, experts, F.softmax(logits.gather(-1, experts), dim=-1)
+            return (logits, *du.top_k_gates(logits, moe.top_k))
         moe.route = route
 
 

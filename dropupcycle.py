@@ -248,6 +248,13 @@ def top_k_indices(scores, k):
     return torch.stack(chosen, dim=-1)
 
 
+def top_k_gates(logits, k):
+    """Eq. 3: g(x) = Softmax(Top-k(x W_router)): router logits [N, E] -> chosen experts [N, k] and their gate
+    weights [N, k], the softmax over the k chosen logits (equal to Mixtral's softmax -> top-k -> renormalise)."""
+    experts = top_k_indices(logits, k)
+    return experts, F.softmax(logits.gather(-1, experts), dim=-1)
+
+
 class RowPermutation(torch.autograd.Function):
     """rows[index] for a permutation index, with a gradient that is a gather too: grad[inverse], inverse being
     index's inverse. Autograd's own gradient of rows[index] would be a scatter-add (bf16 atomic adds were 10% of a
@@ -288,9 +295,7 @@ class MoE(nn.Module):
         # would send some tokens to different experts. It is one tiny [N, E] matmul.
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())
-        experts = top_k_indices(logits, self.top_k)  # [N, k]
-        # Eq. 3: g(x) = Softmax(Top-k(x W_router)); equal to Mixtral's softmax -> top-k -> renormalise
-        weights = F.softmax(logits.gather(-1, experts), dim=-1)
+        experts, weights = top_k_gates(logits, self.top_k)  # Eq. 3
         return logits, experts, weights
 
     def forward(self, x):
