@@ -220,11 +220,11 @@ def evaluate(model, train_model, val_batches, device, split=1):
     losses = []
     with torch.set_grad_enabled(compiled), distributed.grad_sync(train_model, False):  # (DDP: no backward comes)
         for x, y in val_batches:
-            batch_loss = 0.0
+            pieces = []
             for x_piece, y_piece in zip(x.chunk(split), y.chunk(split)):
                 with autocast(device):
-                    batch_loss = batch_loss + cross_entropy_part(model, train_model(x_piece, y_piece)[1]) / split
-            losses.append(batch_loss)
+                    pieces.append(cross_entropy_part(model, train_model(x_piece, y_piece)[1]))
+            losses.append(mean_of(pieces))
     losses = distributed.mean(torch.stack(losses).double().cpu())  # each rank scored its share of every batch
     se = losses.std().item() / math.sqrt(len(losses)) if len(losses) > 1 else float("nan")
     return losses.mean().item(), se, losses.tolist()
