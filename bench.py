@@ -26,6 +26,7 @@ It prints a table and writes bench.md and bench.json (rewritten after every row)
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -487,36 +488,40 @@ def bench_loop(args, device, record, profiles):
     corpus, forward and backward under train.py's autocast, clipping, fused AdamW), on random tokens and on batches
     of real text (--loop-data), each timed against the bare step of section 2 on the same compiled model and a fixed
     batch of the same input, in alternating rounds: machines and minutes differ by more than the few % sought here.
-    In train.py's own mode only: compiled when compiling (as on a GPU), else eager. Against that bare step, what
-    the loop adds; across the two inputs, what real text adds (its routing, for the MoE).
-    --profile: a torch.profiler table of 10 steps on real text per model (compiled where compiling); its device
-    time per step against the row's ms/step is the share of the step the GPU computes (the rest it waits for
-    the host)."""
+    In train.py's own mode (train.compile_mode: CUDA graphs on one GPU, else compiled when compiling, else eager),
+    and where that is CUDA graphs, also in torch.compile's default mode, the one section 2 times. Against the bare
+    step, what the loop adds; across the two inputs, what real text adds (its routing, for the MoE); across the
+    modes, what the graphs save.
+    --profile: a torch.profiler table of 10 steps on real text per model in train.py's mode; its device time per
+    step against the row's ms/step is the share of the step the GPU computes (the rest it waits for the host)."""
     name, shape, batch, seq = STEP_CONFIGS[device.type][0]
     enc = data.get_tokenizer("byte")
     text, _, _ = data.load_data(args.loop_data, "byte", enc, args.out, args.loop_corpus_mb, seq)
     corpora = {"random tokens": torch.randint(0, 256, (1 << 22,), dtype=torch.int32, device=device)
                if device.type == "cuda" else torch.randint(0, 256, (1 << 16,), dtype=torch.int32).numpy(),
                f"text ({args.loop_data})": data.corpus_to_device(text, device)}
+    # train.py's own mode, and where that is CUDA graphs, also the default compiled mode: what the graphs save
+    modes = {"eager": None} if not args.compile else {"compiled": None}
+    if args.compile and train.compile_mode(device, 1):
+        modes["graphs"] = train.compile_mode(device, 1)
     for kind in ("dense", "moe"):
         cfg = step_config(kind, shape, seq)
-        mode = "compiled" if args.compile else "eager"  # as train.py runs it
-        for tokens_name, tokens in corpora.items():
+        for (mode, compile_mode), (tokens_name, tokens) in itertools.product(modes.items(), corpora.items()):
             row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, tokens=tokens_name)
             try:
-                prof = profiles if args.profile and tokens_name.startswith("text") else None
-                row.update(bench_loop_step(cfg, batch, seq, mode, device, args, tokens, prof))
+                prof = profiles if args.profile and tokens_name.startswith("text") and mode == list(modes)[-1] else None
+                row.update(bench_loop_step(cfg, batch, seq, mode, compile_mode, device, args, tokens, prof))
             except Exception as e:
                 row["error"] = error_text(e)
             record("loop", row)
             print(fmt_loop_row(row), flush=True)
 
 
-def bench_loop_step(cfg, batch, seq, mode, device, args, tokens, profiles=None):
+def bench_loop_step(cfg, batch, seq, mode, compile_mode, device, args, tokens, profiles=None):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = du.Transformer(cfg).to(device)
-    run = du.compile_model(model, mode=args.compile_mode) if mode == "compiled" else model
+    run = du.compile_model(model, mode=compile_mode) if mode != "eager" else model
     optimizer = train.make_optimizer(model, 3e-4, 0.1, device)
     scaler = torch.amp.GradScaler(device.type, enabled=gpus.amp_dtype(device) == torch.float16)
     settings = dict(model=dataclasses.asdict(cfg), lr=3e-4, steps=10**6, warmup=100, seed=0,
@@ -534,6 +539,7 @@ def bench_loop_step(cfg, batch, seq, mode, device, args, tokens, profiles=None):
     params = list(model.parameters())
 
     def bare():  # section 2's step on a fixed batch, in train.py's precision
+        train.begin_step(run)
         bare_step(run, params, optimizer, fixed_x, fixed_y, lambda: gpus.autocast(device))
 
     step()  # compiles
@@ -654,6 +660,14 @@ def targets(results):
                 lines.append(f"train.py's step, {r['config']}, {r['model']}, {r['mode']}, real text, {how}: "
                              f"{ratio:.2f}x the bare step (target <= {LOOP_VS_BARE}) "
                              f"{'MET' if ratio <= LOOP_VS_BARE else 'MISSED'}")
+    loops = {(r["model"], r["mode"], r["tokens"]): r for r in results["loop"] if "error" not in r}
+    for (model, mode, tokens), r in loops.items():
+        default = loops.get((model, "compiled", tokens))
+        if mode == "graphs" and tokens.startswith("text") and default:  # train.py against section 2's compiled step
+            ratio = r["wall_ms"] / default["bare_wall_ms"]
+            lines.append(f"train.py's step, {r['config']}, {model}, graphs, real text, wall clock: {ratio:.2f}x the "
+                         f"bare step in torch.compile's default mode, section 2's (target <= {LOOP_VS_BARE}) "
+                         f"{'MET' if ratio <= LOOP_VS_BARE else 'MISSED'}")
     for r in steps.values():
         if "graph_breaks" in r:
             lines.append(f"torch.compile, {r['config']}, {r['model']}: {r['graphs']} graph(s), {r['graph_breaks']} "
@@ -718,7 +732,9 @@ def markdown(results):
                f"input) on the same compiled model, timed in {LOOP_ROUNDS} rounds alternating with train.py's step "
                "(medians); `vs bare`: their ratio, above 1 what the loop costs. The wall columns: "
                f"{LOOP_WALL_TIMES_ITERS} x --iters steps in a row timed by the clock (the median of the rounds), as train.py's "
-               "tokens/s are; where they exceed the device-timed ms, the GPU waited for the host.\n",
+               "tokens/s are; where they exceed the device-timed ms, the GPU waited for the host. Mode `graphs`: "
+               "torch.compile's reduce-overhead mode (CUDA graphs), train.py's on one GPU; `compiled`: the default "
+               "mode, section 2's.\n",
                "| config | model | mode | batches | ms/step | tokens/s | bare ms | vs bare | wall ms/step | bare wall ms "
                "| vs bare, wall | routing balance |",
                "|---|---|---|---|---|---|---|---|---|---|---|---|"]

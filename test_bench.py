@@ -85,6 +85,25 @@ def test_loop_section_times_train_py_s_own_step_on_random_tokens_and_on_text(tmp
     assert all("real text" in t for t in targets) and sum("wall clock" in t for t in targets) == 2
 
 
+def test_where_train_py_uses_cuda_graphs_the_loop_section_times_its_step_in_both_modes(tmp_path, monkeypatch):
+    """On one GPU train.py compiles with CUDA graphs: section 4 times its step in that mode, and in torch.compile's
+    default mode (section 2's), and says how train.py's step compares with section 2's (simulated on the CPU: a
+    mode that asks for graphs, a compiler that records the mode and compiles nothing)."""
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 2000)
+    modes = []
+    monkeypatch.setattr(bench.train, "compile_mode", lambda device, pieces: "reduce-overhead")
+    monkeypatch.setattr(bench.du, "compile_model", lambda model, mode=None: modes.append(mode) or model)
+    results = bench.main(["--device", "cpu", "--out", str(tmp_path / "out"), "--warmup", "0", "--iters", "1", "--no-hf",
+                          "--sections", "loop", "--loop-data", str(text), "--compile"])
+    assert [(r["model"], r["mode"]) for r in results["loop"]] == [
+        (model, mode) for model in ("dense", "moe") for mode in ("compiled", "graphs") for _ in range(2)]
+    assert modes == [None, None, "reduce-overhead", "reduce-overhead"] * 2
+    against_default = [t for t in results["targets"] if "default mode, section 2's" in t]
+    assert [t.split(",")[2].strip() for t in against_default] == ["dense", "moe"]
+    assert "| tiny | moe | graphs | random tokens |" in (tmp_path / "out" / "bench.md").read_text()
+
+
 def test_wall_clock_timing_counts_the_host_s_time_between_steps():
     """A step that keeps the host busy for 3 ms and gives the device nothing: its device events would time nearly
     nothing, the wall clock the 3 ms a training loop loses to it."""

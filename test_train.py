@@ -534,6 +534,69 @@ def test_an_evaluation_with_gradients_takes_the_steps_pieces_and_keeps_one_piece
     assert in_pieces[2] == pytest.approx(whole[2], abs=1e-5)  # the mean of equal pieces' means: the batch's mean
 
 
+def test_cuda_graphs_are_used_on_one_gpu_for_steps_of_one_piece_only(monkeypatch):
+    """A graph's replay writes over the last one's outputs and gradients: gradients added up over several pieces,
+    and DDP's or FSDP's hooks, stay in torch.compile's default mode (and the CPU has no graphs)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train.compile_mode(cuda, 1) == "reduce-overhead"
+    assert train.compile_mode(cuda, 2) is None and train.compile_mode(cpu, 1) is None
+    monkeypatch.setattr(train.distributed, "world", lambda: 2)
+    assert train.compile_mode(cuda, 1) is None
+    monkeypatch.undo()
+    # maybe_compile asks for the mode of the whole step: grad_accum micro-batches, each in split pieces
+    asked, given = [], []
+    monkeypatch.setattr(train, "compile_mode", lambda device, pieces: asked.append(pieces) or "reduce-overhead")
+    monkeypatch.setattr(train, "compile_model", lambda m, mode=None: given.append(mode) or m)
+    model = Transformer(ModelConfig(vocab_size=257, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64,
+                                    max_seq_len=16))
+    x = torch.randint(0, 257, (4, 16))
+    train.maybe_compile(model, True, (x, x), "dense", split=2, grad_accum=3)
+    assert asked == [6] and given == ["reduce-overhead"]
+
+
+class Replayed(torch.nn.Module):
+    """A stand-in for a model compiled with CUDA graphs (its _orig_mod): each call writes over the memory of the
+    last call's outputs, the balancing loss included, as a graph's replay does."""
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod, self.last_outputs = model, []
+
+    def forward(self, x, y):
+        for t in self.last_outputs:
+            t.detach().fill_(float("nan"))
+        logits, loss = self._orig_mod(x, y)
+        self.last_outputs = [loss] + ([self._orig_mod.aux_loss] if self._orig_mod.config.is_moe else [])
+        return logits, loss
+
+
+@pytest.mark.parametrize("n_experts", [1, 4])
+def test_logged_losses_outlive_the_next_replay_and_each_forward_begins_a_graph_step(n_experts, monkeypatch):
+    """The losses train_step returns wait in the log until the next log row; under CUDA graphs later steps'
+    replays write over the model's outputs, so what is kept must be copies. Every forward, in training and in
+    evaluation, first tells the graphs that a new step begins."""
+    steps_begun = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps_begun.append(1))
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
+                      n_experts=n_experts)
+    tokens = np.random.default_rng(0).integers(0, 64, size=4000).astype(np.uint16)
+    settings = dict(lr=1e-3, steps=10, warmup=0, seed=0, phase="moe" if cfg.is_moe else "dense", batch_size=4,
+                    seq_len=16, grad_accum=1, grad_clip=1.0)
+    logged = {}
+    for name in ("eager", "replayed"):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        train_model = model if name == "eager" else Replayed(model)
+        optimizer = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        steps = [train.train_step(model, train_model, optimizer, scaler, settings, step, tokens, torch.device("cpu"), 1)
+                 for step in range(3)]
+        batches = [(torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))) for _ in range(3)]
+        val = train.evaluate(model, train_model, batches, torch.device("cpu"))[2]
+        logged[name] = [float(v) for _, ce, aux in steps for v in (ce, aux)] + val
+    assert np.isfinite(logged["replayed"]).all() and logged["replayed"] == pytest.approx(logged["eager"], abs=1e-6)
+    assert len(steps_begun) == 3 + 3  # the replayed model's 3 steps and 3 evaluation batches
+
+
 def test_report_gives_runs_outside_init_all_a_colour_of_their_own():
     # the default colour cycle starts with naive Upcycling's blue: r = 0.5-indep was drawn in it once
     runs = ["moe-naive", "moe-drop-r0.5", "moe-drop-r0.5-indep", "moe-drop-r0.75", "moe-drop-r0.1", "moe-drop-r0.25"]
@@ -946,11 +1009,63 @@ def test_a_card_without_bf16_trains_in_fp16_with_the_gradient_scaler_like_bf16(t
         assert code == 0, stderr
         expected = "fp16 autocast + gradient scaler | MoE experts: dense" if precision == "fp16" else "bf16 autocast"
         assert expected in stdout
+        assert stdout.count("torch.compile (CUDA graphs) check") == 2  # dense and MoE: one piece a step, one GPU
         curves[precision] = [plot.val_curve(out / run / "log.csv")[2] for run in ("dense", "moe-drop-r0.5")]
     torch._dynamo.reset()
     for bf16, fp16 in zip(curves["bf16"], curves["fp16"]):
         assert np.isfinite(fp16).all() and fp16[-1] < fp16[0] - 0.5  # it learns
         assert abs(fp16[-1] - bf16[-1]) < 0.03 * bf16[-1], (fp16, bf16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_train_and_evaluate_as_the_default_mode_does_and_are_recorded_once(monkeypatch):
+    """train.py's steps and evaluations, compiled with CUDA graphs (its mode on one GPU) and in torch.compile's
+    default mode: the same losses; no part of the model left out of the graphs (a host sync in the MoE would be);
+    and a second round of steps and evaluations replays what the first recorded (an evaluation's forwards, which
+    have no backward, recorded anew each time would cost memory and time)."""
+    from torch._inductor import cudagraph_trees
+    device = torch.device("cuda", torch.cuda.current_device())
+    cfg = ModelConfig(vocab_size=257, d_model=64, n_layer=2, n_head=2, n_kv_head=2, d_ff=128, max_seq_len=64,
+                      n_experts=4)
+    tokens = torch.randint(0, 257, (1 << 16,), dtype=torch.int32, device=device)
+    settings = dict(lr=1e-3, steps=100, warmup=0, seed=0, phase="moe", batch_size=8, seq_len=64, grad_accum=1,
+                    grad_clip=1.0)
+    counters = torch._dynamo.utils.counters
+
+    def recorded_graphs():
+        manager = cudagraph_trees.get_manager(device.index, create_if_none_exists=False)
+        nodes, count = [n for ns in manager.roots.values() for n in ns], 0
+        while nodes:
+            count += 1
+            nodes += [child for children in nodes.pop().children.values() for child in children]
+        return count
+
+    logged, graphs = {}, []
+    for mode in ("reduce-overhead", None):
+        torch._dynamo.reset()
+        counters.clear()
+        monkeypatch.setattr(train, "compile_mode", lambda device, pieces: mode)
+        torch.manual_seed(0)
+        model = Transformer(cfg).to(device)
+        val_rng = np.random.default_rng(1)
+        val_batches = [data.get_batch(tokens, 8, 64, val_rng, device) for _ in range(3)]
+        train_model = train.maybe_compile(model, True, val_batches[0], "moe")
+        assert train_model is not model  # the compiled model agreed with eager mode
+        optimizer = train.make_optimizer(model, 1e-3, 0.1, device)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        kept, evaluations = [], []
+        for round in range(2):
+            kept += [train.train_step(model, train_model, optimizer, scaler, settings, step, tokens, device, 1)[1:]
+                     for step in range(4 * round, 4 * round + 4)]
+            evaluations += train.evaluate(model, train_model, val_batches, device)[2]
+            if mode:
+                graphs.append(recorded_graphs())
+        logged[mode] = [float(loss) for losses in kept for loss in losses] + evaluations
+        if mode:
+            assert counters["inductor"]["cudagraph_skips"] == 0
+    torch._dynamo.reset()
+    assert graphs[0] == graphs[1] > 0, graphs
+    assert logged["reduce-overhead"] == pytest.approx(logged[None], abs=2e-3)
 
 
 GPU_PRESET_MOE = ModelConfig(vocab_size=257, d_model=256, n_layer=4, n_head=4, n_kv_head=4, d_ff=1024, max_seq_len=512,

@@ -203,7 +203,16 @@ def cross_entropy_part(model, loss):
     """The language-modelling part of a training loss (detached): an MoE's loss includes its weighted balancing
     term, which is logged separately, so that dense and every MoE are comparable."""
     cfg = model.config
-    return loss.detach() - cfg.aux_loss_coef * model.aux_loss if cfg.is_moe else loss.detach()
+    # a new tensor either way: under CUDA graphs (compile_mode) the model's next call writes over its outputs
+    return loss.detach() - cfg.aux_loss_coef * model.aux_loss if cfg.is_moe else loss.detach().clone()
+
+
+def begin_step(train_model):
+    """Tells torch.compile's CUDA graphs (compile_mode) that a new forward begins, so that its replay may reuse the
+    memory of the last one's outputs and activations (otherwise an evaluation's forwards, which have no backward,
+    would each be recorded as a graph of its own). No effect on eager models and other modes."""
+    if hasattr(train_model, "_orig_mod"):
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def evaluate(model, train_model, val_batches, device, split=1):
@@ -222,6 +231,7 @@ def evaluate(model, train_model, val_batches, device, split=1):
         for x, y in val_batches:
             pieces = []
             for x_piece, y_piece in zip(x.chunk(split), y.chunk(split)):
+                begin_step(train_model)
                 with autocast(device):
                     pieces.append(cross_entropy_part(model, train_model(x_piece, y_piece)[1]))
             losses.append(mean_of(pieces))
@@ -243,6 +253,7 @@ def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, dev
         x, y = get_batch(train_tokens, s["batch_size"], s["seq_len"], rng, device, distributed.rows())
         for piece, (x_piece, y_piece) in enumerate(zip(x.chunk(split), y.chunk(split))):
             last = micro == s["grad_accum"] - 1 and piece == split - 1
+            begin_step(train_model)
             with distributed.grad_sync(train_model, last):  # all-reduce once per step
                 with autocast(device):
                     _, loss = train_model(x_piece, y_piece)
@@ -250,7 +261,7 @@ def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, dev
             # log the cross-entropy alone (comparable with dense), the balancing loss separately
             ce_parts.append(cross_entropy_part(model, loss))
             if model.config.is_moe:
-                aux_parts.append(model.aux_loss)
+                aux_parts.append(model.aux_loss.detach().clone())  # (a copy, as in cross_entropy_part)
     scaler.unscale_(optimizer)  # clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
     scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
@@ -464,17 +475,29 @@ def run_settings(args, phase, model_cfg, data_fingerprint, tokenizer, steps, lr,
 VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: every run and seed is scored on the same text
 
 
-def maybe_compile(model, compile, check_batch, name, split=1):
+def compile_mode(device, pieces):
+    """torch.compile's mode for a model trained in steps of `pieces` forwards and backwards: CUDA graphs
+    ("reduce-overhead") on one GPU where a step is one piece, else the default. A small model's step is hundreds
+    of short kernels, and a host that launches them one at a time can fall behind the GPU (the gpu preset's dense
+    step on some H200 machines, figures/bench.md); a graph's replay launches a whole forward or backward at once.
+    A replay writes over the outputs of the last one, gradients included, so steps that add up the gradients of
+    several pieces, and DDP and FSDP with their hooks, keep the default mode."""
+    return "reduce-overhead" if device.type == "cuda" and distributed.world() == 1 and pieces == 1 else None
+
+
+def maybe_compile(model, compile, check_batch, name, split=1, grad_accum=1):
     """model itself, or its torch.compile wrapper once that is seen to compute the same loss on one validation
     batch, in the training step's split pieces (else a warning, and eager mode: slower, never wrong). The whole
     model is one graph, MoE layers included (dropupcycle.compile_model says what it takes to keep them right)."""
     wrapped = distributed.wrap(model)  # under torchrun: DDP, or FSDP2 in place; compiled after wrapping
     if not compile:
         return wrapped
-    compiled = compile_model(wrapped)
     device = check_batch[0].device
+    mode = compile_mode(device, grad_accum * split)
+    compiled = compile_model(wrapped, mode=mode)
     losses = [evaluate(model, m, [check_batch], device, split)[0] for m in (wrapped, compiled)]  # (means over ranks)
-    print(f"[{name}] torch.compile check on a validation batch: loss {losses[1]:.4f} compiled, {losses[0]:.4f} eager")
+    graphs = " (CUDA graphs)" if mode == "reduce-overhead" else ""
+    print(f"[{name}] torch.compile{graphs} check on a validation batch: loss {losses[1]:.4f} compiled, {losses[0]:.4f} eager")
     if not abs(losses[1] - losses[0]) < 0.005:  # bf16 differences are ~1e-3
         print(f"[{name}] WARNING: the compiled model disagrees with eager mode: training this model without compile")
         return wrapped
@@ -589,7 +612,7 @@ def train_dense(args, run, model, ckpt, train_tokens, val_batches, device, later
         cfg = model.config
         torch.manual_seed(args.seed)
         model = Transformer(cfg).to(device)
-        train_run(run, model, maybe_compile(model, args.compile, val_batches[0], "dense", pieces),
+        train_run(run, model, maybe_compile(model, args.compile, val_batches[0], "dense", pieces, args.grad_accum),
                   train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run), pieces)
         if args.fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
             distributed.barrier()
@@ -625,7 +648,8 @@ def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train
             distributed.load_full_state(moe_model, start.state_dict())  # sharded after the first init under --fsdp
         del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
-            moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name, pieces)
+            moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name, pieces,
+                                            args.grad_accum)
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt,
                   later_flops(run), pieces)
         if init == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start

@@ -6,9 +6,12 @@
 #   BEFORE=DIR bash figures/speed_h200.sh bench     # bench.py (layer, step, loop, profiles) on this code, then the
 #                                                   # MoE layer rows of the code in DIR (a copy of an earlier
 #                                                   # version of the repository) in the same run
-#   bash figures/speed_h200.sh train                # python train.py (--init all, the gpu preset), timed
-#   bash figures/speed_h200.sh loop                 # bench.py's section 4 alone: train.py's step against the bare
-#                                                   # step on the same compiled model, alternating
+#   BEFORE=DIR bash figures/speed_h200.sh train     # python train.py (--init all, the gpu preset), timed from empty
+#                                                   # compile caches (what a first run pays), then (BEFORE given)
+#                                                   # the same with the code in DIR, on the same machine
+#   BEFORE=DIR bash figures/speed_h200.sh loop      # bench.py's section 4 alone: train.py's step against the bare
+#                                                   # step on the same compiled model, alternating; then (BEFORE
+#                                                   # given) the same with the code in DIR
 #
 # OUT/gpu.txt (the GPU, driver, PyTorch) and OUT/cuda_tests.txt go into figures/speed_h200_runs.txt with the results.
 # (The runs behind bench.md's earlier sections ran the CUDA tests as the first part of `bench`; with section 4's
@@ -35,13 +38,25 @@ bench)
     fi
     ;;
 train)
-    rm -rf out/speed  # every run trained and timed afresh (train.py would reuse finished runs)
-    python train.py --out-dir out/speed >"$OUT/train.log" 2>&1
-    cp "$OUT/train.log" out/speed/
-    tar czf "$OUT/train_logs.tgz" --exclude=data --exclude='ckpt.pt*' --exclude=.lock --exclude='*.png' -C out/speed .
+    train() {  # $1: the code's folder, $2: the name of its results
+        rm -rf "$1/out/speed"  # every run trained and timed afresh (train.py would reuse finished runs)
+        caches=$(mktemp -d)    # nothing compiled before: inductor's and Triton's caches start empty
+        (cd "$1" && TORCHINDUCTOR_CACHE_DIR=$caches/inductor TRITON_CACHE_DIR=$caches/triton \
+            timeout 290 python train.py --out-dir out/speed) >"$OUT/$2.log" 2>&1
+        echo "exit $?" >>"$OUT/$2.log"
+        cp "$OUT/$2.log" "$1/out/speed/train.log"
+        tar czf "$OUT/$2_logs.tgz" --exclude=data --exclude='ckpt.pt*' --exclude=.lock --exclude='*.png' \
+            -C "$1/out/speed" .
+    }
+    train . train
+    [ -z "${BEFORE:-}" ] || train "$BEFORE" train_before
     ;;
 loop)
     python bench.py --sections loop --no-hf --out "$OUT/bench_loop" >"$OUT/bench_loop.log" 2>&1
+    if [ -n "${BEFORE:-}" ]; then
+        (cd "$BEFORE" && python bench.py --sections loop --no-hf --out "$OUT/bench_loop_before") \
+            >"$OUT/bench_loop_before.log" 2>&1
+    fi
     ;;
 *) echo "usage: OUT=DIR bash figures/speed_h200.sh tests|bench|train|loop" >&2; exit 2 ;;
 esac
