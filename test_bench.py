@@ -92,15 +92,17 @@ def test_where_train_py_uses_cuda_graphs_the_loop_section_times_its_step_in_both
     text = tmp_path / "text.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 2000)
     modes = []
-    monkeypatch.setattr(bench.train, "compile_mode", lambda device, pieces: "reduce-overhead")
+    monkeypatch.setattr(bench.train, "compile_mode", lambda device, pieces, processes: "reduce-overhead")
     monkeypatch.setattr(bench.du, "compile_model", lambda model, mode=None: modes.append(mode) or model)
     results = bench.main(["--device", "cpu", "--out", str(tmp_path / "out"), "--warmup", "0", "--iters", "1", "--no-hf",
                           "--sections", "loop", "--loop-data", str(text), "--compile"])
     assert [(r["model"], r["mode"]) for r in results["loop"]] == [
         (model, mode) for model in ("dense", "moe") for mode in ("compiled", "graphs") for _ in range(2)]
     assert modes == [None, None, "reduce-overhead", "reduce-overhead"] * 2
-    against_default = [t for t in results["targets"] if "default mode, section 2's" in t]
-    assert [t.split(",")[2].strip() for t in against_default] == ["dense", "moe"]
+    loop_targets = [t for t in results["targets"] if t.startswith("train.py's step")]
+    assert all(t.split(",")[3].strip() == "graphs" for t in loop_targets)  # the targets are for train.py's mode
+    against_default = [t for t in loop_targets if "in torch.compile's default mode" in t]
+    assert [t.split(",")[2].strip() for t in against_default] == ["dense", "moe"] and len(loop_targets) == 6
     assert "| tiny | moe | graphs | random tokens |" in (tmp_path / "out" / "bench.md").read_text()
 
 

@@ -538,20 +538,21 @@ def test_cuda_graphs_are_used_on_one_gpu_for_steps_of_one_piece_only(monkeypatch
     """A graph's replay writes over the last one's outputs and gradients: gradients added up over several pieces,
     and DDP's or FSDP's hooks, stay in torch.compile's default mode (and the CPU has no graphs)."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert train.compile_mode(cuda, 1) == "reduce-overhead"
-    assert train.compile_mode(cuda, 2) is None and train.compile_mode(cpu, 1) is None
-    monkeypatch.setattr(train.distributed, "world", lambda: 2)
-    assert train.compile_mode(cuda, 1) is None
-    monkeypatch.undo()
+    assert train.compile_mode(cuda, 1, 1) == "reduce-overhead"
+    assert train.compile_mode(cuda, 2, 1) is None and train.compile_mode(cpu, 1, 1) is None
+    assert train.compile_mode(cuda, 1, 2) is None
     # maybe_compile asks for the mode of the whole step: grad_accum micro-batches, each in split pieces
     asked, given = [], []
-    monkeypatch.setattr(train, "compile_mode", lambda device, pieces: asked.append(pieces) or "reduce-overhead")
+    monkeypatch.setattr(train, "compile_mode", lambda device, pieces, processes: asked.append(pieces) or "reduce-overhead")
     monkeypatch.setattr(train, "compile_model", lambda m, mode=None: given.append(mode) or m)
     model = Transformer(ModelConfig(vocab_size=257, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64,
                                     max_seq_len=16))
     x = torch.randint(0, 257, (4, 16))
     train.maybe_compile(model, True, (x, x), "dense", split=2, grad_accum=3)
     assert asked == [6] and given == ["reduce-overhead"]
+
+
+EVENTS = []  # what the stand-in below and the graphs' step marker were asked to do, in order
 
 
 class Replayed(torch.nn.Module):
@@ -562,6 +563,7 @@ class Replayed(torch.nn.Module):
         self._orig_mod, self.last_outputs = model, []
 
     def forward(self, x, y):
+        EVENTS.append("forward")
         for t in self.last_outputs:
             t.detach().fill_(float("nan"))
         logits, loss = self._orig_mod(x, y)
@@ -574,8 +576,8 @@ def test_logged_losses_outlive_the_next_replay_and_each_forward_begins_a_graph_s
     """The losses train_step returns wait in the log until the next log row; under CUDA graphs later steps'
     replays write over the model's outputs, so what is kept must be copies. Every forward, in training and in
     evaluation, first tells the graphs that a new step begins."""
-    steps_begun = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps_begun.append(1))
+    EVENTS.clear()
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: EVENTS.append("begin"))
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
                       n_experts=n_experts)
     tokens = np.random.default_rng(0).integers(0, 64, size=4000).astype(np.uint16)
@@ -594,7 +596,7 @@ def test_logged_losses_outlive_the_next_replay_and_each_forward_begins_a_graph_s
         val = train.evaluate(model, train_model, batches, torch.device("cpu"))[2]
         logged[name] = [float(v) for _, ce, aux in steps for v in (ce, aux)] + val
     assert np.isfinite(logged["replayed"]).all() and logged["replayed"] == pytest.approx(logged["eager"], abs=1e-6)
-    assert len(steps_begun) == 3 + 3  # the replayed model's 3 steps and 3 evaluation batches
+    assert EVENTS == ["begin", "forward"] * (3 + 3)  # the replayed model's 3 steps and 3 evaluation batches
 
 
 def test_report_gives_runs_outside_init_all_a_colour_of_their_own():
@@ -1044,7 +1046,7 @@ def test_cuda_graphs_train_and_evaluate_as_the_default_mode_does_and_are_recorde
     for mode in ("reduce-overhead", None):
         torch._dynamo.reset()
         counters.clear()
-        monkeypatch.setattr(train, "compile_mode", lambda device, pieces: mode)
+        monkeypatch.setattr(train, "compile_mode", lambda device, pieces, processes: mode)
         torch.manual_seed(0)
         model = Transformer(cfg).to(device)
         val_rng = np.random.default_rng(1)

@@ -261,7 +261,7 @@ def train_step(model, train_model, optimizer, scaler, s, step, train_tokens, dev
             # log the cross-entropy alone (comparable with dense), the balancing loss separately
             ce_parts.append(cross_entropy_part(model, loss))
             if model.config.is_moe:
-                aux_parts.append(model.aux_loss.detach().clone())  # (a copy, as in cross_entropy_part)
+                aux_parts.append(model.aux_loss.clone())  # (a copy, as in cross_entropy_part)
     scaler.unscale_(optimizer)  # clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
     scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
@@ -475,14 +475,15 @@ def run_settings(args, phase, model_cfg, data_fingerprint, tokenizer, steps, lr,
 VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: every run and seed is scored on the same text
 
 
-def compile_mode(device, pieces):
-    """torch.compile's mode for a model trained in steps of `pieces` forwards and backwards: CUDA graphs
+def compile_mode(device, pieces, processes):
+    """torch.compile's mode for a model trained in steps of `pieces` forwards and backwards by `processes`
+    processes: CUDA graphs
     ("reduce-overhead") on one GPU where a step is one piece, else the default. A small model's step is hundreds
     of short kernels, and a host that launches them one at a time can fall behind the GPU (the gpu preset's dense
     step on some H200 machines, figures/bench.md); a graph's replay launches a whole forward or backward at once.
     A replay writes over the outputs of the last one, gradients included, so steps that add up the gradients of
     several pieces, and DDP and FSDP with their hooks, keep the default mode."""
-    return "reduce-overhead" if device.type == "cuda" and distributed.world() == 1 and pieces == 1 else None
+    return "reduce-overhead" if device.type == "cuda" and processes == 1 and pieces == 1 else None
 
 
 def maybe_compile(model, compile, check_batch, name, split=1, grad_accum=1):
@@ -493,7 +494,7 @@ def maybe_compile(model, compile, check_batch, name, split=1, grad_accum=1):
     if not compile:
         return wrapped
     device = check_batch[0].device
-    mode = compile_mode(device, grad_accum * split)
+    mode = compile_mode(device, grad_accum * split, distributed.world())
     compiled = compile_model(wrapped, mode=mode)
     losses = [evaluate(model, m, [check_batch], device, split)[0] for m in (wrapped, compiled)]  # (means over ranks)
     graphs = " (CUDA graphs)" if mode == "reduce-overhead" else ""
@@ -598,7 +599,7 @@ def micro_splits(dense_model, moe_cfg, with_moe, batch_size, seq_len, device):
     return split
 
 
-def train_dense(args, run, model, ckpt, train_tokens, val_batches, device, later_flops, pieces):
+def train_dense(args, run, model, ckpt, train_tokens, val_batches, device, later_flops, split):
     """Phase 1: the dense model. Trained once; any later command with the same settings reuses it. Returns the
     trained dense model (full weights, also under --fsdp)."""
     if args.dense_from:  # scored once on the validation windows, so the figure and summary have its loss
@@ -612,8 +613,8 @@ def train_dense(args, run, model, ckpt, train_tokens, val_batches, device, later
         cfg = model.config
         torch.manual_seed(args.seed)
         model = Transformer(cfg).to(device)
-        train_run(run, model, maybe_compile(model, args.compile, val_batches[0], "dense", pieces, args.grad_accum),
-                  train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run), pieces)
+        train_run(run, model, maybe_compile(model, args.compile, val_batches[0], "dense", split, args.grad_accum),
+                  train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run), split)
         if args.fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
             distributed.barrier()
             model = Transformer(cfg)
@@ -622,7 +623,7 @@ def train_dense(args, run, model, ckpt, train_tokens, val_batches, device, later
 
 
 def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device,
-                    later_flops, pieces, t_all):
+                    later_flops, split, t_all):
     """Phase 2: every MoE init, each from the same dense weights, with the same data stream and step count.
     One MoE module is trained in turn with each init's weights, so torch.compile compiles it once."""
     moe_model, moe_train_model = None, None
@@ -648,10 +649,10 @@ def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train
             distributed.load_full_state(moe_model, start.state_dict())  # sharded after the first init under --fsdp
         del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
-            moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name, pieces,
+            moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name, split,
                                             args.grad_accum)
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt,
-                  later_flops(run), pieces)
+                  later_flops(run), split)
         if init == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
             try:
                 start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
@@ -663,6 +664,7 @@ def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train
 def experiment(args):
     """The paper's steps in order: a dense model (trained here, or --dense-from), every MoE init made from its
     weights and trained on the same data for the same steps, then the comparison (analyze.py calls this per run)."""
+    t_all = time.time()  # the command's time, reading and tokenizing the data included
     device = setup_device(args)
     dense_model, enc, dense_cfg, moe_cfg, source = dense_start(args)
     tokenizer = enc.name if args.dense_from else args.tokenizer  # a --dense-from model brings its own
@@ -678,7 +680,6 @@ def experiment(args):
     if dense_model is None:
         dense_model = Transformer(dense_cfg)
     split = micro_splits(dense_model, moe_cfg, bool(moe_runs), args.batch_size, args.seq_len, device)
-    t_all = time.time()
     dense_model = train_dense(args, dense_run, dense_model, existing["dense"], train_tokens, val_batches, device,
                               later_flops, split["dense"])
     train_moe_inits(args, moe_runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device,

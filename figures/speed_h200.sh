@@ -41,9 +41,10 @@ train)
     train() {  # $1: the code's folder, $2: the name of its results
         rm -rf "$1/out/speed"  # every run trained and timed afresh (train.py would reuse finished runs)
         caches=$(mktemp -d)    # nothing compiled before: inductor's and Triton's caches start empty
+        start=$EPOCHREALTIME   # the whole command, from Python's start to its exit
         (cd "$1" && TORCHINDUCTOR_CACHE_DIR=$caches/inductor TRITON_CACHE_DIR=$caches/triton \
             timeout 290 python train.py --out-dir out/speed) >"$OUT/$2.log" 2>&1
-        echo "exit $?" >>"$OUT/$2.log"
+        echo "exit $?; the process took $(python -c "print(round($EPOCHREALTIME - $start, 1))") s" >>"$OUT/$2.log"
         cp "$OUT/$2.log" "$1/out/speed/train.log"
         tar czf "$OUT/$2_logs.tgz" --exclude=data --exclude='ckpt.pt*' --exclude=.lock --exclude='*.png' \
             -C "$1/out/speed" .
