@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import stat
 import sysconfig
 import time
 
@@ -125,9 +126,12 @@ def list_files(data, exclude=None):
     exclude = os.path.realpath(exclude) if exclude else None
     files, seen = [], set()
     for label, root in roots:
+        root = os.path.realpath(root)
+        # os.walk does not enter linked folders, so every folder it gives under a real root is a real path, and
+        # so is every file in it that is not a link itself: only links need os.path.realpath (a stat per part)
         for folder, dirs, names in os.walk(root):
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__"
-                             and os.path.realpath(os.path.join(folder, d)) != exclude)
+                             and os.path.join(folder, d) != exclude)
             if label in ("stdlib", "platstdlib") and folder == root:
                 # installed packages come from purelib/platlib only (or not at all, for :stdlib): in a virtual
                 # environment the base Python's site-packages holds twins of the venv's packages
@@ -136,12 +140,17 @@ def list_files(data, exclude=None):
                 path = os.path.join(folder, name)
                 if name.startswith(".") or (wanted is not None and os.path.splitext(name)[1].lower() not in wanted):
                     continue
-                real = os.path.realpath(path)
-                if real in seen or not os.path.isfile(real):  # stdlib may contain site-packages: count once
+                real = os.path.realpath(path) if os.path.islink(path) else path
+                if real in seen:  # stdlib may contain site-packages, a link may point at a listed file: count once
+                    continue
+                try:
+                    st = os.stat(real)
+                except OSError:  # a broken link
+                    continue
+                if not stat.S_ISREG(st.st_mode):
                     continue
                 seen.add(real)
-                st = os.stat(real)
-                files.append((f"{label}/{os.path.relpath(path, root)}", path, st.st_size, st.st_mtime_ns))
+                files.append((f"{label}/{path[len(root) + 1:]}", path, st.st_size, st.st_mtime_ns))
     return files
 
 
