@@ -127,6 +127,7 @@ def list_files(data, exclude=None):
     files, seen = [], set()
     for label, root in roots:
         root = os.path.realpath(root)
+        cut = len(os.path.join(root, ""))  # a key is the path after the root's separator ("/" has one already)
         # os.walk does not enter linked folders, so every folder it gives under a real root is a real path, and
         # so is every file in it that is not a link itself: only links need os.path.realpath (a stat per part)
         for folder, dirs, names in os.walk(root):
@@ -150,7 +151,7 @@ def list_files(data, exclude=None):
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 seen.add(real)
-                files.append((f"{label}/{path[len(root) + 1:]}", path, st.st_size, st.st_mtime_ns))
+                files.append((f"{label}/{path[cut:]}", path, st.st_size, st.st_mtime_ns))
     return files
 
 
