@@ -499,10 +499,11 @@ def bench_loop(args, device, record, profiles):
                if device.type == "cuda" else torch.randint(0, 256, (1 << 16,), dtype=torch.int32).numpy(),
                f"text ({args.loop_data})": data.corpus_to_device(text, device)}
     # train.py's own mode, and where that is CUDA graphs, also the default compiled mode: what the graphs save
-    modes = {"eager": None} if not args.compile else {"compiled": None}
-    train_mode = "eager" if not args.compile else "compiled"
-    if args.compile and train.compile_mode(device, 1, 1):  # (one piece a step, one process: as bench.py runs)
-        modes["graphs"], train_mode = train.compile_mode(device, 1, 1), "graphs"
+    modes = {"compiled" if args.compile else "eager": None}
+    graphs = train.compile_mode(device, 1, 1) if args.compile else None  # (one piece a step, one process)
+    if graphs:
+        modes["graphs"] = graphs
+    train_mode = "graphs" if graphs else next(iter(modes))
     for kind in ("dense", "moe"):
         cfg = step_config(kind, shape, seq)
         for (mode, compile_mode), (tokens_name, tokens) in itertools.product(modes.items(), corpora.items()):
@@ -655,7 +656,7 @@ def targets(results):
                      f"{o['flops_ratio']:.2f} = {o['overhead']:.2f} (target <= {OVERHEAD}) "
                      f"{'MET' if o['overhead'] <= OVERHEAD else 'MISSED'}")
     for r in results["loop"]:  # the target is for train.py as it runs: rows in its mode
-        if "error" not in r and r["tokens"].startswith("text") and r.get("train_mode", True):
+        if "error" not in r and r["tokens"].startswith("text") and r["train_mode"]:
             for how, ratio in (("device-timed", r["x_bare"]), ("wall clock", r["x_bare_wall"])):
                 lines.append(f"train.py's step, {r['config']}, {r['model']}, {r['mode']}, real text, {how}: "
                              f"{ratio:.2f}x the bare step (target <= {LOOP_VS_BARE}) "

@@ -477,10 +477,10 @@ VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: ever
 
 def compile_mode(device, pieces, processes):
     """torch.compile's mode for a model trained in steps of `pieces` forwards and backwards by `processes`
-    processes: CUDA graphs
-    ("reduce-overhead") on one GPU where a step is one piece, else the default. A small model's step is hundreds
-    of short kernels, and a host that launches them one at a time can fall behind the GPU (the gpu preset's dense
-    step on some H200 machines, figures/bench.md); a graph's replay launches a whole forward or backward at once.
+    processes: CUDA graphs ("reduce-overhead") on one GPU where a step is one piece, else the default. A small
+    model's step is hundreds of short kernels, and a host that launches them one at a time can fall behind the
+    GPU (the gpu preset's dense step on some H200 machines, figures/bench.md); a graph's replay launches a whole
+    forward or backward at once.
     A replay writes over the outputs of the last one, gradients included, so steps that add up the gradients of
     several pieces, and DDP and FSDP with their hooks, keep the default mode."""
     return "reduce-overhead" if device.type == "cuda" and processes == 1 and pieces == 1 else None
