@@ -9,6 +9,8 @@
 #   BEFORE=DIR bash figures/speed_h200.sh train     # python train.py (--init all, the gpu preset), timed from empty
 #                                                   # compile caches (what a first run pays), then (BEFORE given)
 #                                                   # the same with the code in DIR, on the same machine
+#   WARM=1 bash figures/speed_h200.sh train         # the same, then once more with the caches the first run left
+#                                                   # (what every later run pays; the token cache is made afresh)
 #   BEFORE=DIR bash figures/speed_h200.sh loop      # bench.py's section 4 alone: train.py's step against the bare
 #                                                   # step on the same compiled model, alternating; then (BEFORE
 #                                                   # given) the same with the code in DIR
@@ -38,9 +40,9 @@ bench)
     fi
     ;;
 train)
-    train() {  # $1: the code's folder, $2: the name of its results
+    train() {  # $1: the code's folder, $2: the name of its results, $3: the compile caches' folder (default: new)
         rm -rf "$1/out/speed"  # every run trained and timed afresh (train.py would reuse finished runs)
-        caches=$(mktemp -d)    # nothing compiled before: inductor's and Triton's caches start empty
+        caches=${3:-$(mktemp -d)}  # new: nothing compiled before, inductor's and Triton's caches start empty
         start=$EPOCHREALTIME   # the whole command, from Python's start to its exit
         (cd "$1" && TORCHINDUCTOR_CACHE_DIR=$caches/inductor TRITON_CACHE_DIR=$caches/triton \
             timeout 290 python train.py --out-dir out/speed) >"$OUT/$2.log" 2>&1
@@ -50,6 +52,7 @@ train)
             -C "$1/out/speed" .
     }
     train . train
+    [ -z "${WARM:-}" ] || train . train_warm "$caches"
     [ -z "${BEFORE:-}" ] || train "$BEFORE" train_before
     ;;
 loop)
