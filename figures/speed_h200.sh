@@ -10,7 +10,9 @@
 #                                                   # compile caches (what a first run pays), then (BEFORE given)
 #                                                   # the same with the code in DIR, on the same machine
 #   WARM=1 bash figures/speed_h200.sh train         # the same, then once more with the caches the first run left
-#                                                   # (what every later run pays; the token cache is made afresh)
+#                                                   # (what a later run into a fresh --out-dir pays; the token
+#                                                   # cache is made afresh); the two take about 8 minutes, so
+#                                                   # BEFORE does not fit in the same command
 #   BEFORE=DIR bash figures/speed_h200.sh loop      # bench.py's section 4 alone: train.py's step against the bare
 #                                                   # step on the same compiled model, alternating; then (BEFORE
 #                                                   # given) the same with the code in DIR
