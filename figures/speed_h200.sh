@@ -9,10 +9,13 @@
 #   BEFORE=DIR bash figures/speed_h200.sh train     # python train.py (--init all, the gpu preset), timed from empty
 #                                                   # compile caches (what a first run pays), then (BEFORE given)
 #                                                   # the same with the code in DIR, on the same machine
-#   WARM=1 bash figures/speed_h200.sh train         # the same, then once more with the caches the first run left
-#                                                   # (what a later run into a fresh --out-dir pays; the token
-#                                                   # cache is made afresh); the two take about 8 minutes, so
+#   WARM=1 bash figures/speed_h200.sh train         # the same, then WARM more times with the caches the first run
+#                                                   # left (what a later run into a fresh --out-dir pays; the
+#                                                   # token cache is made afresh); a run takes about 4 minutes, so
 #                                                   # BEFORE does not fit in the same command
+#   CACHES=DIR WARM=1 bash figures/speed_h200.sh train  # the compile caches in DIR (kept between commands on one
+#                                                   # machine): the first run is warm too if DIR holds caches
+#   ARGS="--ckpt-interval 2000" ... train           # more flags for train.py
 #   BEFORE=DIR bash figures/speed_h200.sh loop      # bench.py's section 4 alone: train.py's step against the bare
 #                                                   # step on the same compiled model, alternating; then (BEFORE
 #                                                   # given) the same with the code in DIR
@@ -42,19 +45,28 @@ bench)
     fi
     ;;
 train)
+    # Each line of a run's log starts with the seconds since its process started (and the line "exit ..." with
+    # the time the process ended), which splits off Python's start (until the first line) and its exit (after
+    # "total time").
+    stamp='import sys, time
+t0 = float(sys.argv[1])
+for line in sys.stdin:
+    print(f"{time.time() - t0:7.2f} {line}", end="", flush=True)'
     train() {  # $1: the code's folder, $2: the name of its results, $3: the compile caches' folder (default: new)
         rm -rf "$1/out/speed"  # every run trained and timed afresh (train.py would reuse finished runs)
         caches=${3:-$(mktemp -d)}  # new: nothing compiled before, inductor's and Triton's caches start empty
+        mkdir -p "$caches"
+        echo "compile caches $caches: $(find "$caches" -type f | wc -l) files before this run" >"$OUT/$2.log"
         start=$EPOCHREALTIME   # the whole command, from Python's start to its exit
-        (cd "$1" && TORCHINDUCTOR_CACHE_DIR=$caches/inductor TRITON_CACHE_DIR=$caches/triton \
-            timeout 290 python train.py --out-dir out/speed) >"$OUT/$2.log" 2>&1
+        (set -o pipefail; cd "$1" && TORCHINDUCTOR_CACHE_DIR=$caches/inductor TRITON_CACHE_DIR=$caches/triton \
+            timeout 290 python train.py --out-dir out/speed ${ARGS:-} 2>&1 | python -c "$stamp" "$start") >>"$OUT/$2.log"
         echo "exit $?; the process took $(python -c "print(round($EPOCHREALTIME - $start, 1))") s" >>"$OUT/$2.log"
         cp "$OUT/$2.log" "$1/out/speed/train.log"
         tar czf "$OUT/$2_logs.tgz" --exclude=data --exclude='ckpt.pt*' --exclude=.lock --exclude='*.png' \
             -C "$1/out/speed" .
     }
-    train . train
-    [ -z "${WARM:-}" ] || train . train_warm "$caches"
+    train . train "${CACHES:-}"
+    for i in $(seq 1 "${WARM:-0}"); do train . "train_warm$i" "$caches"; done
     [ -z "${BEFORE:-}" ] || train "$BEFORE" train_before
     ;;
 loop)
