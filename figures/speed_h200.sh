@@ -11,8 +11,9 @@
 #                                                   # the same with the code in DIR, on the same machine
 #   WARM=1 bash figures/speed_h200.sh train         # the same, then WARM more times with the caches the first run
 #                                                   # left (what a later run into a fresh --out-dir pays; the
-#                                                   # token cache is made afresh); a run takes about 4 minutes, so
-#                                                   # BEFORE does not fit in the same command
+#                                                   # token cache is made afresh); a run takes 3.5-4.2 minutes,
+#                                                   # so from empty caches only WARM=1 fits in one command, and
+#                                                   # BEFORE does not fit with it
 #   CACHES=DIR WARM=1 bash figures/speed_h200.sh train  # the compile caches in DIR (kept between commands on one
 #                                                   # machine): the first run is warm too if DIR holds caches
 #   ARGS="--ckpt-interval 2000" ... train           # more flags for train.py
@@ -59,12 +60,13 @@ for line in sys.stdin:
         echo "compile caches $caches: $(find "$caches" -type f | wc -l) files before this run" >"$OUT/$2.log"
         start=$EPOCHREALTIME   # the whole command, from Python's start to its exit
         (set -o pipefail; cd "$1" && TORCHINDUCTOR_CACHE_DIR=$caches/inductor TRITON_CACHE_DIR=$caches/triton \
-            timeout 290 python train.py --out-dir out/speed ${ARGS:-} 2>&1 | python -c "$stamp" "$start") >>"$OUT/$2.log"
+            timeout 290 python train.py --out-dir out/speed ${ARGS:-} 2>&1 | python -c "$stamp" "$start") >>"$OUT/$2.log" 2>&1
         echo "exit $?; the process took $(python -c "print(round($EPOCHREALTIME - $start, 1))") s" >>"$OUT/$2.log"
         cp "$OUT/$2.log" "$1/out/speed/train.log"
         tar czf "$OUT/$2_logs.tgz" --exclude=data --exclude='ckpt.pt*' --exclude=.lock --exclude='*.png' \
             -C "$1/out/speed" .
     }
+    [[ ${WARM:-0} =~ ^[0-9]+$ ]] || { echo "WARM=$WARM: a number of later runs" >&2; exit 2; }
     train . train "${CACHES:-}"
     for i in $(seq 1 "${WARM:-0}"); do train . "train_warm$i" "$caches"; done
     [ -z "${BEFORE:-}" ] || train "$BEFORE" train_before
