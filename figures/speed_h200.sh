@@ -55,7 +55,7 @@ for line in sys.stdin:
     print(f"{time.time() - t0:7.2f} {line}", end="", flush=True)'
     train() {  # $1: the code's folder, $2: the name of its results, $3: the compile caches' folder (default: new)
         rm -rf "$1/out/speed"  # every run trained and timed afresh (train.py would reuse finished runs)
-        caches=${3:-$(mktemp -d)}  # new: nothing compiled before, inductor's and Triton's caches start empty
+        local caches=${3:-$(mktemp -d)}  # new: nothing compiled before, inductor's and Triton's caches start empty
         mkdir -p "$caches"
         echo "compile caches $caches: $(find "$caches" -type f | wc -l) files before this run" >"$OUT/$2.log"
         start=$EPOCHREALTIME   # the whole command, from Python's start to its exit
@@ -67,7 +67,8 @@ for line in sys.stdin:
             -C "$1/out/speed" .
     }
     [[ ${WARM:-0} =~ ^[0-9]+$ ]] || { echo "WARM=$WARM: a number of later runs" >&2; exit 2; }
-    train . train "${CACHES:-}"
+    caches=${CACHES:-$(mktemp -d)}  # shared by this code's runs: the first fills them, later runs reuse them
+    train . train "$caches"
     for i in $(seq 1 "${WARM:-0}"); do train . "train_warm$i" "$caches"; done
     [ -z "${BEFORE:-}" ] || train "$BEFORE" train_before
     ;;
