@@ -17,6 +17,7 @@
 #   CACHES=DIR WARM=1 bash figures/speed_h200.sh train  # the compile caches in DIR (kept between commands on one
 #                                                   # machine): the first run is warm too if DIR holds caches
 #   ARGS="--ckpt-interval 2000" ... train           # more flags for train.py
+#   TIMEOUT=400 ... train                           # seconds one run may take (default 290; a slower GPU needs more)
 #   BEFORE=DIR bash figures/speed_h200.sh loop      # bench.py's section 4 alone: train.py's step against the bare
 #                                                   # step on the same compiled model, alternating; then (BEFORE
 #                                                   # given) the same with the code in DIR
@@ -60,13 +61,15 @@ for line in sys.stdin:
         echo "compile caches $caches: $(find "$caches" -type f | wc -l) files before this run" >"$OUT/$2.log"
         start=$EPOCHREALTIME   # the whole command, from Python's start to its exit
         (set -o pipefail; cd "$1" && TORCHINDUCTOR_CACHE_DIR=$caches/inductor TRITON_CACHE_DIR=$caches/triton \
-            timeout 290 python train.py --out-dir out/speed ${ARGS:-} 2>&1 | python -c "$stamp" "$start") >>"$OUT/$2.log" 2>&1
+            timeout "$timeout" python train.py --out-dir out/speed ${ARGS:-} 2>&1 | python -c "$stamp" "$start") >>"$OUT/$2.log" 2>&1
         echo "exit $?; the process took $(python -c "print(round($EPOCHREALTIME - $start, 1))") s" >>"$OUT/$2.log"
         cp "$OUT/$2.log" "$1/out/speed/train.log"
         tar czf "$OUT/$2_logs.tgz" --exclude=data --exclude='ckpt.pt*' --exclude=.lock --exclude='*.png' \
             -C "$1/out/speed" .
     }
     [[ ${WARM:-0} =~ ^[0-9]+$ ]] || { echo "WARM=$WARM: a number of later runs" >&2; exit 2; }
+    timeout=${TIMEOUT:-290}
+    [[ $timeout =~ ^[0-9]+$ ]] || { echo "TIMEOUT=$timeout: seconds" >&2; exit 2; }
     caches=${CACHES:-$(mktemp -d)}  # shared by this code's runs: the first fills them, later runs reuse them
     train . train "$caches"
     for i in $(seq 1 "${WARM:-0}"); do train . "train_warm$i" "$caches"; done
