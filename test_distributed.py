@@ -19,11 +19,14 @@ import distributed
 from dropupcycle import ModelConfig, Transformer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-RUNS = ["dense", "moe-naive"]
+RUNS = ["dense", "moe-drop-r0.5"]
 
 
 def flags(corpus, out):
-    return ["--init", "naive", "--grad-accum", "2", "--aux-loss-coef", "0", *tiny(corpus, out, moe_steps=10, dense_steps=40)]
+    # Drop-Upcycling, not naive: naive Upcycling's experts are identical, so its router's gradient is only rounding
+    # noise, which Adam turns into steps that differ with the order of the additions (up to 1e-3 of the norm).
+    # --reinit-ratio, not --r: torchrun would take --r for an abbreviation of its own flags.
+    return ["--init", "drop", "--reinit-ratio", "0.5", "--grad-accum", "2", "--aux-loss-coef", "0", *tiny(corpus, out, moe_steps=10, dense_steps=40)]
 
 
 def run(cmd, **kw):
@@ -50,8 +53,8 @@ def assert_same_run(out, reference):
         b = torch.load(reference / name / "ckpt.pt", weights_only=True)["model"]
         assert a.keys() == b.keys()
         for k in b:  # relative to the whole tensor: Adam turns fp32 noise in a near-zero gradient (a rare token's
-            # embedding row) into a full-size step: seen up to 2e-4 of the norm after 50 steps, losses within 1e-5
-            assert (a[k] - b[k]).norm() <= 1e-3 * b[k].norm(), (name, k, ((a[k] - b[k]).norm() / b[k].norm()).item())
+            # embedding row) into a full-size step: seen up to 3e-6 of the norm, losses within 1e-5
+            assert (a[k] - b[k]).norm() <= 1e-4 * b[k].norm(), (name, k, ((a[k] - b[k]).norm() / b[k].norm()).item())
 
 
 @pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
@@ -61,7 +64,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(mode, reference, tra
     assert "x 2 processes" in result.stdout and result.stdout.count("[dense] done") == 1  # rank 0 alone prints
     assert_same_run(tmp_path, reference)
     import json
-    assert json.load(open(tmp_path / "moe-naive" / "result.json"))["processes"] == 2
+    assert json.load(open(tmp_path / "moe-drop-r0.5" / "result.json"))["processes"] == 2
 
 
 @pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
@@ -91,6 +94,27 @@ train.main()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.compile check" in result.stdout
     assert_same_run(tmp_path, reference)
+
+
+def test_every_train_py_flag_reaches_train_py_through_torchrun():
+    # torchrun's parser takes an abbreviation of its own flags from the script's arguments too
+    # (github.com/pytorch/pytorch/issues/120601): --r stops it ("ambiguous option"), so the README tells torchrun
+    # users to write --reinit-ratio
+    from torch.distributed.run import get_args_parser
+
+    import train
+
+    torchrun = get_args_parser()
+    flags = [o for a in train.build_parser()._actions for o in a.option_strings if o.startswith("--")]
+    assert "--reinit-ratio" in flags and len(flags) > 40
+    for flag in flags:
+        if flag == "--r":
+            continue
+        try:
+            script_args = torchrun.parse_args(["train.py", flag, "1"]).training_script_args
+        except SystemExit:
+            script_args = None
+        assert script_args == [flag, "1"], flag
 
 
 def test_a_model_that_is_only_scored_needs_no_gradient_sync_under_fsdp(monkeypatch):

@@ -333,7 +333,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
 
 
 def test_cli_errors_for_invalid_r_and_missing_data_are_one_line(tmp_path):
-    for args, expected in [(["--init", "drop", "--r", "1.5"], "--r: must be in [0, 1]"),
+    for args, expected in [(["--init", "drop", "--r", "1.5"], "--r/--reinit-ratio: must be in [0, 1]"),
                            (["--data", str(tmp_path / "missing")], "no such file or folder")]:
         result = cli([*args, "--out-dir", str(tmp_path / "out")])
         line = assert_one_line_error(result.returncode, result.stderr)

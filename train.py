@@ -105,7 +105,9 @@ def build_parser():
     )
     p.add_argument("--init", choices=["all", "dense", *MOE_INITS], default=None,
                    help="which run: all (default) = dense, then scratch, naive, drop r=0.5 (both index-set variants), drop r=1.0")
-    p.add_argument("--r", type=unit_float, default=None, help="re-initialisation ratio for --init drop (default 0.5)")
+    # --reinit-ratio for torchrun, which takes --r for an abbreviation of its own --rdzv-*, --role, ... flags
+    p.add_argument("--r", "--reinit-ratio", dest="r", type=unit_float, default=None,
+                   help="re-initialisation ratio for --init drop (default 0.5)")
     p.add_argument("--independent-indices", action="store_true",
                    help="with --init drop: a separate neuron set S for W_gate, W_up and W_down (the authors' released "
                         "code) instead of one S shared by all three (the paper's text, the default)")
