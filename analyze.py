@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from dropupcycle import ModelConfig, Transformer, drop_upcycle, load_balancing_loss, top_k_indices
+from dropupcycle import ModelConfig, Transformer, drop_upcycle, load_balancing_loss, neurons_to_drop, top_k_indices
 from data import Fail
 import data
 import distributed
@@ -198,7 +198,8 @@ def sweep_report(args, runs, command):
               f"({args.tokenizer} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
               f"final dense val loss {dense['final_val_loss']:.4f}) and {moe['steps']} MoE steps "
               f"({moe['tokens'] / 1e6:.1f}M tokens), same data order for every run; device {dense['device']}, "
-              f"seed {args.seed}. Noise: two standard errors of the difference of two final losses.")
+              f"seed {args.seed}. Noise: two standard errors of the per-batch differences of the two final losses "
+              f"(the same validation batches for every run).")
     table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
     table_path, figure_path = os.path.join(args.out_dir, "sweep_summary.md"), os.path.join(args.out_dir, "sweep_loss.png")
     data.atomic_write_text(table_path, table)
@@ -751,7 +752,7 @@ def overlap_stats(dense, r, n_experts, shared_indices, seed=0):
             for j in range(i + 1, n_experts):
                 pair_kept.extend((k[i] & k[j]).float().mean().item() for k in kept)
                 pair_intact.append((whole[i] & whole[j]).float().mean().item())
-    keep = 1 - math.floor(r * dense.config.d_ff) / dense.config.d_ff
+    keep = 1 - neurons_to_drop(r, dense.config.d_ff) / dense.config.d_ff
     expected_intact = keep if shared_indices else keep**3
     return dict(pair_kept=float(np.mean(pair_kept)), expected_pair_kept=keep**2, intact=float(np.mean(intact)),
                 expected_intact=expected_intact, pair_intact=float(np.mean(pair_intact)),

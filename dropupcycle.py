@@ -514,7 +514,9 @@ def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True
         raise ValueError(f"r must be in [0, 1], got {r}")
     if dense.config.is_moe:
         raise ValueError("drop_upcycle needs a dense model (n_experts == 1)")
-    cfg = replace(dense.config, n_experts=n_experts, top_k=top_k)  # validates n_experts and top_k
+    if n_experts < 2:
+        raise ValueError(f"an MoE needs at least 2 experts, got n_experts {n_experts}")
+    cfg = replace(dense.config, n_experts=n_experts, top_k=top_k)  # validates top_k
     param = next(dense.parameters())
     # built where the dense model is (a GPU initialises billions of weights in a moment). Its N(0, 0.02) init
     # draws from torch's global generator; every value that survives below comes from the dense model or from
@@ -558,6 +560,11 @@ def upcycled_ffns(dense, n_experts, r, seed, shared_indices=True):
         yield router.to(gate.device, gate.dtype), gate, up, down
 
 
+def neurons_to_drop(r, d_ff):
+    """floor(r * d_ff) of r as written: in floating point 0.29 * 100 is 28.999..., which would floor to 28."""
+    return math.floor(round(r * d_ff, 9))
+
+
 def diversity_reinit(w_gate, w_up, w_down, r, shared_indices, rng):
     """Re-initialise floor(r * d_ff) intermediate neurons of one expert in place (Sec. 3.2.1, steps 1-3).
 
@@ -565,7 +572,7 @@ def diversity_reinit(w_gate, w_up, w_down, r, shared_indices, rng):
     working on W_down transposed makes "neuron j" row j of all three.
     """
     d_ff = w_gate.shape[0]
-    n_drop = math.floor(r * d_ff)
+    n_drop = neurons_to_drop(r, d_ff)
     if n_drop == 0:
         return  # naive Upcycling
     # Step 1: S, a random subset of floor(r * d_ff) of the d_ff intermediate indices ...

@@ -431,6 +431,8 @@ def main(argv=None):
             return
         check_out_dir(args.out)  # before loading a large model, not after
         try:
+            if args.n_experts < 2:
+                raise ValueError(f"an MoE needs at least 2 experts, got --n-experts {args.n_experts}")
             replace(ModelConfig(), n_experts=args.n_experts, top_k=args.top_k)  # the same checks as the model's
             if not 0 <= args.r <= 1:
                 raise ValueError(f"--r must be in [0, 1], got {args.r}")

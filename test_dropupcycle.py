@@ -22,6 +22,7 @@ from dropupcycle import (
     drop_upcycle,
     flops_per_token,
     load_balancing_loss,
+    neurons_to_drop,
     rope_cos_sin,
     row_groups_per_expert,
     swiglu,
@@ -584,6 +585,13 @@ def test_the_dense_model_is_not_modified():
     assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
 
 
+def test_floor_r_d_ff_is_of_r_as_written_not_of_its_rounded_product():
+    dense = Transformer(replace(TINY, d_ff=100))
+    assert 0.29 * 100 < 29 and neurons_to_drop(0.29, 100) == 29 and neurons_to_drop(0.999, 100) == 99
+    moe = drop_upcycle(dense, n_experts=2, r=0.29)
+    assert len(reinitialised_neurons(moe, dense, 0, "gate", 1)) == 29
+
+
 @pytest.mark.parametrize("r", [0.1, 0.25, 0.5, 0.75])
 @pytest.mark.parametrize("shared_indices", [True, False])
 def test_exactly_floor_r_d_ff_neurons_are_reinitialised_per_expert_and_matrix(r, shared_indices):
@@ -699,6 +707,11 @@ def test_runs_that_differ_only_in_r_start_from_the_same_router():
 def test_r_outside_0_1_is_a_value_error(r):
     with pytest.raises(ValueError, match="r must be in"):
         drop_upcycle(trained_looking_dense(), r=r)
+
+
+def test_fewer_than_two_experts_is_a_value_error():
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        drop_upcycle(trained_looking_dense(), n_experts=1, top_k=1)
 
 
 def test_upcycled_model_trains():

@@ -327,6 +327,7 @@ def test_cli_bad_path_gives_one_line_and_exit_1(tmp_path):
     (("export", "llama", "OUT"), "llama/ckpt.pt: no checkpoint there"),
     (("drop-upcycle", "llama", "OUT", "--r", "2"), "--r must be in [0, 1]"),
     (("drop-upcycle", "llama", "OUT", "--top-k", "9"), "top_k (9) must be between 1 and n_experts (8)"),
+    (("drop-upcycle", "llama", "OUT", "--n-experts", "1"), "at least 2 experts"),
     (("drop-upcycle", "llama", "llama"), "already holds a checkpoint"),
     (("drop-upcycle", "llama", "OUT", "--dtype", "fp8"), "invalid choice"),
     (("frobnicate",), "invalid choice"),
@@ -400,6 +401,17 @@ def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenize
     sample = subprocess.run([sys.executable, TRAIN_PY, "--sample", str(out / "moe-drop-r0.5"), "--prompt", "def f",
                              "--sample-tokens", "5", "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=120)
     assert sample.returncode == 0 and "def f" in sample.stdout, sample.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(["--n-experts", "1"], "at least 2 experts"),
+                                           (["--n-experts", "4", "--top-k", "5"], "top_k (5) must be between 1")])
+def test_train_dense_from_with_a_bad_moe_shape_is_one_line_before_loading(tmp_path, flags, message):
+    from conftest import ENV, TRAIN_PY
+
+    result = subprocess.run([sys.executable, TRAIN_PY, "--dense-from", str(tmp_path / "missing"), *flags,
+                             "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("train.py: error: invalid model shape: ") and message in result.stderr
 
 
 def test_train_dense_from_a_folder_without_a_llama_is_one_line(tmp_path):

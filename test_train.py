@@ -137,6 +137,25 @@ def test_cli_drop_run_writes_csvs_checkpoints_figure_and_summary(drop_run):
         assert "moe-drop-r0.5" in f.read()
 
 
+def test_aux_loss_coef_is_an_moe_setting_the_upcycled_model_trains_with(drop_run, train_corpus, tmp_path, capsys,
+                                                                        monkeypatch):
+    # the balancing loss's weight is no part of the dense run (which has no router), and the upcycled model, whose
+    # config drop_upcycle copies from the dense one, is trained with the weight the MoE run records
+    out = tmp_path / "out"
+    shutil.copytree(drop_run[0], out)
+    trained_with, train_run = {}, train.train_run
+
+    def recording_train_run(run, model, *rest):
+        trained_with[run.name] = (model.config.aux_loss_coef, run.settings["model"]["aux_loss_coef"])
+        return train_run(run, model, *rest)
+
+    monkeypatch.setattr(train, "train_run", recording_train_run)
+    code, stdout, err = run_main(["--init", "drop", "--r", "0.25", "--aux-loss-coef", "0", *tiny(train_corpus, out)], capsys)
+    assert code == 0, err
+    assert "reusing the finished dense model" in stdout
+    assert trained_with == {"moe-drop-r0.25": (0.0, 0.0)}
+
+
 def test_second_init_reuses_dense_and_naive_starts_at_the_dense_loss(drop_run, train_corpus, tmp_path, capsys):
     import shutil
 

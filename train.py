@@ -441,14 +441,21 @@ def model_configs(args, vocab_size):
         raise Fail(f"invalid model shape: --n-head {args.n_head} must divide --d-model {args.d_model}")
     try:
         dense = ModelConfig(vocab_size=vocab_size, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
-                            n_kv_head=args.n_kv_head, d_ff=args.d_ff, max_seq_len=args.seq_len,
-                            aux_loss_coef=args.aux_loss_coef)
-        if args.n_experts < 2:
-            raise ValueError(f"an MoE needs at least 2 experts, got --n-experts {args.n_experts}")
-        moe = replace(dense, n_experts=args.n_experts, top_k=args.top_k)
+                            n_kv_head=args.n_kv_head, d_ff=args.d_ff, max_seq_len=args.seq_len)
     except ValueError as e:
         raise Fail(f"invalid model shape: {e}")
-    return dense, moe
+    return dense, moe_config(dense, args.n_experts, args.top_k, args.aux_loss_coef)
+
+
+def moe_config(dense_cfg, n_experts, top_k, aux_loss_coef):
+    """The dense shape with experts, and the balancing loss's weight: an MoE setting, no part of the dense run's
+    identity (a new --aux-loss-coef reuses the trained dense model)."""
+    try:
+        if n_experts < 2:
+            raise ValueError(f"an MoE needs at least 2 experts, got --n-experts {n_experts}")
+        return replace(dense_cfg, n_experts=n_experts, top_k=top_k, aux_loss_coef=aux_loss_coef)
+    except ValueError as e:
+        raise Fail(f"invalid model shape: {e}")
 
 
 def planned_runs(init, r, independent_indices):
@@ -525,10 +532,10 @@ def dense_start(args):
         return (None, enc, *model_configs(args, enc.n_vocab), None)
     from hf import load_pretrained  # a pretrained model: its own shape and tokenizer, no dense phase (safetensors and tokenizers are needed only here)
 
+    moe_config(ModelConfig(), args.n_experts, args.top_k, args.aux_loss_coef)  # the flags checked before a large load
     dense_model, enc, source = load_pretrained(args.dense_from, args.seq_len)
     dense_cfg = dense_model.config
-    moe_cfg = replace(dense_cfg, n_experts=args.n_experts, top_k=args.top_k, aux_loss_coef=args.aux_loss_coef)
-    return dense_model, enc, dense_cfg, moe_cfg, source
+    return dense_model, enc, dense_cfg, moe_config(dense_cfg, args.n_experts, args.top_k, args.aux_loss_coef), source
 
 
 def claim_out_dir(args, device, names):
@@ -643,6 +650,8 @@ def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train
             else:  # naive Upcycling is r = 0
                 start = drop_upcycle(dense_model, n_experts=args.n_experts, top_k=args.top_k, r=r, seed=args.seed,
                                      shared_indices=run.settings["shared_indices"])
+                start.config = replace(start.config, aux_loss_coef=moe_cfg.aux_loss_coef)  # an MoE setting
+                assert start.config == moe_cfg
         else:
             start = None
         if moe_model is None:  # one MoE in memory at a time: a 1B dense model makes a 7B MoE
