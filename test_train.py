@@ -363,6 +363,7 @@ def test_cli_errors_for_invalid_r_and_missing_data_are_one_line(tmp_path):
     (["--r", "abc", "--init", "drop"], "invalid number value: 'abc'"),
     (["--r", "-0.1", "--init", "drop"], "must be in [0, 1]"),
     (["--r", "0.5", "--init", "naive"], "--r applies to --init drop only"),
+    (["--r", "0.01", "--init", "drop"], "--r 0.01 re-initialises none of an expert's 64 neurons"),
     (["--init", "bogus"], "invalid choice: 'bogus'"),
     (["--top-k", "5"], "top_k (5) must be between 1 and n_experts (4)"),
     (["--n-experts", "1"], "at least 2 experts"),

@@ -31,7 +31,7 @@ import torch
 import distributed
 import plot
 from data import BUILTIN_CORPORA, Fail, HFTokenizer, atomic_write_text, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
-from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token
+from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop
 from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
 from runs import CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, lock_out_dir, on_signal, restore, save_checkpoint
 
@@ -681,6 +681,9 @@ def experiment(args):
     tokenizer = enc.name if args.dense_from else args.tokenizer  # a --dense-from model brings its own
     SHAPE.update(d_model=dense_cfg.d_model, n_layer=dense_cfg.n_layer, n_experts=args.n_experts)  # for main()'s OOM message
     planned = planned_runs(args.init, args.r, args.independent_indices)
+    if args.init == "drop" and args.r > 0 and neurons_to_drop(args.r, moe_cfg.d_ff) == 0:
+        raise Fail(f"--r {args.r:g} re-initialises none of an expert's {moe_cfg.d_ff} neurons (floor(r d_ff) = 0): "
+                   f"that is naive Upcycling, --init naive")
     distributed.startup_barrier(first=True)  # ranks > 0 wait here for rank 0's checks and token cache
     claim_out_dir(args, device, ["dense"] + [run_name(*p) for p in planned])
     train_tokens, val_batches, data_info = prepare_data(args, tokenizer, enc, device)
