@@ -661,13 +661,14 @@ def dense_for_probe(opts):
     """A trained dense model from --dense-ckpt (train.py's out/.../dense/ckpt.pt), else a freshly initialised
     one of the cpu preset's shape: the effects measured here follow from the construction, not the training."""
     if opts.dense_ckpt:
-        path = os.path.join(opts.dense_ckpt, "ckpt.pt") if os.path.isdir(opts.dense_ckpt) else opts.dense_ckpt
-        if not os.path.exists(path):  # train.py keeps the dense model in <out-dir>/dense/ckpt.pt
-            folder = os.path.dirname(path)
-            out_dir = (os.path.dirname(folder) if os.path.basename(folder) == "dense" else folder) or "."
-            raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there; train one with python train.py --preset "
-                       f"cpu --init dense --out-dir {out_dir} (it goes to {os.path.join(out_dir, 'dense')})")
-        ckpt = load_checkpoint(path)
+        path = opts.dense_ckpt
+        if os.path.isdir(path):  # a run's folder, or the --out-dir that holds dense/
+            inside = [os.path.join(path, "ckpt.pt"), os.path.join(path, "dense", "ckpt.pt")]
+            path = next((p for p in inside if os.path.exists(p)), inside[0])
+        if not os.path.exists(path):
+            raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there; train.py writes the dense model to "
+                       f"OUT_DIR/dense/ckpt.pt (python train.py --preset cpu --init dense --out-dir OUT_DIR)")
+        ckpt = load_checkpoint(path, if_damaged=None)
         cfg = ModelConfig(**ckpt["model_config"])
         if cfg.is_moe:
             raise Fail(f"--dense-ckpt {opts.dense_ckpt}: that is an MoE checkpoint; give the dense one (out/.../dense)")

@@ -72,14 +72,20 @@ def save_checkpoint(state, path):
             raise KeyboardInterrupt
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, if_damaged="delete it to start that run over"):
+    """The train.py checkpoint at path, else a Fail saying what the file is, and for a run's own file what to do."""
+    advice = f"; {if_damaged}" if if_damaged else ""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise Fail(f"checkpoint {path} is unreadable (truncated or corrupt: {reason}); delete it to start that run over")
+    except OSError as e:
+        raise Fail(f"checkpoint {path}: cannot read it ({e.strerror or e})")
+    except Exception:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive; a cut-off one still starts so
+        raise Fail(f"checkpoint {path} is unreadable ({'truncated or corrupt' if zipped else 'not a file torch.save wrote'})"
+                   f"{advice}")
     if not isinstance(ckpt, dict) or not {"model", "settings", "step", "model_config"} <= set(ckpt):
-        raise Fail(f"checkpoint {path} is not a train.py checkpoint; delete it to start that run over")
+        raise Fail(f"checkpoint {path} is not a train.py checkpoint{advice}")
     return ckpt
 
 

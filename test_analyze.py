@@ -1,6 +1,7 @@
 """analyze.py: the paper's analyses (Sec. 5.3 r sweep, Sec. 5.4 routing) and the classroom exercises.
 Routing statistics with known routing in and known numbers out, the commands end to end on a tiny corpus."""
 
+import argparse
 import json
 import math
 import os
@@ -228,6 +229,13 @@ def test_routing_writes_consistent_statistics(swept):
     assert os.path.getsize(os.path.join(out, "routing_specialisation.png")) > 10_000
 
 
+def test_dense_ckpt_is_found_from_the_out_dir_the_run_folder_or_the_file(swept):
+    out, _ = swept
+    paths = [analyze.dense_for_probe(argparse.Namespace(dense_ckpt=given, seed=0))[2]
+             for given in (out, os.path.join(out, "dense"), os.path.join(out, "dense", "ckpt.pt"))]
+    assert paths == [os.path.join(out, "dense", "ckpt.pt")] * 3
+
+
 def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
     out, flags = swept
     cases = [
@@ -236,6 +244,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
         ["routing", "--preset", "cpu", "--out-dir", out, "--data", __file__],  # one file: no domains
         ["overlap", "--r", "1.5"],
         ["router-grad", "--dense-ckpt", os.path.join(out, "moe-naive")],  # an MoE, not a dense checkpoint
+        ["router-grad", "--dense-ckpt", str(tmp_path / "missing")],
         ["router-grad", "--top-k", "9"],
         ["nonsense"],
     ]

@@ -204,6 +204,10 @@ def test_sample_prints_text_from_a_checkpoint(drop_run, capsys):
                                   "--device", "cpu"], capsys)
     assert code == 0, err
     assert stdout.count("--- sample") == 2
+    # a file that is no checkpoint is named as such, and not to be deleted: it is not a run's
+    code, _, err = run_main(["--sample", os.path.join(HERE, "README.md"), "--device", "cpu"], capsys)
+    line = assert_one_line_error(code, err)
+    assert "README.md is unreadable (not a file torch.save wrote)" in line and "delete" not in line
 
 
 def test_help_has_one_line_per_option():

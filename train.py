@@ -714,7 +714,7 @@ def sample(args):
     path = os.path.join(args.sample, "ckpt.pt") if os.path.isdir(args.sample) else args.sample
     if not os.path.exists(path):
         raise Fail(f"--sample {args.sample}: no checkpoint there")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, if_damaged=None)
     device = resolve_device(args.device)
     source = (ckpt["settings"].get("dense") or ckpt["settings"]).get("source")  # a run from --dense-from
     enc = HFTokenizer(source["path"]) if source else get_tokenizer(ckpt.get("tokenizer", "byte"))
