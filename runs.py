@@ -128,7 +128,26 @@ class Run:
         if not ckpt.get("finished") and not resume:
             raise Fail(f"{self.dir} holds an unfinished run (step {ckpt['step']}/{self.settings['steps']}): pass "
                        f"--resume to continue it, or delete {self.dir} to start it over")
+        if ckpt.get("finished"):
+            self.check_report_files()
         return ckpt
+
+    def check_report_files(self):
+        """A finished run's files for the summary, checked before any training rather than after: settings.json, a
+        copy of the checkpoint's settings, is written again; a damaged result.json or log.csv is an error."""
+        if distributed.is_main():
+            try:
+                atomic_write_text(os.path.join(self.dir, "settings.json"), json.dumps(self.settings, indent=1))
+            except OSError as e:
+                raise Fail(f"cannot write in {self.dir} ({e.strerror or e})")
+        try:
+            with open(self.result_path) as f:
+                result = json.load(f)
+            float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
+            plot.val_curve(self.csv_path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise Fail(f"{self.dir}: a finished run whose result.json or log.csv is missing or damaged; delete "
+                       f"{self.dir} to train it again") from None
 
     def open_log(self, resumed_at):
         """The run's log.csv, open for appending rows: started afresh, or (resumed_at, a checkpoint's step) cut back to

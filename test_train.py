@@ -463,6 +463,20 @@ def test_resume_errors(drop_run, train_corpus, tmp_path, capsys):
     assert "is unreadable" in assert_one_line_error(code, err)
 
 
+def test_a_finished_runs_damaged_files_are_found_before_training(drop_run, train_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(drop_run[0], out)
+    (out / "dense" / "settings.json").write_text("{bad")  # a copy of the checkpoint's settings: written again
+    result = (out / "moe-drop-r0.5" / "result.json").read_text()
+    (out / "moe-drop-r0.5" / "result.json").write_text("{bad")  # made only by training: an error, before any
+    code, stdout, err = run_main(["--init", "drop", *tiny(train_corpus, out)], capsys)
+    assert "moe-drop-r0.5: a finished run whose result.json or log.csv is missing or damaged" in assert_one_line_error(code, err)
+    assert json.loads((out / "dense" / "settings.json").read_text())["phase"] == "dense"
+    (out / "moe-drop-r0.5" / "result.json").write_text(result)
+    code, stdout, err = run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)
+    assert code == 0 and "warning" not in stdout, stdout + err
+
+
 def test_unfinished_run_is_not_overwritten_without_resume(train_corpus, tmp_path, capsys, monkeypatch):
     real_lr_at = train.lr_at
     monkeypatch.setattr(train, "lr_at", lambda step, *a: float("nan") if step >= 12 else real_lr_at(step, *a))
