@@ -304,6 +304,12 @@ def corpus_name(data):
     return data[1:] if data in BUILTIN_CORPORA else os.path.basename(os.path.normpath(data)) or "data"
 
 
+def check_data_exists(data):
+    if data not in BUILTIN_CORPORA and not os.path.exists(data):
+        builtin = f" (the built-in corpora are {' and '.join(BUILTIN_CORPORA)})" if data.startswith(":") else ""
+        raise Fail(f"--data {data}: no such file or folder{builtin}")
+
+
 def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
     """(train tokens, val tokens, info), memmapped, built once and cached in out_dir/data.
 
@@ -311,8 +317,7 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
     The cache's meta.json holds the settings and file listing it was made with; when they differ from the
     current ones, the cache is rebuilt.
     """
-    if data not in BUILTIN_CORPORA and not os.path.exists(data):
-        raise Fail(f"--data {data}: no such file or folder")
+    check_data_exists(data)
     if os.path.isfile(data) and data.endswith(".bin"):
         return load_token_file(data, tokenizer, enc, seq_len)
     if os.path.isdir(data) and os.path.realpath(data) == os.path.realpath(out_dir):

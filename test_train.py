@@ -394,6 +394,7 @@ def test_bad_data_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"abc")
     for path, expected in [(empty, "no text files found"), (binary_only, "no text found"),
+                           (":stdlb", ":stdlb: no such file or folder (the built-in corpora are :stdlib and :python)"),
                            (big_ids, "token id 300 is outside the vocabulary"), (odd, "holds uint16 values")]:
         code, _, err = run_main(tiny(str(path), tmp_path / "out"), capsys)
         assert expected in assert_one_line_error(code, err), path

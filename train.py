@@ -30,7 +30,7 @@ import torch
 
 import distributed
 import plot
-from data import BUILTIN_CORPORA, Fail, HFTokenizer, atomic_write_text, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
+from data import Fail, HFTokenizer, atomic_write_text, check_data_exists, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop
 from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
 from runs import CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, lock_out_dir, on_signal, restore, save_checkpoint
@@ -173,8 +173,7 @@ def parse_args(argv=None):
         raise Fail(f"--independent-indices applies to --init drop only (got --init {args.init or 'all'})")
     if args.init == "drop" and args.r is None:
         args.r = 0.5
-    if args.data not in BUILTIN_CORPORA and not os.path.exists(args.data):  # before any folder is made
-        raise Fail(f"--data {args.data}: no such file or folder")
+    check_data_exists(args.data)  # before any folder is made
     for phase in ("dense", "moe"):
         steps, warmup = getattr(args, f"{phase}_steps"), getattr(args, f"{phase}_warmup")
         if warmup >= steps and not (phase == "dense" and args.dense_from):
