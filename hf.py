@@ -384,7 +384,14 @@ class OneLineParser(argparse.ArgumentParser):
         raise HFError(f"{message} (see --help)")
 
 
+def copy_tokenizer(src, out_dir):
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+
+
 def load_train_checkpoint(path):
+    """(model, the --dense-from folder it was upcycled from or None) of a train.py checkpoint."""
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise HFError(f"{path}: no checkpoint there")
@@ -400,7 +407,9 @@ def load_train_checkpoint(path):
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise HFError(f"{path}: model does not match its model_config ({str(e).splitlines()[0][:120]})") from None
-    return model
+    settings = ckpt.get("settings") or {}
+    source = (settings.get("dense") or settings).get("source")
+    return model, source and source["path"]
 
 
 def main(argv=None):
@@ -425,9 +434,15 @@ def main(argv=None):
         dtype = DTYPES[args.dtype] if args.dtype else None
         if args.command == "export":
             check_out_dir(args.out)
-            model = load_train_checkpoint(args.src)
+            model, source = load_train_checkpoint(args.src)
             save_hf(model, args.out, dtype, args.max_shard_bytes)
             print(f"wrote {'Mixtral' if model.config.is_moe else 'Llama'} {args.out}")
+            if source and os.path.isdir(source):
+                copy_tokenizer(source, args.out)
+                print(f"with the tokenizer of {source}, the model it was upcycled from")
+            else:
+                print("no tokenizer files: the run read train.py's own tokenizer (--tokenizer; byte: token ids are "
+                      "UTF-8 bytes), or its --dense-from folder is gone")
             return
         check_out_dir(args.out)  # before loading a large model, not after
         try:
@@ -446,9 +461,7 @@ def main(argv=None):
         src_config = read_json(os.path.join(src, "config.json"))
         drop_upcycle_hf(dense, args.out, args.n_experts, args.top_k, args.r, args.seed, not args.independent_indices,
                         dtype, args.max_shard_bytes, extra_config={k: src_config[k] for k in TOKEN_ID_FIELDS if k in src_config})
-        for name in TOKENIZER_FILES:  # the tokenizer is the dense model's
-            if os.path.exists(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(args.out, name))
+        copy_tokenizer(src, args.out)  # the tokenizer is the dense model's
         print(f"wrote Mixtral {args.out}")
     except HFError as e:
         print(f"hf.py: error: {e}", file=sys.stderr)

@@ -309,6 +309,7 @@ def test_cli_export_writes_a_train_checkpoint_as_hf(tmp_path):
                     tokenizer="byte"), tmp_path / "run" / "ckpt.pt")
     p = run_cli("export", tmp_path / "run", tmp_path / "hf")
     assert p.returncode == 0, p.stderr
+    assert "no tokenizer files" in p.stdout and not (tmp_path / "hf" / "tokenizer.json").exists()  # a byte-level run
     mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
     idx = tokens(T=16) % 64
     with torch.no_grad():
@@ -401,6 +402,11 @@ def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenize
     sample = subprocess.run([sys.executable, TRAIN_PY, "--sample", str(out / "moe-drop-r0.5"), "--prompt", "def f",
                              "--sample-tokens", "5", "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=120)
     assert sample.returncode == 0 and "def f" in sample.stdout, sample.stderr
+    # exported, the trained MoE carries the tokenizer of the model it was upcycled from
+    exported = subprocess.run([sys.executable, "hf.py", "export", str(out / "moe-drop-r0.5"), str(tmp_path / "moe-hf")],
+                              capture_output=True, text=True, env=ENV, cwd=os.path.dirname(TRAIN_PY), timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "moe-hf" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
 
 
 @pytest.mark.parametrize("flags, message", [(["--n-experts", "1"], "at least 2 experts"),
