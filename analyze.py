@@ -569,13 +569,16 @@ def routing(opts, train_argv):
     if args.data not in data.BUILTIN_CORPORA and not os.path.isdir(args.data):
         raise Fail(f"routing needs text of two or more domains: the built-in corpus (Python vs C/C++) or "
                    f"--data FOLDER with one subfolder per domain; --data {args.data} is not a folder")
+    none_there = Fail(f"no finished MoE run in {args.out_dir} trained on this data; train some first, e.g. "
+                      f"python analyze.py sweep {shlex.join(train_argv)}")
+    if not any(name.startswith("moe-") for name in (os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else [])):
+        raise none_there  # before the corpus is read (and cached in --out-dir)
     device = gpus.resolve_device(args.device)
     enc = data.get_tokenizer(args.tokenizer)
     _, _, data_info = data.load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)  # the fingerprint that tells which runs used this data
     runs = moe_run_folders(args.out_dir, data_info["fingerprint"])
     if not runs:
-        raise Fail(f"no finished MoE run in {args.out_dir} trained on this data; train some first, e.g. "
-                   f"python analyze.py sweep {shlex.join(train_argv)}")
+        raise none_there
     texts = heldout_tokens(args, enc, opts.routing_tokens)
     n = min(len(t) for t in texts.values())  # the same number of tokens from every domain ...
     n = n // min(args.seq_len, n) * min(args.seq_len, n)  # ... in whole windows of --seq-len

@@ -241,6 +241,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
     cases = [
         ["sweep", "--r", "0.5", "--out-dir", str(tmp_path)],  # sweep chooses --r itself
         ["routing", "--out-dir", str(tmp_path / "empty"), *flags[flags.index("--data") :]],  # no runs there
+        ["routing", "--out-dir", str(tmp_path / "missing"), *flags[flags.index("--data") :]],
         ["routing", "--preset", "cpu", "--out-dir", out, "--data", __file__],  # one file: no domains
         ["overlap", "--r", "1.5"],
         ["router-grad", "--dense-ckpt", os.path.join(out, "moe-naive")],  # an MoE, not a dense checkpoint
@@ -250,6 +251,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
     ]
     for argv in cases:
         assert_one_line_analyze_error(argv, capsys)
+    assert not (tmp_path / "missing").exists()  # no corpus cached in a folder that holds no runs
     # and from the shell: no traceback
     proc = subprocess.run([sys.executable, "analyze.py", "overlap", "--n-experts", "1"], cwd=HERE,
                           capture_output=True, text=True, timeout=60)
@@ -408,6 +410,7 @@ def test_lr_bad_input_gives_one_line_and_nonzero_exit(lr_swept, tmp_path, capsys
              ["sweep", "--ini", "naive", *fresh]]  # an abbreviation train.py would take is caught too
     for argv in cases:
         assert_one_line_analyze_error(argv, capsys)
+    assert not (tmp_path / "missing").exists()  # no corpus cached in a folder that holds no runs
     assert not os.path.exists(tmp_path / "fresh")  # refused before any work
     # a rate folder whose dense model is not the copy of out/dense is refused, not trained from another start
     copy = tmp_path / "copy"
