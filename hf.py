@@ -391,7 +391,7 @@ def copy_tokenizer(src, out_dir):
 
 
 def load_train_checkpoint(path):
-    """(model, the --dense-from folder it was upcycled from or None) of a train.py checkpoint."""
+    """(model, the --dense-from folder it was upcycled from or None, its tokenizer's name) of a train.py checkpoint."""
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise HFError(f"{path}: no checkpoint there")
@@ -409,7 +409,7 @@ def load_train_checkpoint(path):
         raise HFError(f"{path}: model does not match its model_config ({str(e).splitlines()[0][:120]})") from None
     settings = ckpt.get("settings") or {}
     source = (settings.get("dense") or settings).get("source")
-    return model, source and source["path"]
+    return model, source and source["path"], ckpt.get("tokenizer", "byte")
 
 
 def main(argv=None):
@@ -434,15 +434,21 @@ def main(argv=None):
         dtype = DTYPES[args.dtype] if args.dtype else None
         if args.command == "export":
             check_out_dir(args.out)
-            model, source = load_train_checkpoint(args.src)
-            save_hf(model, args.out, dtype, args.max_shard_bytes)
+            model, source, tokenizer = load_train_checkpoint(args.src)
+            source = source if source and os.path.isdir(source) else None
+            src_config = read_json(os.path.join(source, "config.json")) if source else {}
+            save_hf(model, args.out, dtype, args.max_shard_bytes,
+                    extra_config={k: src_config[k] for k in TOKEN_ID_FIELDS if k in src_config})
             print(f"wrote {'Mixtral' if model.config.is_moe else 'Llama'} {args.out}")
-            if source and os.path.isdir(source):
+            if source:
                 copy_tokenizer(source, args.out)
-                print(f"with the tokenizer of {source}, the model it was upcycled from")
+                print(f"with the tokenizer and token ids of {source}, the model it was upcycled from")
+            elif tokenizer.startswith("hf-"):
+                print(f"no tokenizer files: the run read a Hugging Face tokenizer ({tokenizer}) from a folder it does "
+                      f"not record (or that is gone): copy that folder's tokenizer files in")
             else:
-                print("no tokenizer files: the run read train.py's own tokenizer (--tokenizer; byte: token ids are "
-                      "UTF-8 bytes), or its --dense-from folder is gone")
+                print(f"no tokenizer files: the run read train.py's own tokenizer ({tokenizer}; byte: the token ids "
+                      f"are UTF-8 bytes)")
             return
         check_out_dir(args.out)  # before loading a large model, not after
         try:

@@ -407,6 +407,7 @@ def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenize
                               capture_output=True, text=True, env=ENV, cwd=os.path.dirname(TRAIN_PY), timeout=120)
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "moe-hf" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert json.loads((tmp_path / "moe-hf" / "config.json").read_text())["eos_token_id"] == 1  # the source's
 
 
 @pytest.mark.parametrize("flags, message", [(["--n-experts", "1"], "at least 2 experts"),

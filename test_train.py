@@ -470,8 +470,9 @@ def test_a_finished_runs_damaged_files_are_found_before_training(drop_run, train
     (out / "dense" / "settings.json").write_text("{bad")  # a copy of the checkpoint's settings: written again
     result = (out / "moe-drop-r0.5" / "result.json").read_text()
     (out / "moe-drop-r0.5" / "result.json").write_text("{bad")  # made only by training: an error, before any
-    code, stdout, err = run_main(["--init", "drop", *tiny(train_corpus, out)], capsys)
+    code, stdout, err = run_main(["--init", "all", *tiny(train_corpus, out)], capsys)  # scratch, the first, is new
     assert "moe-drop-r0.5: a finished run whose result.json or log.csv is missing or damaged" in assert_one_line_error(code, err)
+    assert not (out / "moe-scratch").exists()
     assert json.loads((out / "dense" / "settings.json").read_text())["phase"] == "dense"
     (out / "moe-drop-r0.5" / "result.json").write_text(result)
     code, stdout, err = run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)
