@@ -134,7 +134,8 @@ class Run:
 
     def check_report_files(self):
         """A finished run's files for the summary, checked before any training rather than after: settings.json, a
-        copy of the checkpoint's settings, is written again; a damaged result.json or log.csv is an error."""
+        copy of the checkpoint's settings, is written again; a damaged result.json or log.csv, which only training
+        makes, is said now (the summary leaves the run out, and the model is kept)."""
         if distributed.is_main():
             try:
                 atomic_write_text(os.path.join(self.dir, "settings.json"), json.dumps(self.settings, indent=1))
@@ -146,8 +147,9 @@ class Run:
             float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
             plot.val_curve(self.csv_path)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-            raise Fail(f"{self.dir}: a finished run whose result.json or log.csv is missing or damaged; delete "
-                       f"{self.dir} to train it again") from None
+            if distributed.is_main():
+                print(f"warning: {self.dir}: a finished run whose result.json or log.csv is missing or damaged: the "
+                      f"summary will leave it out (delete {self.dir} to train it again)")
 
     def open_log(self, resumed_at):
         """The run's log.csv, open for appending rows: started afresh, or (resumed_at, a checkpoint's step) cut back to
