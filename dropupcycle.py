@@ -514,9 +514,7 @@ def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True
         raise ValueError(f"r must be in [0, 1], got {r}")
     if dense.config.is_moe:
         raise ValueError("drop_upcycle needs a dense model (n_experts == 1)")
-    if n_experts < 2:
-        raise ValueError(f"an MoE needs at least 2 experts, got n_experts {n_experts}")
-    cfg = replace(dense.config, n_experts=n_experts, top_k=top_k)  # validates top_k
+    cfg = upcycled_config(dense.config, n_experts, top_k)
     param = next(dense.parameters())
     # built where the dense model is (a GPU initialises billions of weights in a moment). Its N(0, 0.02) init
     # draws from torch's global generator; every value that survives below comes from the dense model or from
@@ -536,6 +534,13 @@ def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True
             moe_ffn.up.copy_(up)
             moe_ffn.down.copy_(down)
     return moe
+
+
+def upcycled_config(dense_config, n_experts, top_k):
+    """The dense model's shape with n_experts experts per FFN, top_k of them per token; a ValueError otherwise."""
+    if n_experts < 2:
+        raise ValueError(f"an MoE needs at least 2 experts, got n_experts {n_experts}")
+    return replace(dense_config, n_experts=n_experts, top_k=top_k)  # (ModelConfig checks top_k)
 
 
 @torch.no_grad()

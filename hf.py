@@ -24,14 +24,14 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import replace
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data import Fail, HFTokenizer
-from dropupcycle import LLAMA3_ROPE_KEYS, ModelConfig, Transformer, rope_cos_sin, upcycled_ffns
+from dropupcycle import LLAMA3_ROPE_KEYS, ModelConfig, Transformer, rope_cos_sin, upcycled_config, upcycled_ffns
+from runs import dense_from_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -330,7 +330,7 @@ def drop_upcycle_hf(dense, out_dir, n_experts=8, top_k=2, r=0.5, seed=0, shared_
                     max_shard_bytes=DEFAULT_SHARD_BYTES, log=print, extra_config=None):
     """save_hf(drop_upcycle(dense, ...)) without ever holding the MoE: each layer's experts are built
     (dropupcycle.upcycled_ffns) when the writer reaches them and dropped once written. Same files, bit for bit."""
-    cfg = replace(dense.config, n_experts=n_experts, top_k=top_k)
+    cfg = upcycled_config(dense.config, n_experts, top_k)
     dtype = dtype or next(dense.parameters()).dtype
     state = dense.state_dict()
     ffns = upcycled_ffns(dense, n_experts, r, seed, shared_indices)
@@ -407,9 +407,7 @@ def load_train_checkpoint(path):
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise HFError(f"{path}: model does not match its model_config ({str(e).splitlines()[0][:120]})") from None
-    settings = ckpt.get("settings") or {}
-    source = (settings.get("dense") or settings).get("source")
-    return model, source and source["path"], ckpt.get("tokenizer", "byte")
+    return model, dense_from_folder(ckpt.get("settings") or {}), ckpt.get("tokenizer", "byte")
 
 
 def main(argv=None):
@@ -452,9 +450,7 @@ def main(argv=None):
             return
         check_out_dir(args.out)  # before loading a large model, not after
         try:
-            if args.n_experts < 2:
-                raise ValueError(f"an MoE needs at least 2 experts, got --n-experts {args.n_experts}")
-            replace(ModelConfig(), n_experts=args.n_experts, top_k=args.top_k)  # the same checks as the model's
+            upcycled_config(ModelConfig(), args.n_experts, args.top_k)  # the same checks as the model's
             if not 0 <= args.r <= 1:
                 raise ValueError(f"--r must be in [0, 1], got {args.r}")
         except ValueError as e:

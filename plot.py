@@ -199,22 +199,30 @@ def loss_figure(path, header, curves, dense_tokens, results=None):
     plt.close(fig)
 
 
+DAMAGED_RUN_FILE = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError)  # what load_run raises
+
+
+def load_run(folder):
+    """(settings, result, validation curve) of the finished run in folder; raises one of DAMAGED_RUN_FILE when one
+    of its three files is missing or damaged."""
+    with open(os.path.join(folder, "settings.json")) as f:
+        settings = json.load(f)
+    with open(os.path.join(folder, "result.json")) as f:
+        result = json.load(f)
+    curve = val_curve(os.path.join(folder, "log.csv"))
+    float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
+    return settings, result, curve
+
+
 def read_run(folder):
-    """(settings, result, validation curve) of the finished run in folder; None when it has not finished, or (with a
-    warning) when one of its three files is damaged."""
+    """load_run, or None when the run has not finished, or (with a warning) when one of its files is damaged."""
     if not os.path.exists(os.path.join(folder, "result.json")):
         return None
     try:
-        with open(os.path.join(folder, "settings.json")) as f:
-            settings = json.load(f)
-        with open(os.path.join(folder, "result.json")) as f:
-            result = json.load(f)
-        curve = val_curve(os.path.join(folder, "log.csv"))
-        float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return load_run(folder)
+    except DAMAGED_RUN_FILE:
         print(f"warning: {folder} has a damaged result.json, settings.json or log.csv: left out of the summary")
         return None
-    return settings, result, curve
 
 
 def finished_runs(out_dir, names, dense_settings, moe_settings):

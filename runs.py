@@ -72,6 +72,12 @@ def save_checkpoint(state, path):
             raise KeyboardInterrupt
 
 
+def dense_from_folder(settings):
+    """The --dense-from folder a run's model came from (its tokenizer's too), or None."""
+    source = (settings.get("dense") or settings).get("source")
+    return source and source["path"]
+
+
 def load_checkpoint(path, if_damaged="delete it to start that run over"):
     """The train.py checkpoint at path, else a Fail saying what the file is, and for a run's own file what to do."""
     advice = f"; {if_damaged}" if if_damaged else ""
@@ -136,20 +142,17 @@ class Run:
         """A finished run's files for the summary, checked before any training rather than after: settings.json, a
         copy of the checkpoint's settings, is written again; a damaged result.json or log.csv, which only training
         makes, is said now (the summary leaves the run out, and the model is kept)."""
-        if distributed.is_main():
-            try:
-                atomic_write_text(os.path.join(self.dir, "settings.json"), json.dumps(self.settings, indent=1))
-            except OSError as e:
-                raise Fail(f"cannot write in {self.dir} ({e.strerror or e})")
+        if not distributed.is_main():
+            return
         try:
-            with open(self.result_path) as f:
-                result = json.load(f)
-            float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
-            plot.val_curve(self.csv_path)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-            if distributed.is_main():
-                print(f"warning: {self.dir}: a finished run whose result.json or log.csv is missing or damaged: the "
-                      f"summary will leave it out (delete {self.dir} to train it again)")
+            atomic_write_text(os.path.join(self.dir, "settings.json"), json.dumps(self.settings, indent=1))
+        except OSError as e:
+            raise Fail(f"cannot write in {self.dir} ({e.strerror or e})")
+        try:
+            plot.load_run(self.dir)
+        except plot.DAMAGED_RUN_FILE:
+            print(f"warning: {self.dir}: a finished run whose result.json or log.csv is missing or damaged: the "
+                  f"summary will leave it out (delete {self.dir} to train it again)")
 
     def open_log(self, resumed_at):
         """The run's log.csv, open for appending rows: started afresh, or (resumed_at, a checkpoint's step) cut back to

@@ -31,9 +31,9 @@ import torch
 import distributed
 import plot
 from data import Fail, HFTokenizer, atomic_write_text, check_data_exists, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
-from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop
+from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop, upcycled_config
 from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
-from runs import CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, lock_out_dir, on_signal, restore, save_checkpoint
+from runs import CSV_FIELDS, LOCK, STOP, Run, dense_from_folder, load_checkpoint, lock_out_dir, on_signal, restore, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. Presets and command line
@@ -450,9 +450,7 @@ def moe_config(dense_cfg, n_experts, top_k, aux_loss_coef):
     """The dense shape with experts, and the balancing loss's weight: an MoE setting, no part of the dense run's
     identity (a new --aux-loss-coef reuses the trained dense model)."""
     try:
-        if n_experts < 2:
-            raise ValueError(f"an MoE needs at least 2 experts, got --n-experts {n_experts}")
-        return replace(dense_cfg, n_experts=n_experts, top_k=top_k, aux_loss_coef=aux_loss_coef)
+        return replace(upcycled_config(dense_cfg, n_experts, top_k), aux_loss_coef=aux_loss_coef)
     except ValueError as e:
         raise Fail(f"invalid model shape: {e}")
 
@@ -715,8 +713,8 @@ def sample(args):
         raise Fail(f"--sample {args.sample}: no checkpoint there")
     ckpt = load_checkpoint(path, if_damaged=None)
     device = resolve_device(args.device)
-    source = (ckpt["settings"].get("dense") or ckpt["settings"]).get("source")  # a run from --dense-from
-    enc = HFTokenizer(source["path"]) if source else get_tokenizer(ckpt.get("tokenizer", "byte"))
+    source = dense_from_folder(ckpt["settings"])
+    enc = HFTokenizer(source) if source else get_tokenizer(ckpt.get("tokenizer", "byte"))
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
