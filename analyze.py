@@ -43,7 +43,7 @@ import data
 import distributed
 import gpus
 import plot
-from runs import load_checkpoint, on_signal, settings_diff
+from runs import RUN_CHECKPOINT_ADVICE, load_model, on_signal, settings_diff
 
 # -----------------------------------------------------------------------------
 # 1. Routing statistics
@@ -161,25 +161,25 @@ def sweep(opts, train_argv):
         took += [wall] if wall is not None else []
         print_eta("sweep", took, len(runs) - i - 1)
     if distributed.is_main():  # under torchrun, rank 0 writes the figure and table
-        sweep_report(args, runs, "python analyze.py sweep " + shlex.join(opts.argv))
+        sweep_report(args.out_dir, args.tokenizer, args.seed, runs, "python analyze.py sweep " + shlex.join(opts.argv))
 
 
-def sweep_report(args, runs, command):
+def sweep_report(out_dir, tokenizer, seed, runs, command):
     """Figure (plot.sweep_figure: loss against MoE-phase tokens for every r, and minus naive) and table."""
     rows, curves = [], {}
     for init, r, independent in runs:
         name = train.run_name(init, r if r is not None else 0.0, not independent)
-        folder = os.path.join(args.out_dir, name)
+        folder = os.path.join(out_dir, name)
         if not os.path.exists(os.path.join(folder, "result.json")):
             print(f"{name}: no finished run in {folder}, left out")
             continue
         with open(os.path.join(folder, "result.json")) as f:
             rows.append((name, init, r, independent, json.load(f)))
         curves[name] = plot.val_curve(os.path.join(folder, "log.csv"))
-    if "moe-naive" not in curves or not os.path.exists(os.path.join(args.out_dir, "dense", "result.json")):
-        raise Fail(f"no finished dense and naive runs in {args.out_dir} "
+    if "moe-naive" not in curves or not os.path.exists(os.path.join(out_dir, "dense", "result.json")):
+        raise Fail(f"no finished dense and naive runs in {out_dir} "
                    f"(with --report-only: pass the training's flags)")
-    with open(os.path.join(args.out_dir, "dense", "result.json")) as f:
+    with open(os.path.join(out_dir, "dense", "result.json")) as f:
         dense = json.load(f)
 
     naive_batches = next(res for name, _, _, _, res in rows if name == "moe-naive").get("final_val_batches")
@@ -195,13 +195,13 @@ def sweep_report(args, runs, command):
                      f"{vs} | {verdict} | {plot.fmt_time(result['wall_time'])} |")
     moe = rows[0][4]
     header = (f"Re-initialisation ratio sweep (paper Sec. 5.3, Fig. 4). Validation loss in nats/token "
-              f"({args.tokenizer} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
+              f"({tokenizer} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
               f"final dense val loss {dense['final_val_loss']:.4f}) and {moe['steps']} MoE steps "
               f"({moe['tokens'] / 1e6:.1f}M tokens), same data order for every run; device {dense['device']}, "
-              f"seed {args.seed}. Noise: two standard errors of the per-batch differences of the two final losses "
+              f"seed {seed}. Noise: two standard errors of the per-batch differences of the two final losses "
               f"(the same validation batches for every run).")
     table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
-    table_path, figure_path = os.path.join(args.out_dir, "sweep_summary.md"), os.path.join(args.out_dir, "sweep_loss.png")
+    table_path, figure_path = os.path.join(out_dir, "sweep_summary.md"), os.path.join(out_dir, "sweep_loss.png")
     data.atomic_write_text(table_path, table)
     print("\n" + table)
     plot.sweep_figure(figure_path, header, curves, dense["final_val_loss"], {row[0]: row[4] for row in rows})
@@ -491,24 +491,24 @@ def domain_of(key, default_corpus):
     return parts[1] if len(parts) > 2 else None
 
 
-def heldout_tokens(args, enc, max_tokens):
-    """{domain: token ids} from the validation files only (the same file split train.py uses), at most
+def heldout_tokens(data_spec, corpus_mb, enc, max_tokens):
+    """{domain: token ids} from the validation files of --data data_spec only (the same file split train.py uses), at most
     max_tokens per domain, every file followed by <|endoftext|>."""
     try:
-        files = data.list_files(args.data)
+        files = data.list_files(data_spec)
     except OSError as e:
-        raise Fail(f"--data {args.data}: cannot list files ({e.strerror or e})")
-    _, val_files = data.select_files(files, args.corpus_mb)
+        raise Fail(f"--data {data_spec}: cannot list files ({e.strerror or e})")
+    _, val_files = data.select_files(files, corpus_mb)
     tokens = {}
     for key, path, _, _ in val_files:
-        domain = domain_of(key, args.data in data.BUILTIN_CORPORA)
+        domain = domain_of(key, data_spec in data.BUILTIN_CORPORA)
         if domain is None or len(tokens.get(domain, [])) >= max_tokens:
             continue
         text = data.read_text(path)
         if text:
             tokens.setdefault(domain, []).extend(enc.encode_ordinary(text) + [enc.eot_token])
     if len(tokens) < 2:
-        where = "the built-in corpus" if args.data in data.BUILTIN_CORPORA else f"--data {args.data} (one subfolder per domain)"
+        where = "the built-in corpus" if data_spec in data.BUILTIN_CORPORA else f"--data {data_spec} (one subfolder per domain)"
         found = ", ".join(sorted(tokens)) or "none"
         raise Fail(f"routing needs held-out files of two or more domains, but the validation split of {where} has "
                    f"{found}; give more files per domain (about 1 in 20 is held out)")
@@ -579,7 +579,7 @@ def routing(opts, train_argv):
     runs = moe_run_folders(args.out_dir, data_info["fingerprint"])
     if not runs:
         raise none_there
-    texts = heldout_tokens(args, enc, opts.routing_tokens)
+    texts = heldout_tokens(args.data, args.corpus_mb, enc, opts.routing_tokens)
     n = min(len(t) for t in texts.values())  # the same number of tokens from every domain ...
     n = n // min(args.seq_len, n) * min(args.seq_len, n)  # ... in whole windows of --seq-len
     domains = list(texts)
@@ -587,9 +587,7 @@ def routing(opts, train_argv):
 
     results = {}
     for name, folder in runs:
-        ckpt = load_checkpoint(os.path.join(folder, "ckpt.pt"))
-        model = Transformer(ModelConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        model, ckpt, _ = load_model(folder, RUN_CHECKPOINT_ADVICE)
         model.to(device).eval()
         per_domain = [route_counts(model, texts[d][:n], model.config.max_seq_len, args.batch_size, device)
                       for d in domains]
@@ -600,7 +598,7 @@ def routing(opts, train_argv):
         del model, ckpt
 
     command = "python analyze.py routing " + shlex.join(opts.argv)
-    routing_report(args, results, domains, n, command, opts)
+    routing_report(args.out_dir, results, domains, n, command, opts.models, opts.all_layers)
 
 
 def routing_replot(opts, args):
@@ -615,10 +613,11 @@ def routing_replot(opts, args):
     first = next(iter(raw.values()))
     command = (f"{first.get('command', 'unknown command')}, re-plotted with "
                f"python analyze.py routing {shlex.join(opts.argv)}")
-    routing_report(args, results, first["domains"], first["tokens_per_domain"], command, opts)
+    routing_report(args.out_dir, results, first["domains"], first["tokens_per_domain"], command, opts.models,
+                   opts.all_layers)
 
 
-def routing_report(args, results, domains, n_tokens, command, opts):
+def routing_report(out_dir, results, domains, n_tokens, command, models, all_layers):
     """routing_summary.md, routing_counts.json and the figure (plot.routing_figure: the paper's Fig. 5)."""
     n_layer = len(next(iter(results.values()))["layers"])
     header = (f"Routing of {n_tokens:,} held-out tokens per domain ({', '.join(domains)}; validation files only). "
@@ -640,20 +639,20 @@ def routing_report(args, results, domains, n_tokens, command, opts):
             lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} |{extra}")
         lines.append("")
     table = "\n".join(lines)
-    data.atomic_write_text(os.path.join(args.out_dir, "routing_summary.md"), table)
+    data.atomic_write_text(os.path.join(out_dir, "routing_summary.md"), table)
     print("\n" + table)
     made_with = command.split(", re-plotted with")[0]  # a re-plot keeps the command that routed the tokens
     raw = {name: dict(command=made_with, domains=domains, tokens_per_domain=res["tokens"], top_k=res["top_k"],
                       counts=res["counts"].tolist(), balance=[l["balance"] for l in res["layers"]],
                       js=[l["js"] for l in res["layers"]]) for name, res in results.items()}
-    data.atomic_write_text(os.path.join(args.out_dir, "routing_counts.json"), json.dumps(raw, indent=1))
+    data.atomic_write_text(os.path.join(out_dir, "routing_counts.json"), json.dumps(raw, indent=1))
 
-    models = [m for m in (opts.models or FIGURE_MODELS) if m in results] or list(results)[:3]
-    layers = list(range(n_layer)) if opts.all_layers else sorted({0, n_layer // 2, n_layer - 1})
-    path = os.path.join(args.out_dir, "routing_specialisation.png")
+    models = [m for m in (models or FIGURE_MODELS) if m in results] or list(results)[:3]
+    layers = list(range(n_layer)) if all_layers else sorted({0, n_layer // 2, n_layer - 1})
+    path = os.path.join(out_dir, "routing_specialisation.png")
     plot.routing_figure(path, header, results, domains, models, layers)
-    print(f"figure: {path} | tables: {os.path.join(args.out_dir, 'routing_summary.md')} | counts: "
-          f"{os.path.join(args.out_dir, 'routing_counts.json')}")
+    print(f"figure: {path} | tables: {os.path.join(out_dir, 'routing_summary.md')} | counts: "
+          f"{os.path.join(out_dir, 'routing_counts.json')}")
 
 
 # -----------------------------------------------------------------------------
@@ -671,12 +670,9 @@ def dense_for_probe(opts):
         if not os.path.exists(path):
             raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there; train.py writes the dense model to "
                        f"OUT_DIR/dense/ckpt.pt (python train.py --preset cpu --init dense --out-dir OUT_DIR)")
-        ckpt = load_checkpoint(path, if_damaged=None)
-        cfg = ModelConfig(**ckpt["model_config"])
-        if cfg.is_moe:
+        model, ckpt, path = load_model(path)
+        if model.config.is_moe:
             raise Fail(f"--dense-ckpt {opts.dense_ckpt}: that is an MoE checkpoint; give the dense one (out/.../dense)")
-        model = Transformer(cfg)
-        model.load_state_dict(ckpt["model"])
         return model, ckpt.get("tokenizer", "byte"), path
     p = train.PRESETS["cpu"]
     cfg = ModelConfig(vocab_size=257, d_model=p["d_model"], n_layer=p["n_layer"], n_head=p["n_head"],
@@ -783,7 +779,7 @@ def overlap(opts):
 
 
 def parse_args(argv):
-    p = train.OneLineParser(prog="analyze.py", description="The paper's analyses (r sweep, routing) and two "
+    p = data.OneLineParser(prog="analyze.py", description="The paper's analyses (r sweep, routing) and two "
                             "measurements right after upcycling. The classroom exercises that use them: EXERCISES.md.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,lr,seeds,routing,router-grad,overlap}")
     s = sub.add_parser("sweep", allow_abbrev=False,

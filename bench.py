@@ -354,7 +354,8 @@ def bench_steps(args, device, record, profiles):
                     # profile the largest config's steps, reusing the (compiled) model just measured
                     prof = (profiles if args.profile and name == STEP_CONFIGS[device.type][-1][0] and not skew
                             else None)
-                    row.update(bench_one_step(cfg, batch, seq, mode, device, args, peak, prof, skew))
+                    row.update(bench_one_step(cfg, batch, seq, mode, args.compile_mode, device, args.warmup,
+                                              args.iters, peak, prof, skew))
                 except Exception as e:
                     row["error"] = error_text(e)
                 record("step", row)
@@ -406,7 +407,7 @@ def bare_step(run, params, optimizer, inputs, targets, autocast):
     optimizer.zero_grad(set_to_none=True)
 
 
-def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None, router_skew=None):
+def bench_one_step(cfg, batch, seq, mode, compile_mode, device, warmup, iters, peak, profiles=None, router_skew=None):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = du.Transformer(cfg).to(device)  # fp32 master weights, bf16 autocast: as train.py
@@ -419,7 +420,7 @@ def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None, rou
         out["load_balance"] = routing_balance(model, inputs)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    run = du.compile_model(model, mode=args.compile_mode) if mode == "compiled" else model
+    run = du.compile_model(model, mode=compile_mode) if mode == "compiled" else model
 
     def step():
         train.begin_step(run)  # (under CUDA graphs this step's replay may overwrite the last one's outputs)
@@ -436,7 +437,7 @@ def bench_one_step(cfg, batch, seq, mode, device, args, peak, profiles=None, rou
         out["graph_breaks"] = sum(counters["graph_break"].values())
         out["break_reasons"] = sorted(counters["graph_break"])[:5]
     reset_peak(device)
-    ms = timeit(step, device, args.warmup, args.iters)
+    ms = timeit(step, device, warmup, iters)
     fpt = du.flops_per_token(cfg, seq)
     tok_s = batch * seq / ms * 1e3
     out.update(ms=ms, tokens_per_s=tok_s, flops_per_token=fpt, achieved_tflops=fpt * tok_s / 1e12,
@@ -511,14 +512,15 @@ def bench_loop(args, device, record, profiles):
                        train_mode=mode == train_mode)
             try:
                 prof = profiles if args.profile and tokens_name.startswith("text") and mode == train_mode else None
-                row.update(bench_loop_step(cfg, batch, seq, mode, compile_mode, device, args, tokens, prof))
+                row.update(bench_loop_step(cfg, batch, seq, mode, compile_mode, device, args.warmup, args.iters,
+                                           tokens, prof))
             except Exception as e:
                 row["error"] = error_text(e)
             record("loop", row)
             print(fmt_loop_row(row), flush=True)
 
 
-def bench_loop_step(cfg, batch, seq, mode, compile_mode, device, args, tokens, profiles=None):
+def bench_loop_step(cfg, batch, seq, mode, compile_mode, device, warmup, iters, tokens, profiles=None):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = du.Transformer(cfg).to(device)
@@ -545,8 +547,8 @@ def bench_loop_step(cfg, batch, seq, mode, compile_mode, device, args, tokens, p
 
     step()  # compiles
     sync(device)
-    wall_steps = LOOP_WALL_TIMES_ITERS * args.iters
-    rounds = [(timeit(step, device, args.warmup, args.iters), timeit(bare, device, args.warmup, args.iters),
+    wall_steps = LOOP_WALL_TIMES_ITERS * iters
+    rounds = [(timeit(step, device, warmup, iters), timeit(bare, device, warmup, iters),
                wall_ms(step, device, wall_steps), wall_ms(bare, device, wall_steps))
               for _ in range(LOOP_ROUNDS)]
     ms, bare_ms, wall, bare_wall = (statistics.median(times) for times in zip(*rounds))

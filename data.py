@@ -41,6 +41,13 @@ class Fail(Exception):
     and exit non-zero."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """The tools' command lines: a bad flag is a Fail, one line, where argparse prints the usage and the error."""
+
+    def error(self, message):
+        raise Fail(f"{message} (see --help)")
+
+
 # -----------------------------------------------------------------------------
 # Tokenizers
 
@@ -469,13 +476,13 @@ def atomic_write_text(path, text):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Build the token cache of a corpus and describe it.")
+    p = OneLineParser(prog="data.py", description="Build the token cache of a corpus and describe it.")
     p.add_argument("--data", default=":stdlib", help=":stdlib (default), :python, a folder or a text file")
     p.add_argument("--tokenizer", default="byte")
     p.add_argument("--corpus-mb", type=float, default=8.0, help="size cap in MB, half per language (0: none)")
     p.add_argument("--out-dir", default="out")
-    a = p.parse_args()
     try:
+        a = p.parse_args()
         enc = get_tokenizer(a.tokenizer)
         print(load_data(a.data, a.tokenizer, enc, a.out_dir, a.corpus_mb, seq_len=128)[2]["description"])
     except Fail as e:

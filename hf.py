@@ -19,7 +19,6 @@ On disk, Mixtral keeps one tensor per expert (block_sparse_moe.experts.{j}.w1/w2
 router as block_sparse_moe.gate; transformers 5.x renames them in memory, so this file works with the files only.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -29,9 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data import Fail, HFTokenizer
+from data import Fail, HFTokenizer, OneLineParser
 from dropupcycle import LLAMA3_ROPE_KEYS, ModelConfig, Transformer, rope_cos_sin, upcycled_config, upcycled_ffns
-from runs import dense_from_folder
+from runs import load_model, tokenizer_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -379,35 +378,10 @@ def load_pretrained(path_or_id, seq_len):
     return model, enc, dict(path=os.path.abspath(folder), files=stamp)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise HFError(f"{message} (see --help)")
-
-
 def copy_tokenizer(src, out_dir):
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
-
-
-def load_train_checkpoint(path):
-    """(model, the --dense-from folder it was upcycled from or None, its tokenizer's name) of a train.py checkpoint."""
-    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise HFError(f"{path}: no checkpoint there")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise HFError(f"{path}: unreadable checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= set(ckpt):
-        raise HFError(f"{path}: not a train.py checkpoint (no model and model_config)")
-    try:
-        model = Transformer(ModelConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise HFError(f"{path}: model does not match its model_config ({str(e).splitlines()[0][:120]})") from None
-    return model, dense_from_folder(ckpt.get("settings") or {}), ckpt.get("tokenizer", "byte")
 
 
 def main(argv=None):
@@ -432,7 +406,8 @@ def main(argv=None):
         dtype = DTYPES[args.dtype] if args.dtype else None
         if args.command == "export":
             check_out_dir(args.out)
-            model, source, tokenizer = load_train_checkpoint(args.src)
+            model, ckpt, _ = load_model(args.src)
+            source, tokenizer = tokenizer_folder(ckpt), ckpt.get("tokenizer", "byte")  # source: the --dense-from model
             source = source if source and os.path.isdir(source) else None
             src_config = read_json(os.path.join(source, "config.json")) if source else {}
             save_hf(model, args.out, dtype, args.max_shard_bytes,
@@ -440,7 +415,7 @@ def main(argv=None):
             print(f"wrote {'Mixtral' if model.config.is_moe else 'Llama'} {args.out}")
             if source:
                 copy_tokenizer(source, args.out)
-                print(f"with the tokenizer and token ids of {source}, the model it was upcycled from")
+                print(f"with the tokenizer and token ids of {source}, the --dense-from model of its run")
             elif tokenizer.startswith("hf-"):
                 print(f"no tokenizer files: the run read a Hugging Face tokenizer ({tokenizer}) from a folder it does "
                       f"not record (or that is gone): copy that folder's tokenizer files in")
@@ -465,7 +440,7 @@ def main(argv=None):
                         dtype, args.max_shard_bytes, extra_config={k: src_config[k] for k in TOKEN_ID_FIELDS if k in src_config})
         copy_tokenizer(src, args.out)  # the tokenizer is the dense model's
         print(f"wrote Mixtral {args.out}")
-    except HFError as e:
+    except (HFError, Fail) as e:
         print(f"hf.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:

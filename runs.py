@@ -15,6 +15,7 @@ import torch
 import distributed
 import plot
 from data import Fail, atomic_write_text, make_dirs
+from dropupcycle import ModelConfig, Transformer
 
 
 STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": False}  # see on_signal
@@ -72,13 +73,18 @@ def save_checkpoint(state, path):
             raise KeyboardInterrupt
 
 
-def dense_from_folder(settings):
-    """The --dense-from folder a run's model came from (its tokenizer's too), or None."""
-    source = (settings.get("dense") or settings).get("source")
+def tokenizer_folder(ckpt):
+    """The folder of the Hugging Face tokenizer a checkpoint's run read (the --dense-from model's), or None."""
+    if ckpt.get("tokenizer_dir"):
+        return ckpt["tokenizer_dir"]
+    source = (ckpt["settings"].get("dense") or ckpt["settings"]).get("source")  # (a checkpoint without the field)
     return source and source["path"]
 
 
-def load_checkpoint(path, if_damaged="delete it to start that run over"):
+RUN_CHECKPOINT_ADVICE = "delete it to start that run over"  # for a run's own checkpoint, not a file a user named
+
+
+def load_checkpoint(path, if_damaged=RUN_CHECKPOINT_ADVICE):
     """The train.py checkpoint at path, else a Fail saying what the file is, and for a run's own file what to do."""
     advice = f"; {if_damaged}" if if_damaged else ""
     try:
@@ -93,6 +99,20 @@ def load_checkpoint(path, if_damaged="delete it to start that run over"):
     if not isinstance(ckpt, dict) or not {"model", "settings", "step", "model_config"} <= set(ckpt):
         raise Fail(f"checkpoint {path} is not a train.py checkpoint{advice}")
     return ckpt
+
+
+def load_model(path, if_damaged=None):
+    """(the model, its checkpoint, the checkpoint file) of a train.py checkpoint: a file, or a run's folder."""
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.exists(path):
+        raise Fail(f"{path}: no checkpoint there")
+    ckpt = load_checkpoint(path, if_damaged)
+    try:
+        model = Transformer(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise Fail(f"checkpoint {path} does not hold a model of its own config ({str(e).splitlines()[0][:100]})")
+    return model, ckpt, path
 
 
 def settings_diff(old, new, prefix=""):
@@ -115,8 +135,11 @@ class Run:
     run's identity: everything that changes a number it records. A checkpoint made with other settings is refused
     rather than continued, and only runs with equal settings (but the init) are compared."""
 
-    def __init__(self, name, out_dir, settings):
+    def __init__(self, name, out_dir, settings, tokenizer_dir=None):
         self.name, self.settings = name, settings
+        # the --dense-from tokenizer's folder, for sampling and export: no part of the identity (the tokenizer's
+        # content is, by its name), and a scratch run's settings name no source
+        self.tokenizer_dir = tokenizer_dir
         self.dir = os.path.join(out_dir, name)
         self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
         self.csv_path = os.path.join(self.dir, "log.csv")

@@ -408,6 +408,18 @@ def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenize
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "moe-hf" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     assert json.loads((tmp_path / "moe-hf" / "config.json").read_text())["eos_token_id"] == 1  # the source's
+    # a scratch run beside them reads the same tokenizer, though its settings name no source: it samples and
+    # exports with it too
+    result = subprocess.run([sys.executable, TRAIN_PY, "--init", "scratch", *flags], capture_output=True, text=True,
+                            env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    sample = subprocess.run([sys.executable, TRAIN_PY, "--sample", str(out / "moe-scratch"), "--prompt", "def f",
+                             "--sample-tokens", "5", "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert sample.returncode == 0 and "def f" in sample.stdout, sample.stderr
+    exported = subprocess.run([sys.executable, "hf.py", "export", str(out / "moe-scratch"), str(tmp_path / "scratch-hf")],
+                              capture_output=True, text=True, env=ENV, cwd=os.path.dirname(TRAIN_PY), timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "scratch-hf" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
 
 
 @pytest.mark.parametrize("flags, message", [(["--n-experts", "1"], "at least 2 experts"),

@@ -30,10 +30,11 @@ import torch
 
 import distributed
 import plot
-from data import Fail, HFTokenizer, atomic_write_text, check_data_exists, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
+from data import Fail, HFTokenizer, OneLineParser, atomic_write_text, check_data_exists, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop, upcycled_config
 from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
-from runs import CSV_FIELDS, LOCK, STOP, Run, dense_from_folder, load_checkpoint, lock_out_dir, on_signal, restore, save_checkpoint
+from runs import (CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, load_model, lock_out_dir, on_signal,
+                  restore, save_checkpoint, tokenizer_folder)
 
 # -----------------------------------------------------------------------------
 # 1. Presets and command line
@@ -70,11 +71,6 @@ MOE_INITS = ["scratch", "naive", "drop"]
 # --init all, in this order: (init, r, shared index sets). Drop r = 0.5 twice: with one index set S for all three
 # matrices (the paper's text) and with one per matrix (the authors' released code, which made the paper's numbers).
 ALL_RUNS = [("scratch", None, True), ("naive", 0.0, True), ("drop", 0.5, True), ("drop", 0.5, False), ("drop", 1.0, True)]
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; a user needs only the error
-        raise Fail(f"{message} (see --help)")
 
 
 def number(kind, ok, expected):
@@ -317,7 +313,8 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                            f"without saving them; {kept()}. Try a lower learning rate (--{s['phase']}-lr {s['lr'] / 3:.2g}) in a fresh --out-dir")
         model_sd, optimizer_sd = distributed.full_state(model, None if finished else optimizer)  # collective
         state = dict(model=model_sd, settings=s, step=step, finished=finished, model_config=asdict(cfg),
-                     tokenizer=s["tokenizer"], elapsed=elapsed + time.time() - t_start, pending=pending,
+                     tokenizer=s["tokenizer"], tokenizer_dir=run.tokenizer_dir,
+                     elapsed=elapsed + time.time() - t_start, pending=pending,
                      rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
         if not finished:  # a finished run is only ever reused or sampled: no optimizer state needed (half the size)
             state["optimizer"], state["scaler"] = optimizer_sd, scaler.state_dict()
@@ -435,15 +432,14 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
 # 3. The experiment
 
 
-def model_configs(args, vocab_size):
-    if args.d_model % args.n_head:  # (ModelConfig would also accept a d_head of its own, which train.py has no flag for)
-        raise Fail(f"invalid model shape: --n-head {args.n_head} must divide --d-model {args.d_model}")
+def dense_config(vocab_size, d_model, n_layer, n_head, n_kv_head, d_ff, seq_len):
+    if d_model % n_head:  # (ModelConfig would also accept a d_head of its own, which train.py has no flag for)
+        raise Fail(f"invalid model shape: --n-head {n_head} must divide --d-model {d_model}")
     try:
-        dense = ModelConfig(vocab_size=vocab_size, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
-                            n_kv_head=args.n_kv_head, d_ff=args.d_ff, max_seq_len=args.seq_len)
+        return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head,
+                           n_kv_head=n_kv_head, d_ff=d_ff, max_seq_len=seq_len)
     except ValueError as e:
         raise Fail(f"invalid model shape: {e}")
-    return dense, moe_config(dense, args.n_experts, args.top_k, args.aux_loss_coef)
 
 
 def moe_config(dense_cfg, n_experts, top_k, aux_loss_coef):
@@ -453,6 +449,14 @@ def moe_config(dense_cfg, n_experts, top_k, aux_loss_coef):
         return replace(upcycled_config(dense_cfg, n_experts, top_k), aux_loss_coef=aux_loss_coef)
     except ValueError as e:
         raise Fail(f"invalid model shape: {e}")
+
+
+def pretrained_dense(dense_from, seq_len, n_experts, top_k, aux_loss_coef):
+    """(the --dense-from model, its tokenizer, its source record); the MoE flags are checked before a large load."""
+    from hf import load_pretrained  # safetensors and tokenizers are needed only here
+
+    moe_config(ModelConfig(), n_experts, top_k, aux_loss_coef)
+    return load_pretrained(dense_from, seq_len)
 
 
 def planned_runs(init, r, independent_indices):
@@ -469,16 +473,22 @@ def run_name(init, r, shared_indices=True):
     return (f"moe-drop-r{r:g}" + ("" if shared_indices else "-indep")) if init == "drop" else f"moe-{init}"
 
 
-def run_settings(args, phase, model_cfg, data_fingerprint, tokenizer, steps, lr, warmup):
-    """What a run's numbers depend on: its identity (see Run)."""
-    return dict(phase=phase, model=asdict(model_cfg), data=data_fingerprint, tokenizer=tokenizer,
-                seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                steps=steps, lr=lr, warmup=warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                betas=list(BETAS), eps=ADAM_EPS, min_lr_ratio=MIN_LR_RATIO, eval_batches=args.eval_batches,
-                eval_interval=args.eval_interval, log_interval=args.log_interval, val_windows_seed=VAL_WINDOWS_SEED)
-
-
 VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: every run and seed is scored on the same text
+
+
+def training_recipe(args):
+    """The settings every run of a command shares: with a run's phase, model, data and schedule, its identity
+    (see Run): everything that changes a number it records."""
+    return dict(seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                weight_decay=args.weight_decay, grad_clip=args.grad_clip, betas=list(BETAS), eps=ADAM_EPS,
+                min_lr_ratio=MIN_LR_RATIO, eval_batches=args.eval_batches, eval_interval=args.eval_interval,
+                log_interval=args.log_interval, val_windows_seed=VAL_WINDOWS_SEED)
+
+
+def run_settings(phase, model_cfg, data_fingerprint, tokenizer, steps, lr, warmup, recipe):
+    """What a run's numbers depend on: its identity (see Run)."""
+    return dict(phase=phase, model=asdict(model_cfg), data=data_fingerprint, tokenizer=tokenizer, steps=steps,
+                lr=lr, warmup=warmup, **recipe)
 
 
 def compile_mode(device, pieces, processes):
@@ -511,9 +521,9 @@ def maybe_compile(model, compile, check_batch, name, split=1, grad_accum=1):
     return compiled
 
 
-def setup_device(args):
-    device = distributed.setup(resolve_device(args.device), args.fsdp)  # under torchrun: this rank's device
-    if args.compile and device.type != "cuda":
+def setup_device(device_name, fsdp, compile):
+    device = distributed.setup(resolve_device(device_name), fsdp)  # under torchrun: this rank's device
+    if compile and device.type != "cuda":
         print("note: --compile on the CPU needs a C++ compiler and mostly measures compile time")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -521,69 +531,55 @@ def setup_device(args):
     return device
 
 
-def dense_start(args):
-    """What the MoE runs start from: (the dense model or None where it is trained here, tokenizer, dense and MoE
-    configs, the --dense-from source or None)."""
-    if not args.dense_from:
-        enc = get_tokenizer(args.tokenizer)
-        return (None, enc, *model_configs(args, enc.n_vocab), None)
-    from hf import load_pretrained  # a pretrained model: its own shape and tokenizer, no dense phase (safetensors and tokenizers are needed only here)
-
-    moe_config(ModelConfig(), args.n_experts, args.top_k, args.aux_loss_coef)  # the flags checked before a large load
-    dense_model, enc, source = load_pretrained(args.dense_from, args.seq_len)
-    dense_cfg = dense_model.config
-    return dense_model, enc, dense_cfg, moe_config(dense_cfg, args.n_experts, args.top_k, args.aux_loss_coef), source
-
-
-def claim_out_dir(args, device, names):
-    """Checks the flags against the processes and the folder, locks --out-dir, and says what will run."""
-    if args.batch_size % distributed.world():
-        raise Fail(f"--batch-size {args.batch_size} (sequences per micro-batch, all processes together) must be "
+def claim_out_dir(out_dir, batch_size, resume, names):
+    """Checks the flags against the processes and the folder, and locks out_dir."""
+    if batch_size % distributed.world():
+        raise Fail(f"--batch-size {batch_size} (sequences per micro-batch, all processes together) must be "
                    f"divisible by the {distributed.world()} processes")
     if distributed.is_main():
-        make_dirs(args.out_dir)
-        if not os.access(args.out_dir, os.W_OK):
-            raise Fail(f"--out-dir {args.out_dir}: folder is not writable")
-        lock_out_dir(args.out_dir)
-
-    what = {None: "no --init given: running the full comparison (--init all)", "all": "--init all"}.get(args.init, f"--init {args.init}")
-    procs = f" x {distributed.world()} processes ({'FSDP2' if args.fsdp else 'DDP'})" if distributed.world() > 1 else ""
-    print(f"{what} | preset {args.preset} | device {device}{procs}{' | compile' if args.compile else ''} | out {args.out_dir}")
-    print(compute_description(device))
-    print("runs: " + ", ".join(names))
-    if args.resume and not any(os.path.exists(os.path.join(args.out_dir, name, "ckpt.pt")) for name in names):
-        raise Fail(f"--resume: no checkpoint in {args.out_dir} for these runs (nothing to resume); run without --resume")
+        make_dirs(out_dir)
+        if not os.access(out_dir, os.W_OK):
+            raise Fail(f"--out-dir {out_dir}: folder is not writable")
+        lock_out_dir(out_dir)
+    if resume and not any(os.path.exists(os.path.join(out_dir, name, "ckpt.pt")) for name in names):
+        raise Fail(f"--resume: no checkpoint in {out_dir} for these runs (nothing to resume); run without --resume")
 
 
-def prepare_data(args, tokenizer, enc, device):
+def prepare_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len, batch_size, eval_batches, device):
     """(training tokens on the device, the fixed validation batches, the data's description and fingerprint)."""
-    train_tokens, val_tokens, data_info = load_data(args.data, tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)
+    train_tokens, val_tokens, data_info = load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len)
     print(f"data: {data_info['description']}")
     val_rng = np.random.default_rng(VAL_WINDOWS_SEED)
-    val_batches = [get_batch(val_tokens, args.batch_size, args.seq_len, val_rng, device, distributed.rows())
-                   for _ in range(args.eval_batches)]
+    val_batches = [get_batch(val_tokens, batch_size, seq_len, val_rng, device, distributed.rows())
+                   for _ in range(eval_batches)]
     train_tokens = corpus_to_device(train_tokens, device)  # on a GPU, the host stays out of the training step
     return train_tokens, val_batches, data_info
 
 
-def plan_runs(args, planned, tokenizer, dense_cfg, moe_cfg, data_fingerprint, source):
+def plan_runs(out_dir, planned, resume, recipe, dense_schedule, moe_schedule, tokenizer, dense_cfg, moe_cfg,
+              data_fingerprint, source):
     """(the dense Run, the MoE Runs, each run's existing checkpoint or None, the FLOPs left after a run (for the ETA)).
-    Every existing checkpoint is checked before any work: settings mismatches and corrupt files fail fast."""
-    dense_steps = 0 if source is not None else args.dense_steps  # a --dense-from model has no dense phase
-    dense_run = Run("dense", args.out_dir, run_settings(args, "dense", dense_cfg, data_fingerprint, tokenizer,
-                                                        dense_steps, args.dense_lr, args.dense_warmup))
-    if source is not None:  # --dense-from
+    A schedule is (steps, peak lr, warmup steps). Every existing checkpoint is checked before any work: settings
+    mismatches and corrupt files fail fast."""
+    if source is not None:  # --dense-from: no dense phase
+        dense_schedule = (0, *dense_schedule[1:])
+    tokenizer_dir = source and source["path"]
+    dense_run = Run("dense", out_dir, run_settings("dense", dense_cfg, data_fingerprint, tokenizer, *dense_schedule,
+                                                   recipe), tokenizer_dir)
+    if source is not None:
         dense_run.settings["source"] = source
     moe_runs = []
     for init, r, shared in planned:
-        settings = dict(run_settings(args, "moe", moe_cfg, data_fingerprint, tokenizer, args.moe_steps, args.moe_lr,
-                                     args.moe_warmup), init=init, r=r, shared_indices=shared,
-                        dense=dense_run.settings if init != "scratch" else None)
-        moe_runs.append(Run(run_name(init, r, shared), args.out_dir, settings))
-    existing = {run.name: run.existing(args.resume) for run in [dense_run] + moe_runs}
+        settings = dict(run_settings("moe", moe_cfg, data_fingerprint, tokenizer, *moe_schedule, recipe),
+                        init=init, r=r, shared_indices=shared, dense=dense_run.settings if init != "scratch" else None)
+        moe_runs.append(Run(run_name(init, r, shared), out_dir, settings, tokenizer_dir))
+    existing = {run.name: run.existing(resume) for run in [dense_run] + moe_runs}
     todo = [run for run in [dense_run] + moe_runs if not (existing[run.name] or {}).get("finished")]
-    run_flops = {run.name: run.settings["steps"] * args.batch_size * args.seq_len * args.grad_accum *
-                 flops_per_token(ModelConfig(**run.settings["model"]), args.seq_len) for run in todo}
+    run_flops = {}
+    for run in todo:
+        s = run.settings
+        run_flops[run.name] = (s["steps"] * s["batch_size"] * s["seq_len"] * s["grad_accum"] *
+                               flops_per_token(ModelConfig(**s["model"]), s["seq_len"]))
     later_flops = lambda run: sum(run_flops[r.name] for r in todo[todo.index(run) + 1:])
     return dense_run, moe_runs, existing, later_flops
 
@@ -605,31 +601,45 @@ def micro_splits(dense_model, moe_cfg, with_moe, batch_size, seq_len, device):
     return split
 
 
-def train_dense(args, run, model, ckpt, train_tokens, val_batches, device, later_flops, split):
+def train_dense(run, model, ckpt, train_tokens, val_batches, device, later_flops, split, compile, ckpt_interval,
+                fsdp):
     """Phase 1: the dense model. Trained once; any later command with the same settings reuses it. Returns the
     trained dense model (full weights, also under --fsdp)."""
-    if args.dense_from:  # scored once on the validation windows, so the figure and summary have its loss
+    if "source" in run.settings:  # --dense-from: scored once on the validation windows, so the figure and summary have its loss
         model.to(device)
-        train_run(run, model, model, train_tokens, val_batches, device, args.ckpt_interval)
+        train_run(run, model, model, train_tokens, val_batches, device, ckpt_interval)
     elif ckpt is not None and ckpt.get("finished"):
         print(f"[dense] reusing the finished dense model in {run.dir}")
         model.load_state_dict(ckpt["model"])
         model.to(device)
     else:
         cfg = model.config
-        torch.manual_seed(args.seed)
+        torch.manual_seed(run.settings["seed"])
         model = Transformer(cfg).to(device)
-        train_run(run, model, maybe_compile(model, args.compile, val_batches[0], "dense", split, args.grad_accum),
-                  train_tokens, val_batches, device, args.ckpt_interval, ckpt, later_flops(run), split)
-        if args.fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
+        train_run(run, model, maybe_compile(model, compile, val_batches[0], "dense", split, run.settings["grad_accum"]),
+                  train_tokens, val_batches, device, ckpt_interval, ckpt, later_flops(run), split)
+        if fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
             distributed.barrier()
             model = Transformer(cfg)
             model.load_state_dict(load_checkpoint(run.ckpt_path)["model"])
     return model
 
 
-def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device,
-                    later_flops, split, t_all):
+def moe_start(init, r, shared_indices, dense_model, moe_cfg, seed, device):
+    """An MoE init's weights: Sec. 4's scratch baseline (every weight N(0, 0.02), router included), or the dense
+    model drop-upcycled (naive Upcycling is r = 0)."""
+    if init == "scratch":
+        torch.manual_seed(seed + 1)
+        return Transformer(moe_cfg).to(device)
+    start = drop_upcycle(dense_model, n_experts=moe_cfg.n_experts, top_k=moe_cfg.top_k, r=r, seed=seed,
+                         shared_indices=shared_indices)
+    start.config = replace(start.config, aux_loss_coef=moe_cfg.aux_loss_coef)  # an MoE setting
+    assert start.config == moe_cfg
+    return start
+
+
+def train_moe_inits(runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, later_flops,
+                    split, compile, ckpt_interval, t_all):
     """Phase 2: every MoE init, each from the same dense weights, with the same data stream and step count.
     One MoE module is trained in turn with each init's weights, so torch.compile compiles it once."""
     moe_model, moe_train_model = None, None
@@ -639,29 +649,19 @@ def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train
             print(f"[{run.name}] reusing the finished run in {run.dir}")
             continue
         print(f"--- MoE run {i + 1}/{len(runs)}: {run.name} ({plot.fmt_time(time.time() - t_all)} so far)")
-        init, r = run.settings["init"], run.settings["r"]
-        if ckpt is None:
-            if init == "scratch":  # Sec. 4: every weight N(0, 0.02), router included
-                torch.manual_seed(args.seed + 1)
-                start = Transformer(moe_cfg).to(device)
-            else:  # naive Upcycling is r = 0
-                start = drop_upcycle(dense_model, n_experts=args.n_experts, top_k=args.top_k, r=r, seed=args.seed,
-                                     shared_indices=run.settings["shared_indices"])
-                start.config = replace(start.config, aux_loss_coef=moe_cfg.aux_loss_coef)  # an MoE setting
-                assert start.config == moe_cfg
-        else:
-            start = None
+        s = run.settings
+        start = None if ckpt is not None else moe_start(s["init"], s["r"], s["shared_indices"], dense_model, moe_cfg,
+                                                        s["seed"], device)
         if moe_model is None:  # one MoE in memory at a time: a 1B dense model makes a 7B MoE
             moe_model = (start if start is not None else Transformer(moe_cfg)).to(device)
         elif start is not None:
             distributed.load_full_state(moe_model, start.state_dict())  # sharded after the first init under --fsdp
         del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
-            moe_train_model = maybe_compile(moe_model, args.compile, val_batches[0], run.name, split,
-                                            args.grad_accum)
-        train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, args.ckpt_interval, ckpt,
+            moe_train_model = maybe_compile(moe_model, compile, val_batches[0], run.name, split, s["grad_accum"])
+        train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, ckpt_interval, ckpt,
                   later_flops(run), split)
-        if init == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
+        if s["init"] == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
             try:
                 start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
                 print(f"[{run.name}] check: naive Upcycling starts at val {start_val:.4f}; the dense model ended at {dense_val:.4f}")
@@ -671,30 +671,46 @@ def train_moe_inits(args, runs, dense_run, dense_model, moe_cfg, existing, train
 
 def experiment(args):
     """The paper's steps in order: a dense model (trained here, or --dense-from), every MoE init made from its
-    weights and trained on the same data for the same steps, then the comparison (analyze.py calls this per run)."""
+    weights and trained on the same data for the same steps, then the comparison (analyze.py calls this per run).
+    The flags become values here; the functions above take only the values they use."""
     t_all = time.time()  # the command's time, reading and tokenizing the data included
-    device = setup_device(args)
-    dense_model, enc, dense_cfg, moe_cfg, source = dense_start(args)
-    tokenizer = enc.name if args.dense_from else args.tokenizer  # a --dense-from model brings its own
+    device = setup_device(args.device, args.fsdp, args.compile)
+    moe_flags = dict(n_experts=args.n_experts, top_k=args.top_k, aux_loss_coef=args.aux_loss_coef)
+    if args.dense_from:  # a pretrained model: its own shape and tokenizer, no dense phase
+        dense_model, enc, source = pretrained_dense(args.dense_from, args.seq_len, **moe_flags)
+        dense_cfg, tokenizer = dense_model.config, enc.name
+    else:
+        enc, dense_model, source, tokenizer = get_tokenizer(args.tokenizer), None, None, args.tokenizer
+        dense_cfg = dense_config(enc.n_vocab, args.d_model, args.n_layer, args.n_head, args.n_kv_head, args.d_ff,
+                                 args.seq_len)
+    moe_cfg = moe_config(dense_cfg, **moe_flags)
     SHAPE.update(d_model=dense_cfg.d_model, n_layer=dense_cfg.n_layer, n_experts=args.n_experts)  # for main()'s OOM message
     planned = planned_runs(args.init, args.r, args.independent_indices)
     if args.init == "drop" and args.r > 0 and neurons_to_drop(args.r, moe_cfg.d_ff) == 0:
         raise Fail(f"--r {args.r:g} re-initialises none of an expert's {moe_cfg.d_ff} neurons (floor(r d_ff) = 0): "
                    f"that is naive Upcycling, --init naive")
     distributed.startup_barrier(first=True)  # ranks > 0 wait here for rank 0's checks and token cache
-    claim_out_dir(args, device, ["dense"] + [run_name(*p) for p in planned])
-    train_tokens, val_batches, data_info = prepare_data(args, tokenizer, enc, device)
-    dense_run, moe_runs, existing, later_flops = plan_runs(args, planned, tokenizer, dense_cfg, moe_cfg,
-                                                           data_info["fingerprint"], source)
+    names = ["dense"] + [run_name(*p) for p in planned]
+    claim_out_dir(args.out_dir, args.batch_size, args.resume, names)
+    what = {None: "no --init given: running the full comparison (--init all)", "all": "--init all"}.get(args.init, f"--init {args.init}")
+    procs = f" x {distributed.world()} processes ({'FSDP2' if args.fsdp else 'DDP'})" if distributed.world() > 1 else ""
+    print(f"{what} | preset {args.preset} | device {device}{procs}{' | compile' if args.compile else ''} | out {args.out_dir}")
+    print(compute_description(device))
+    print("runs: " + ", ".join(names))
+    train_tokens, val_batches, data_info = prepare_data(args.data, tokenizer, enc, args.out_dir, args.corpus_mb,
+                                                        args.seq_len, args.batch_size, args.eval_batches, device)
+    dense_run, moe_runs, existing, later_flops = plan_runs(
+        args.out_dir, planned, args.resume, training_recipe(args), (args.dense_steps, args.dense_lr, args.dense_warmup),
+        (args.moe_steps, args.moe_lr, args.moe_warmup), tokenizer, dense_cfg, moe_cfg, data_info["fingerprint"], source)
     distributed.startup_barrier(first=False)
 
     if dense_model is None:
         dense_model = Transformer(dense_cfg)
     split = micro_splits(dense_model, moe_cfg, bool(moe_runs), args.batch_size, args.seq_len, device)
-    dense_model = train_dense(args, dense_run, dense_model, existing["dense"], train_tokens, val_batches, device,
-                              later_flops, split["dense"])
-    train_moe_inits(args, moe_runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device,
-                    later_flops, split["moe"], t_all)
+    dense_model = train_dense(dense_run, dense_model, existing["dense"], train_tokens, val_batches, device, later_flops,
+                              split["dense"], args.compile, args.ckpt_interval, args.fsdp)
+    train_moe_inits(moe_runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, later_flops,
+                    split["moe"], args.compile, args.ckpt_interval, t_all)
     if distributed.is_main():  # with any runs of earlier commands that share these settings
         names = ["dense"] + [run_name(*p) for p in ALL_RUNS] + [run.name for run in moe_runs]
         plot.report(args.out_dir, names, dense_run.settings, moe_runs[0].settings if moe_runs else None,
@@ -707,27 +723,19 @@ def experiment(args):
 # 4. Sampling and main
 
 
-def sample(args):
-    path = os.path.join(args.sample, "ckpt.pt") if os.path.isdir(args.sample) else args.sample
-    if not os.path.exists(path):
-        raise Fail(f"--sample {args.sample}: no checkpoint there")
-    ckpt = load_checkpoint(path, if_damaged=None)
-    device = resolve_device(args.device)
-    source = dense_from_folder(ckpt["settings"])
-    enc = HFTokenizer(source) if source else get_tokenizer(ckpt.get("tokenizer", "byte"))
-    try:
-        model = Transformer(ModelConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise Fail(f"checkpoint {path} does not hold a model of its own config ({str(e).splitlines()[0][:100]})")
+def sample(path, device_name, prompt, num_samples, sample_tokens, temperature, seed):
+    """Prints num_samples continuations of prompt from the model in checkpoint path (a file or a run folder)."""
+    model, ckpt, path = load_model(path)
+    folder = tokenizer_folder(ckpt)
+    enc = HFTokenizer(folder) if folder else get_tokenizer(ckpt.get("tokenizer", "byte"))
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise Fail(f"checkpoint {path} holds non-finite weights (NaN or inf): nothing to sample from")
+    device = resolve_device(device_name)
     model.to(device).eval()
-    prompt = enc.encode_ordinary(args.prompt) or [enc.eot_token]
-    torch.manual_seed(args.seed)
-    idx = torch.tensor([prompt] * args.num_samples, device=device)
+    torch.manual_seed(seed)
+    idx = torch.tensor([enc.encode_ordinary(prompt) or [enc.eot_token]] * num_samples, device=device)
     with autocast(device):
-        out = model.generate(idx, args.sample_tokens, temperature=args.temperature, top_k=50)
+        out = model.generate(idx, sample_tokens, temperature=temperature, top_k=50)
     for i, row in enumerate(out.tolist()):
         print(f"--- sample {i + 1} ({path}, step {ckpt['step']})")
         print(enc.decode([t for t in row if t < enc.n_vocab], errors="replace"))
@@ -746,7 +754,8 @@ def main(argv=None):
         args = parse_args(argv)
         if args.sample:
             if distributed.is_main():  # under torchrun, one process samples
-                sample(args)
+                sample(args.sample, args.device, args.prompt, args.num_samples, args.sample_tokens, args.temperature,
+                       args.seed)
         else:
             experiment(args)
     except Fail as e:
