@@ -98,11 +98,12 @@ PAPER_RS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
 
 
 def sweep_runs(r_values):
-    """(init, r, independent index sets) of every run: naive (r = 0) always, as the reference of the difference
-    panel; drop for each r > 0; r = 0.5 with independent sets (the released code); scratch, for the routing."""
-    runs = [("naive", None, False)]
-    runs += [("drop", r, False) for r in sorted(set(r_values)) if r > 0]
-    return runs + [("drop", 0.5, True), ("scratch", None, False)]
+    """(init, r, shared index sets), as train.ALL_RUNS, of every run: naive (r = 0) always, as the reference of
+    the difference panel; drop for each r > 0; r = 0.5 with independent sets (the released code); scratch, for the
+    routing."""
+    runs = [("naive", None, True)]
+    runs += [("drop", r, True) for r in sorted(set(r_values)) if r > 0]
+    return runs + [("drop", 0.5, False), ("scratch", None, True)]
 
 
 # the train.py flags each command sets itself, with where its own values go instead
@@ -122,10 +123,10 @@ def train_argv_checked(train_argv, command, own=("init", "r", "independent_indic
     return train_argv
 
 
-def moe_argv(train_argv, init, r, independent):
+def moe_argv(train_argv, init, r, shared):
     """train.py's command line of one MoE run."""
     argv = list(train_argv) + ["--init", init] + (["--r", f"{r:g}"] if init == "drop" else [])
-    return argv + (["--independent-indices"] if independent else [])
+    return argv + ([] if shared else ["--independent-indices"])
 
 
 def train_moe_run(argv, title):
@@ -155,9 +156,9 @@ def sweep(opts, train_argv):
     runs = sweep_runs(opts.r_values)
     args = train.parse_args(train_argv)
     took = []  # wall time of each MoE run trained here
-    for i, (init, r, independent) in enumerate([] if opts.report_only else runs):
+    for i, (init, r, shared) in enumerate([] if opts.report_only else runs):
         # the first run trains the dense model; later runs (and reruns) reuse it
-        wall = train_moe_run(moe_argv(train_argv, init, r, independent), f"sweep run {i + 1}/{len(runs)}")
+        wall = train_moe_run(moe_argv(train_argv, init, r, shared), f"sweep run {i + 1}/{len(runs)}")
         took += [wall] if wall is not None else []
         print_eta("sweep", took, len(runs) - i - 1)
     if distributed.is_main():  # under torchrun, rank 0 writes the figure and table
@@ -167,14 +168,14 @@ def sweep(opts, train_argv):
 def sweep_report(out_dir, tokenizer, seed, runs, command):
     """Figure (plot.sweep_figure: loss against MoE-phase tokens for every r, and minus naive) and table."""
     rows, curves = [], {}
-    for init, r, independent in runs:
-        name = train.run_name(init, r if r is not None else 0.0, not independent)
+    for init, r, shared in runs:
+        name = train.run_name(init, r if r is not None else 0.0, shared)
         folder = os.path.join(out_dir, name)
         if not os.path.exists(os.path.join(folder, "result.json")):
             print(f"{name}: no finished run in {folder}, left out")
             continue
         with open(os.path.join(folder, "result.json")) as f:
-            rows.append((name, init, r, independent, json.load(f)))
+            rows.append((name, init, r, shared, json.load(f)))
         curves[name] = plot.val_curve(os.path.join(folder, "log.csv"))
     if "moe-naive" not in curves or not os.path.exists(os.path.join(out_dir, "dense", "result.json")):
         raise Fail(f"no finished dense and naive runs in {out_dir} "
@@ -185,12 +186,12 @@ def sweep_report(out_dir, tokenizer, seed, runs, command):
     naive_batches = next(res for name, _, _, _, res in rows if name == "moe-naive").get("final_val_batches")
     lines = ["| run | r | index sets | val loss right after upcycling | final val loss | minus naive (noise) | "
              "vs naive | wall time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, init, r, independent, result in rows:
+    for name, init, r, shared, result in rows:
         gap = None if name == "moe-naive" else plot.compare_to_naive(
             curves[name], curves["moe-naive"], result.get("final_val_batches"), naive_batches)
         vs, verdict = ("", "") if gap is None else (f"{gap[0]:+.4f} (±{gap[1]:.4f})", gap[2])
         r_text = "0" if init == "naive" else "-" if init == "scratch" else f"{r:g}"
-        sets = "independent" if independent else ("shared" if init == "drop" else "-")
+        sets = "-" if init != "drop" else "shared" if shared else "independent"
         lines.append(f"| {name} | {r_text} | {sets} | {curves[name][2][0]:.4f} | {result['final_val_loss']:.4f} | "
                      f"{vs} | {verdict} | {plot.fmt_time(result['wall_time'])} |")
     moe = rows[0][4]
@@ -217,7 +218,7 @@ def sweep_report(out_dir, tokenizer, seed, runs, command):
 # that rate's runs: train.py then finds a finished dense run with the same settings there and reuses it, as it
 # reuses one in any out-dir. The copy is the identical run (same settings, same checkpoint file).
 
-LR_RUNS = [("naive", None, False), ("drop", 0.5, False), ("drop", 0.5, True), ("scratch", None, False)]
+LR_RUNS = [("naive", None, True), ("drop", 0.5, True), ("drop", 0.5, False), ("scratch", None, True)]  # (init, r, shared sets)
 DEFAULT_LRS = [5e-4, 1e-3, 2e-3, 4e-3]
 
 
@@ -275,9 +276,9 @@ def lr_sweep(opts, train_argv):
         for lr, folder in folders.items():
             if not args.dense_from and distributed.is_main():
                 copy_dense(dense_dir, folder)
-            for init, r, independent in LR_RUNS:
+            for init, r, shared in LR_RUNS:
                 i += 1
-                argv = moe_argv(list(train_argv) + ["--out-dir", folder, "--moe-lr", repr(lr)], init, r, independent)
+                argv = moe_argv(list(train_argv) + ["--out-dir", folder, "--moe-lr", repr(lr)], init, r, shared)
                 wall = train_moe_run(argv, f"lr run {i}/{total} (MoE peak learning rate {lr_text(lr)})")
                 took += [wall] if wall is not None else []
                 print_eta("lr", took, total - i)
@@ -290,15 +291,15 @@ def lr_report(out_dir, folders, command):
     OUT/lr_loss.png (final loss against the learning rate, plot.lr_figure)."""
     runs = {}  # (name, lr) -> (result, curve)
     for lr, folder in folders.items():
-        for init, r, independent in LR_RUNS:
-            name = train.run_name(init, r, not independent)
+        for init, r, shared in LR_RUNS:
+            name = train.run_name(init, r, shared)
             path = os.path.join(folder, name)
             if not os.path.exists(os.path.join(path, "result.json")):
                 print(f"{path}: no finished run, left out")
                 continue
             with open(os.path.join(path, "result.json")) as f:
                 runs[name, lr] = json.load(f), plot.val_curve(os.path.join(path, "log.csv"))
-    names = [n for n in dict.fromkeys(train.run_name(i, r, not ind) for i, r, ind in LR_RUNS)
+    names = [n for n in dict.fromkeys(train.run_name(*run) for run in LR_RUNS)
              if any((n, lr) in runs for lr in folders)]
     if "moe-naive" not in names:
         raise Fail(f"no finished naive run in {', '.join(folders.values())} (with --report-only: pass the training's flags)")

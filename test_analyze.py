@@ -208,6 +208,9 @@ def test_sweep_trains_every_r_from_one_dense_model(swept):
     with open(os.path.join(out, "sweep_summary.md")) as f:
         table = f.read()
     assert all(f"| {n} |" in table for n in names) and "python analyze.py sweep" in table
+    for name, r, sets in [("moe-drop-r0.5", "0.5", "shared"), ("moe-drop-r0.5-indep", "0.5", "independent"),
+                          ("moe-naive", "0", "-"), ("moe-scratch", "-", "-")]:
+        assert f"| {name} | {r} | {sets} |" in table
     assert os.path.getsize(os.path.join(out, "sweep_loss.png")) > 10_000
 
 
