@@ -394,32 +394,22 @@ def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenize
     assert ckpt["model_config"]["vocab_size"] == n_vocab and ckpt["model_config"]["tie_embeddings"]
     if n_words > 2**16:
         return
-    # the same command with --init drop reuses the token cache; the run samples with the model's own tokenizer
-    result = subprocess.run([sys.executable, TRAIN_PY, "--init", "drop", "--r", "0.5", *flags], capture_output=True,
-                            text=True, env=ENV, timeout=300)
-    assert result.returncode == 0 and "tokenizing" not in result.stdout, result.stderr
-    assert "moe-drop-r0.5" in (out / "summary.md").read_text()
-    sample = subprocess.run([sys.executable, TRAIN_PY, "--sample", str(out / "moe-drop-r0.5"), "--prompt", "def f",
-                             "--sample-tokens", "5", "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=120)
-    assert sample.returncode == 0 and "def f" in sample.stdout, sample.stderr
-    # exported, the trained MoE carries the tokenizer of the model it was upcycled from
-    exported = subprocess.run([sys.executable, "hf.py", "export", str(out / "moe-drop-r0.5"), str(tmp_path / "moe-hf")],
-                              capture_output=True, text=True, env=ENV, cwd=os.path.dirname(TRAIN_PY), timeout=120)
-    assert exported.returncode == 0, exported.stderr
-    assert (tmp_path / "moe-hf" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
-    assert json.loads((tmp_path / "moe-hf" / "config.json").read_text())["eos_token_id"] == 1  # the source's
-    # a scratch run beside them reads the same tokenizer, though its settings name no source: it samples and
-    # exports with it too
-    result = subprocess.run([sys.executable, TRAIN_PY, "--init", "scratch", *flags], capture_output=True, text=True,
-                            env=ENV, timeout=300)
-    assert result.returncode == 0, result.stderr
-    sample = subprocess.run([sys.executable, TRAIN_PY, "--sample", str(out / "moe-scratch"), "--prompt", "def f",
-                             "--sample-tokens", "5", "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=120)
-    assert sample.returncode == 0 and "def f" in sample.stdout, sample.stderr
-    exported = subprocess.run([sys.executable, "hf.py", "export", str(out / "moe-scratch"), str(tmp_path / "scratch-hf")],
-                              capture_output=True, text=True, env=ENV, cwd=os.path.dirname(TRAIN_PY), timeout=120)
-    assert exported.returncode == 0, exported.stderr
-    assert (tmp_path / "scratch-hf" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    # the same command with --init drop reuses the token cache; then a scratch run beside it, whose settings name no
+    # source. Both sample with the model's own tokenizer, and exported, carry it and the source's token ids.
+    for init, run in [(["--init", "drop", "--r", "0.5"], "moe-drop-r0.5"), (["--init", "scratch"], "moe-scratch")]:
+        result = subprocess.run([sys.executable, TRAIN_PY, *init, *flags], capture_output=True, text=True, env=ENV,
+                                timeout=300)
+        assert result.returncode == 0 and "tokenizing" not in result.stdout, result.stderr
+        assert run in (out / "summary.md").read_text()
+        sample = subprocess.run([sys.executable, TRAIN_PY, "--sample", str(out / run), "--prompt", "def f",
+                                 "--sample-tokens", "5", "--device", "cpu"], capture_output=True, text=True, env=ENV,
+                                timeout=120)
+        assert sample.returncode == 0 and "def f" in sample.stdout, sample.stderr
+        exported = subprocess.run([sys.executable, "hf.py", "export", str(out / run), str(tmp_path / f"{run}-hf")],
+                                  capture_output=True, text=True, env=ENV, cwd=os.path.dirname(TRAIN_PY), timeout=120)
+        assert exported.returncode == 0, exported.stderr
+        assert (tmp_path / f"{run}-hf" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+        assert json.loads((tmp_path / f"{run}-hf" / "config.json").read_text())["eos_token_id"] == 1  # the source's
 
 
 @pytest.mark.parametrize("flags, message", [(["--n-experts", "1"], "at least 2 experts"),
