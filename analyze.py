@@ -588,7 +588,7 @@ def routing(opts, train_argv):
 
     results = {}
     for name, folder in runs:
-        model, ckpt, _ = load_model(folder, RUN_CHECKPOINT_ADVICE)
+        model, ckpt, _ = load_model(folder, if_damaged=RUN_CHECKPOINT_ADVICE)
         model.to(device).eval()
         per_domain = [route_counts(model, texts[d][:n], model.config.max_seq_len, args.batch_size, device)
                       for d in domains]
@@ -671,7 +671,7 @@ def dense_for_probe(opts):
         if not os.path.exists(path):
             raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there; train.py writes the dense model to "
                        f"OUT_DIR/dense/ckpt.pt (python train.py --preset cpu --init dense --out-dir OUT_DIR)")
-        model, ckpt, path = load_model(path)
+        model, ckpt, path = load_model(path, if_damaged=None)
         if model.config.is_moe:
             raise Fail(f"--dense-ckpt {opts.dense_ckpt}: that is an MoE checkpoint; give the dense one (out/.../dense)")
         return model, ckpt.get("tokenizer", "byte"), path

@@ -354,8 +354,8 @@ def bench_steps(args, device, record, profiles):
                     # profile the largest config's steps, reusing the (compiled) model just measured
                     prof = (profiles if args.profile and name == STEP_CONFIGS[device.type][-1][0] and not skew
                             else None)
-                    row.update(bench_one_step(cfg, batch, seq, mode, args.compile_mode, device, args.warmup,
-                                              args.iters, peak, prof, skew))
+                    row.update(bench_one_step(cfg, batch, seq, mode, args.compile_mode, device, peak, prof, skew,
+                                              warmup=args.warmup, iters=args.iters))
                 except Exception as e:
                     row["error"] = error_text(e)
                 record("step", row)
@@ -407,7 +407,7 @@ def bare_step(run, params, optimizer, inputs, targets, autocast):
     optimizer.zero_grad(set_to_none=True)
 
 
-def bench_one_step(cfg, batch, seq, mode, compile_mode, device, warmup, iters, peak, profiles=None, router_skew=None):
+def bench_one_step(cfg, batch, seq, mode, compile_mode, device, peak, profiles=None, router_skew=None, *, warmup, iters):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = du.Transformer(cfg).to(device)  # fp32 master weights, bf16 autocast: as train.py
@@ -512,15 +512,15 @@ def bench_loop(args, device, record, profiles):
                        train_mode=mode == train_mode)
             try:
                 prof = profiles if args.profile and tokens_name.startswith("text") and mode == train_mode else None
-                row.update(bench_loop_step(cfg, batch, seq, mode, compile_mode, device, args.warmup, args.iters,
-                                           tokens, prof))
+                row.update(bench_loop_step(cfg, batch, seq, mode, compile_mode, device, tokens, prof, warmup=args.warmup,
+                                           iters=args.iters))
             except Exception as e:
                 row["error"] = error_text(e)
             record("loop", row)
             print(fmt_loop_row(row), flush=True)
 
 
-def bench_loop_step(cfg, batch, seq, mode, compile_mode, device, warmup, iters, tokens, profiles=None):
+def bench_loop_step(cfg, batch, seq, mode, compile_mode, device, tokens, profiles=None, *, warmup, iters):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = du.Transformer(cfg).to(device)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from data import Fail, HFTokenizer, OneLineParser
 from dropupcycle import LLAMA3_ROPE_KEYS, ModelConfig, Transformer, rope_cos_sin, upcycled_config, upcycled_ffns
-from runs import load_model, tokenizer_folder
+from runs import load_model, tokenizer_dir_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -406,19 +406,19 @@ def main(argv=None):
         dtype = DTYPES[args.dtype] if args.dtype else None
         if args.command == "export":
             check_out_dir(args.out)
-            model, ckpt, _ = load_model(args.src)
-            source, tokenizer = tokenizer_folder(ckpt), ckpt.get("tokenizer", "byte")  # source: the --dense-from model
-            source = source if source and os.path.isdir(source) else None
-            src_config = read_json(os.path.join(source, "config.json")) if source else {}
+            model, ckpt, _ = load_model(args.src, if_damaged=None)
+            tokenizer, tokenizer_dir = ckpt.get("tokenizer", "byte"), tokenizer_dir_of(ckpt)
+            config_path = tokenizer_dir and os.path.join(tokenizer_dir, "config.json")
+            src_config = read_json(config_path) if config_path and os.path.isfile(config_path) else {}
             save_hf(model, args.out, dtype, args.max_shard_bytes,
                     extra_config={k: src_config[k] for k in TOKEN_ID_FIELDS if k in src_config})
             print(f"wrote {'Mixtral' if model.config.is_moe else 'Llama'} {args.out}")
-            if source:
-                copy_tokenizer(source, args.out)
-                print(f"with the tokenizer and token ids of {source}, the --dense-from model of its run")
+            if tokenizer_dir:
+                copy_tokenizer(tokenizer_dir, args.out)
+                print(f"with the tokenizer and token ids of {tokenizer_dir}, the --dense-from model of its run")
             elif tokenizer.startswith("hf-"):
                 print(f"no tokenizer files: the run read a Hugging Face tokenizer ({tokenizer}) from a folder it does "
-                      f"not record (or that is gone): copy that folder's tokenizer files in")
+                      f"not record, or that no longer holds it: copy that tokenizer's files in")
             else:
                 print(f"no tokenizer files: the run read train.py's own tokenizer ({tokenizer}; byte: the token ids "
                       f"are UTF-8 bytes)")

@@ -14,7 +14,7 @@ import torch
 
 import distributed
 import plot
-from data import Fail, atomic_write_text, make_dirs
+from data import Fail, atomic_write_text, file_sha1, make_dirs
 from dropupcycle import ModelConfig, Transformer
 
 
@@ -73,15 +73,18 @@ def save_checkpoint(state, path):
             raise KeyboardInterrupt
 
 
-def tokenizer_folder(ckpt):
-    """The folder of the Hugging Face tokenizer a checkpoint's run read (the --dense-from model's), or None."""
-    if ckpt.get("tokenizer_dir"):
-        return ckpt["tokenizer_dir"]
-    source = (ckpt["settings"].get("dense") or ckpt["settings"]).get("source")  # (a checkpoint without the field)
-    return source and source["path"]
+def tokenizer_dir_of(ckpt):
+    """The folder of the Hugging Face tokenizer a checkpoint's run read (the --dense-from model's), or None where
+    none is recorded, or the folder no longer holds that tokenizer.json (the run's tokenizer name is its hash)."""
+    folder = ckpt.get("tokenizer_dir")
+    if not folder:  # a checkpoint without the field names the folder only as its dense model's source
+        source = (ckpt["settings"].get("dense") or ckpt["settings"]).get("source")
+        folder = source and source["path"]
+    path = folder and os.path.join(folder, "tokenizer.json")
+    return folder if path and os.path.isfile(path) and "hf-" + file_sha1(path)[:8] == ckpt.get("tokenizer") else None
 
 
-RUN_CHECKPOINT_ADVICE = "delete it to start that run over"  # for a run's own checkpoint, not a file a user named
+RUN_CHECKPOINT_ADVICE = "delete it to start that run over"  # safe advice only for a file train.py made for a run
 
 
 def load_checkpoint(path, if_damaged=RUN_CHECKPOINT_ADVICE):
@@ -101,11 +104,12 @@ def load_checkpoint(path, if_damaged=RUN_CHECKPOINT_ADVICE):
     return ckpt
 
 
-def load_model(path, if_damaged=None):
-    """(the model, its checkpoint, the checkpoint file) of a train.py checkpoint: a file, or a run's folder."""
+def load_model(path, *, if_damaged, flag=""):
+    """(the model, its checkpoint, the checkpoint file) of a train.py checkpoint: a file, or a run's folder.
+    flag: the command-line flag that named path, for the messages."""
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.exists(path):
-        raise Fail(f"{path}: no checkpoint there")
+        raise Fail(f"{flag + ' ' if flag else ''}{path}: no checkpoint there")
     ckpt = load_checkpoint(path, if_damaged)
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))

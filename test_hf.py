@@ -12,7 +12,6 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
-from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -410,6 +409,15 @@ def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenize
         assert exported.returncode == 0, exported.stderr
         assert (tmp_path / f"{run}-hf" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
         assert json.loads((tmp_path / f"{run}-hf" / "config.json").read_text())["eos_token_id"] == 1  # the source's
+    # the source folder's tokenizer replaced by another: sampling refuses in one line, exporting leaves it out
+    word_tokenizer(str(src), n_words + 1)
+    sample = subprocess.run([sys.executable, TRAIN_PY, "--sample", str(out / "moe-scratch"), "--device", "cpu"],
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert sample.returncode == 1 and "no longer holds it" in sample.stderr and sample.stderr.count("\n") == 1, sample.stderr
+    exported = subprocess.run([sys.executable, "hf.py", "export", str(out / "moe-scratch"), str(tmp_path / "changed-hf")],
+                              capture_output=True, text=True, env=ENV, cwd=os.path.dirname(TRAIN_PY), timeout=120)
+    assert exported.returncode == 0 and "no tokenizer files" in exported.stdout, exported.stderr
+    assert not (tmp_path / "changed-hf" / "tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("flags, message", [(["--n-experts", "1"], "at least 2 experts"),

@@ -19,6 +19,7 @@ from conftest import HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, 
 import data
 import gpus
 import plot
+import runs
 import train
 import dropupcycle
 from dropupcycle import ModelConfig, Transformer
@@ -199,7 +200,7 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
         plot.report_from_logs(str(out))
 
 
-def test_sample_prints_text_from_a_checkpoint(drop_run, capsys):
+def test_sample_prints_text_from_a_checkpoint(drop_run, capsys, tmp_path):
     code, stdout, err = run_main(["--sample", str(drop_run[0] / "moe-drop-r0.5"), "--sample-tokens", "16",
                                   "--device", "cpu"], capsys)
     assert code == 0, err
@@ -208,6 +209,37 @@ def test_sample_prints_text_from_a_checkpoint(drop_run, capsys):
     code, _, err = run_main(["--sample", os.path.join(HERE, "README.md"), "--device", "cpu"], capsys)
     line = assert_one_line_error(code, err)
     assert "README.md is unreadable (not a file torch.save wrote)" in line and "delete" not in line
+    # a folder without a checkpoint, and a checkpoint whose weights do not fit its own config
+    code, _, err = run_main(["--sample", HERE, "--device", "cpu"], capsys)
+    assert f"--sample {os.path.join(HERE, 'ckpt.pt')}: no checkpoint there" in assert_one_line_error(code, err)
+    ckpt = torch.load(drop_run[0] / "moe-drop-r0.5" / "ckpt.pt", weights_only=True)
+    ckpt["model_config"]["d_ff"] += 1
+    torch.save(ckpt, tmp_path / "misfit.pt")
+    code, _, err = run_main(["--sample", str(tmp_path / "misfit.pt"), "--device", "cpu"], capsys)
+    assert "does not hold a model of its own config" in assert_one_line_error(code, err)
+
+
+def test_a_run_under_dense_from_finds_its_tokenizer_folder_only_while_it_holds_that_tokenizer(tmp_path):
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text('{"model": "a"}')
+    name = "hf-" + data.file_sha1(str(folder / "tokenizer.json"))[:8]
+    source = dict(path=str(folder), files=[])
+    upcycled = dict(settings=dict(dense=dict(source=source)), tokenizer=name)  # its dense settings name the source
+    scratch = dict(settings=dict(dense=None), tokenizer=name)  # no dense settings: no source
+    assert runs.tokenizer_dir_of(upcycled) == str(folder)
+    assert runs.tokenizer_dir_of(dict(settings=dict(source=source), tokenizer=name)) == str(folder)  # the dense run
+    assert runs.tokenizer_dir_of(scratch) is None
+    assert runs.tokenizer_dir_of(dict(scratch, tokenizer_dir=str(folder))) == str(folder)  # recorded outside the settings
+    (folder / "tokenizer.json").write_text('{"model": "b"}')  # another tokenizer now: the run's is gone
+    assert runs.tokenizer_dir_of(dict(scratch, tokenizer_dir=str(folder))) is None
+    assert runs.tokenizer_dir_of(upcycled) is None
+
+
+def test_data_py_bad_flag_is_one_line():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--corpus-megabytes", "1"], capture_output=True,
+                       text=True, env=ENV, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("data.py: error: unrecognized arguments") and p.stderr.count("\n") == 1
 
 
 def test_help_has_one_line_per_option():
@@ -510,14 +542,13 @@ def test_compile_is_used_only_where_it_agrees_with_eager_mode(monkeypatch, capsy
     cfg = train.ModelConfig(vocab_size=257, d_model=32, n_layer=2, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
                             n_experts=4)
     model = train.Transformer(cfg)
-    args = train.parse_args(["--compile", "--device", "cpu"])
     x = torch.randint(0, 257, (2, 16))
     monkeypatch.setattr(torch, "compile", Compiled)
-    compiled = train.maybe_compile(model, args, (x, x), "moe")
+    compiled = train.maybe_compile(model, True, (x, x), "moe")
     assert isinstance(compiled, Compiled) and compiled.model is model
     assert compiled.kwargs["options"]["triton.max_tiles"] == 1  # through compile_model
     monkeypatch.setattr(torch, "compile", lambda m, **kw: Compiled(m, shift=0.01))  # a compiler that gets it wrong
-    assert train.maybe_compile(model, args, (x, x), "moe") is model
+    assert train.maybe_compile(model, True, (x, x), "moe") is model
     assert "WARNING: the compiled model disagrees with eager mode" in capsys.readouterr().out
 
 

@@ -34,7 +34,7 @@ from data import Fail, HFTokenizer, OneLineParser, atomic_write_text, check_data
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop, upcycled_config
 from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
 from runs import (CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, load_model, lock_out_dir, on_signal,
-                  restore, save_checkpoint, tokenizer_folder)
+                  restore, save_checkpoint, tokenizer_dir_of)
 
 # -----------------------------------------------------------------------------
 # 1. Presets and command line
@@ -502,12 +502,12 @@ def compile_mode(device, pieces, processes):
     return "reduce-overhead" if device.type == "cuda" and processes == 1 and pieces == 1 else None
 
 
-def maybe_compile(model, compile, check_batch, name, split=1, grad_accum=1):
+def maybe_compile(model, use_compile, check_batch, name, split=1, grad_accum=1):
     """model itself, or its torch.compile wrapper once that is seen to compute the same loss on one validation
     batch, in the training step's split pieces (else a warning, and eager mode: slower, never wrong). The whole
     model is one graph, MoE layers included (dropupcycle.compile_model says what it takes to keep them right)."""
     wrapped = distributed.wrap(model)  # under torchrun: DDP, or FSDP2 in place; compiled after wrapping
-    if not compile:
+    if not use_compile:
         return wrapped
     device = check_batch[0].device
     mode = compile_mode(device, grad_accum * split, distributed.world())
@@ -521,9 +521,9 @@ def maybe_compile(model, compile, check_batch, name, split=1, grad_accum=1):
     return compiled
 
 
-def setup_device(device_name, fsdp, compile):
+def setup_device(device_name, fsdp, use_compile):
     device = distributed.setup(resolve_device(device_name), fsdp)  # under torchrun: this rank's device
-    if compile and device.type != "cuda":
+    if use_compile and device.type != "cuda":
         print("note: --compile on the CPU needs a C++ compiler and mostly measures compile time")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -556,8 +556,8 @@ def prepare_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len, batch_size, 
     return train_tokens, val_batches, data_info
 
 
-def plan_runs(out_dir, planned, resume, recipe, dense_schedule, moe_schedule, tokenizer, dense_cfg, moe_cfg,
-              data_fingerprint, source):
+def plan_runs(out_dir, planned, dense_cfg, moe_cfg, data_fingerprint, tokenizer, source, *, recipe, dense_schedule,
+              moe_schedule, resume):
     """(the dense Run, the MoE Runs, each run's existing checkpoint or None, the FLOPs left after a run (for the ETA)).
     A schedule is (steps, peak lr, warmup steps). Every existing checkpoint is checked before any work: settings
     mismatches and corrupt files fail fast."""
@@ -601,7 +601,7 @@ def micro_splits(dense_model, moe_cfg, with_moe, batch_size, seq_len, device):
     return split
 
 
-def train_dense(run, model, ckpt, train_tokens, val_batches, device, later_flops, split, compile, ckpt_interval,
+def train_dense(run, model, ckpt, train_tokens, val_batches, device, later_flops, split, *, use_compile, ckpt_interval,
                 fsdp):
     """Phase 1: the dense model. Trained once; any later command with the same settings reuses it. Returns the
     trained dense model (full weights, also under --fsdp)."""
@@ -616,7 +616,7 @@ def train_dense(run, model, ckpt, train_tokens, val_batches, device, later_flops
         cfg = model.config
         torch.manual_seed(run.settings["seed"])
         model = Transformer(cfg).to(device)
-        train_run(run, model, maybe_compile(model, compile, val_batches[0], "dense", split, run.settings["grad_accum"]),
+        train_run(run, model, maybe_compile(model, use_compile, val_batches[0], "dense", split, run.settings["grad_accum"]),
                   train_tokens, val_batches, device, ckpt_interval, ckpt, later_flops(run), split)
         if fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
             distributed.barrier()
@@ -639,7 +639,7 @@ def moe_start(init, r, shared_indices, dense_model, moe_cfg, seed, device):
 
 
 def train_moe_inits(runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, later_flops,
-                    split, compile, ckpt_interval, t_all):
+                    split, *, use_compile, ckpt_interval, t_all):
     """Phase 2: every MoE init, each from the same dense weights, with the same data stream and step count.
     One MoE module is trained in turn with each init's weights, so torch.compile compiles it once."""
     moe_model, moe_train_model = None, None
@@ -658,7 +658,7 @@ def train_moe_inits(runs, dense_run, dense_model, moe_cfg, existing, train_token
             distributed.load_full_state(moe_model, start.state_dict())  # sharded after the first init under --fsdp
         del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
-            moe_train_model = maybe_compile(moe_model, compile, val_batches[0], run.name, split, s["grad_accum"])
+            moe_train_model = maybe_compile(moe_model, use_compile, val_batches[0], run.name, split, s["grad_accum"])
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, ckpt_interval, ckpt,
                   later_flops(run), split)
         if s["init"] == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
@@ -700,17 +700,18 @@ def experiment(args):
     train_tokens, val_batches, data_info = prepare_data(args.data, tokenizer, enc, args.out_dir, args.corpus_mb,
                                                         args.seq_len, args.batch_size, args.eval_batches, device)
     dense_run, moe_runs, existing, later_flops = plan_runs(
-        args.out_dir, planned, args.resume, training_recipe(args), (args.dense_steps, args.dense_lr, args.dense_warmup),
-        (args.moe_steps, args.moe_lr, args.moe_warmup), tokenizer, dense_cfg, moe_cfg, data_info["fingerprint"], source)
+        args.out_dir, planned, dense_cfg, moe_cfg, data_info["fingerprint"], tokenizer, source,
+        recipe=training_recipe(args), dense_schedule=(args.dense_steps, args.dense_lr, args.dense_warmup),
+        moe_schedule=(args.moe_steps, args.moe_lr, args.moe_warmup), resume=args.resume)
     distributed.startup_barrier(first=False)
 
     if dense_model is None:
         dense_model = Transformer(dense_cfg)
     split = micro_splits(dense_model, moe_cfg, bool(moe_runs), args.batch_size, args.seq_len, device)
     dense_model = train_dense(dense_run, dense_model, existing["dense"], train_tokens, val_batches, device, later_flops,
-                              split["dense"], args.compile, args.ckpt_interval, args.fsdp)
+                              split["dense"], use_compile=args.compile, ckpt_interval=args.ckpt_interval, fsdp=args.fsdp)
     train_moe_inits(moe_runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, later_flops,
-                    split["moe"], args.compile, args.ckpt_interval, t_all)
+                    split["moe"], use_compile=args.compile, ckpt_interval=args.ckpt_interval, t_all=t_all)
     if distributed.is_main():  # with any runs of earlier commands that share these settings
         names = ["dense"] + [run_name(*p) for p in ALL_RUNS] + [run.name for run in moe_runs]
         plot.report(args.out_dir, names, dense_run.settings, moe_runs[0].settings if moe_runs else None,
@@ -723,11 +724,14 @@ def experiment(args):
 # 4. Sampling and main
 
 
-def sample(path, device_name, prompt, num_samples, sample_tokens, temperature, seed):
+def sample(path, *, device_name, prompt, num_samples, sample_tokens, temperature, seed):
     """Prints num_samples continuations of prompt from the model in checkpoint path (a file or a run folder)."""
-    model, ckpt, path = load_model(path)
-    folder = tokenizer_folder(ckpt)
-    enc = HFTokenizer(folder) if folder else get_tokenizer(ckpt.get("tokenizer", "byte"))
+    model, ckpt, path = load_model(path, if_damaged=None, flag="--sample")
+    tokenizer, tokenizer_dir = ckpt.get("tokenizer", "byte"), tokenizer_dir_of(ckpt)
+    if tokenizer.startswith("hf-") and tokenizer_dir is None:
+        raise Fail(f"checkpoint {path} was trained with a Hugging Face tokenizer ({tokenizer}) from a folder it does "
+                   f"not record, or that no longer holds it: nothing to decode the samples with")
+    enc = HFTokenizer(tokenizer_dir) if tokenizer_dir else get_tokenizer(tokenizer)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise Fail(f"checkpoint {path} holds non-finite weights (NaN or inf): nothing to sample from")
     device = resolve_device(device_name)
@@ -754,8 +758,8 @@ def main(argv=None):
         args = parse_args(argv)
         if args.sample:
             if distributed.is_main():  # under torchrun, one process samples
-                sample(args.sample, args.device, args.prompt, args.num_samples, args.sample_tokens, args.temperature,
-                       args.seed)
+                sample(args.sample, device_name=args.device, prompt=args.prompt, num_samples=args.num_samples,
+                       sample_tokens=args.sample_tokens, temperature=args.temperature, seed=args.seed)
         else:
             experiment(args)
     except Fail as e:
