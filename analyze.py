@@ -218,7 +218,8 @@ def sweep_report(out_dir, tokenizer, seed, runs, command):
 # that rate's runs: train.py then finds a finished dense run with the same settings there and reuses it, as it
 # reuses one in any out-dir. The copy is the identical run (same settings, same checkpoint file).
 
-LR_RUNS = [("naive", None, True), ("drop", 0.5, True), ("drop", 0.5, False), ("scratch", None, True)]  # (init, r, shared sets)
+# (init, r, shared index sets), as train.ALL_RUNS
+LR_RUNS = [("naive", None, True), ("drop", 0.5, True), ("drop", 0.5, False), ("scratch", None, True)]
 DEFAULT_LRS = [5e-4, 1e-3, 2e-3, 4e-3]
 
 
@@ -493,8 +494,8 @@ def domain_of(key, default_corpus):
 
 
 def heldout_tokens(data_spec, corpus_mb, enc, max_tokens):
-    """{domain: token ids} from the validation files of --data data_spec only (the same file split train.py uses), at most
-    max_tokens per domain, every file followed by <|endoftext|>."""
+    """{domain: token ids} from the validation files of --data data_spec only (the same file split train.py uses),
+    at most max_tokens per domain, every file followed by <|endoftext|>."""
     try:
         files = data.list_files(data_spec)
     except OSError as e:
