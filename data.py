@@ -12,6 +12,7 @@ The built-in corpora are source code that every Python installation carries, so 
 Every corpus gets a short fingerprint of its tokens, printed in each summary, so two runs are comparable at a
 glance. Text is split into training and validation by file (5% of the files), or by position when there is a
 single file. Tokens are cached in OUT_DIR/data/ as uint16 (uint32 for vocabularies above 65,536 tokens).
+Also the tools' expected failures (Fail) and their command lines' one-line errors (OneLineParser).
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """
 A run's folder: its identity (settings), checkpoints, log.csv and lock; and Ctrl-C handling during training.
 
-train.py and analyze.py use it; it imports neither.
+train.py, analyze.py and hf.py use it (hf.py to read a run's model); it imports none of them.
 """
 
 import fcntl
