@@ -585,7 +585,7 @@ def routing(opts, train_argv):
     n = min(len(t) for t in texts.values())  # the same number of tokens from every domain ...
     n = n // min(args.seq_len, n) * min(args.seq_len, n)  # ... in whole windows of --seq-len
     domains = list(texts)
-    print(f"routing {n:,} held-out tokens of each domain ({', '.join(domains)}) through {len(runs)} MoE models")
+    print(f"routing {n:,} held-out tokens of each domain ({', '.join(domains)}) through {len(runs)} MoE model{'s' if len(runs) > 1 else ''}")
 
     results = {}
     for name, folder in runs:
@@ -661,15 +661,29 @@ def routing_report(out_dir, results, domains, n_tokens, command, models, all_lay
 # 5. Two measurements right after upcycling: router gradient, neuron overlap
 
 
+def pretrained_dense_run(folder):
+    """Whether folder is the dense run of a --dense-from command: the pretrained model's settings and score, no
+    checkpoint (its weights are the Hugging Face folder)."""
+    try:
+        with open(os.path.join(folder, "settings.json")) as f:
+            return "source" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def dense_for_probe(opts):
     """A trained dense model from --dense-ckpt (train.py's out/.../dense/ckpt.pt), else a freshly initialised
     one of the cpu preset's shape: the effects measured here follow from the construction, not the training."""
     if opts.dense_ckpt:
         path = opts.dense_ckpt
+        candidates = [path]
         if os.path.isdir(path):  # a run's folder, or the --out-dir that holds dense/
-            inside = [os.path.join(path, "ckpt.pt"), os.path.join(path, "dense", "ckpt.pt")]
-            path = next((p for p in inside if os.path.exists(p)), inside[0])
+            candidates = [os.path.join(path, "ckpt.pt"), os.path.join(path, "dense", "ckpt.pt")]
+            path = next((p for p in candidates if os.path.exists(p)), candidates[0])
         if not os.path.exists(path):
+            if any(pretrained_dense_run(os.path.dirname(p)) for p in candidates):
+                raise Fail(f"--dense-ckpt {opts.dense_ckpt}: a --dense-from run's dense model is the Hugging Face "
+                           f"folder it names, not a train.py checkpoint; these probes read train.py's dense checkpoints")
             raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there; train.py writes the dense model to "
                        f"OUT_DIR/dense/ckpt.pt (python train.py --preset cpu --init dense --out-dir OUT_DIR)")
         model, ckpt, path = load_model(path, if_damaged=None)

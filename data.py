@@ -484,6 +484,8 @@ if __name__ == "__main__":
     p.add_argument("--out-dir", default="out")
     try:
         a = p.parse_args()
+        if not a.corpus_mb >= 0:
+            p.error(f"argument --corpus-mb: must be 0 or more, got {a.corpus_mb:g}")
         enc = get_tokenizer(a.tokenizer)
         print(load_data(a.data, a.tokenizer, enc, a.out_dir, a.corpus_mb, seq_len=128)[2]["description"])
     except Fail as e:

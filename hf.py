@@ -363,7 +363,7 @@ def load_pretrained(path_or_id, seq_len):
         model = load_hf(folder, dtype=torch.float32, max_seq_len=seq_len)  # fp32 master weights, as when trained here
         config = read_json(os.path.join(folder, "config.json"))
     except HFError as e:
-        raise Fail(f"--dense-from {path_or_id}: {e}")
+        raise Fail(f"--dense-from {path_or_id}: {str(e).removeprefix(f'{path_or_id}: ')}")
     if model.config.is_moe:
         raise Fail(f"--dense-from {path_or_id}: is already an MoE; give the dense Llama it came from")
     if not os.path.exists(os.path.join(folder, "tokenizer.json")):
@@ -419,9 +419,10 @@ def main(argv=None):
             elif tokenizer.startswith("hf-"):
                 print(f"no tokenizer files: the run read a Hugging Face tokenizer ({tokenizer}) from a folder it does "
                       f"not record, or that no longer holds it: copy that tokenizer's files in")
+            elif tokenizer == "byte":
+                print("no tokenizer files: the run used train.py's byte tokenizer (the token ids are UTF-8 bytes)")
             else:
-                print(f"no tokenizer files: the run read train.py's own tokenizer ({tokenizer}; byte: the token ids "
-                      f"are UTF-8 bytes)")
+                print(f"no tokenizer files: the run used tiktoken's {tokenizer} tokenizer")
             return
         check_out_dir(args.out)  # before loading a large model, not after
         try:

@@ -255,6 +255,12 @@ def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
     for argv in cases:
         assert_one_line_analyze_error(argv, capsys)
     assert not (tmp_path / "missing").exists()  # no corpus cached in a folder that holds no runs
+    # a --dense-from run's dense/ holds the pretrained model's settings and score, no checkpoint: said so
+    (tmp_path / "hf-run" / "dense").mkdir(parents=True)
+    (tmp_path / "hf-run" / "dense" / "settings.json").write_text(json.dumps(dict(source=dict(path="llama", files=[]))))
+    with pytest.raises(SystemExit):
+        analyze.main(["router-grad", "--dense-ckpt", str(tmp_path / "hf-run")])
+    assert "a --dense-from run's dense model is the Hugging Face folder" in capsys.readouterr().err
     # and from the shell: no traceback
     proc = subprocess.run([sys.executable, "analyze.py", "overlap", "--n-experts", "1"], cwd=HERE,
                           capture_output=True, text=True, timeout=60)

@@ -308,7 +308,8 @@ def test_cli_export_writes_a_train_checkpoint_as_hf(tmp_path):
                     tokenizer="byte"), tmp_path / "run" / "ckpt.pt")
     p = run_cli("export", tmp_path / "run", tmp_path / "hf")
     assert p.returncode == 0, p.stderr
-    assert "no tokenizer files" in p.stdout and not (tmp_path / "hf" / "tokenizer.json").exists()  # a byte-level run
+    assert "no tokenizer files: the run used train.py's byte tokenizer" in p.stdout  # a byte-level run
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
     mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
     idx = tokens(T=16) % 64
     with torch.no_grad():
@@ -385,6 +386,8 @@ def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenize
     dense_rows = (out / "dense" / "log.csv").read_text().splitlines()
     naive_rows = (out / "moe-naive" / "log.csv").read_text().splitlines()
     assert len(dense_rows) == 2 and not (out / "dense" / "ckpt.pt").exists()
+    assert "[dense] the pretrained model, scored without training: val" in result.stdout
+    assert "[dense] step 0/0" not in result.stdout and "[dense] done" not in result.stdout
     assert float(dense_rows[1].split(",")[3]) == pytest.approx(float(naive_rows[1].split(",")[3]), abs=1e-5)
     meta = json.loads(next((out / "data").glob("*/meta.json")).read_text())
     itemsize = 4 if n_vocab > 2**16 else 2  # Llama 3's 128,256 tokens do not fit uint16
@@ -438,3 +441,6 @@ def test_train_dense_from_a_folder_without_a_llama_is_one_line(tmp_path):
                             capture_output=True, text=True, env=ENV, timeout=120)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"train.py: error: --dense-from {tmp_path}: ")
+    result = subprocess.run([sys.executable, TRAIN_PY, "--dense-from", str(tmp_path / "nothere"), "--device", "cpu"],
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 1 and result.stderr == f"train.py: error: --dense-from {tmp_path / 'nothere'}: not a folder\n"

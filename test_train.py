@@ -236,10 +236,13 @@ def test_a_run_under_dense_from_finds_its_tokenizer_folder_only_while_it_holds_t
     assert runs.tokenizer_dir_of(upcycled) is None
 
 
-def test_data_py_bad_flag_is_one_line():
-    p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--corpus-megabytes", "1"], capture_output=True,
-                       text=True, env=ENV, timeout=60)
-    assert p.returncode == 1 and p.stderr.startswith("data.py: error: unrecognized arguments") and p.stderr.count("\n") == 1
+@pytest.mark.parametrize("flags, message", [(["--corpus-megabytes", "1"], "unrecognized arguments"),
+                                           (["--corpus-mb", "-1"], "argument --corpus-mb: must be 0 or more")])
+def test_data_py_bad_flag_is_one_line(tmp_path, flags, message):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--out-dir", str(tmp_path), *flags],
+                       capture_output=True, text=True, env=ENV, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith(f"data.py: error: {message}") and p.stderr.count("\n") == 1
+    assert not os.listdir(tmp_path)  # nothing cached
 
 
 def test_help_has_one_line_per_option():

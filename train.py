@@ -339,7 +339,8 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     if start_step == 0:
         result_val, se, val_batches_losses = evaluate(model, train_model, val_batches, device, split)  # at the upcycling point, before any MoE step
         log_row(0, val_loss=repr(result_val), val_se=repr(se))
-        print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f} ± {se:.4f}")
+        if s["steps"]:
+            print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f} ± {se:.4f}")
     t_interval, steady_tokens, steady_time, first_interval = time.time(), 0, 0.0, True
     STOP["training"] = True
     # Python's automatic garbage collection would now and then stop the host for a full sweep of every object
@@ -422,7 +423,10 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     if s["steps"]:  # a pretrained model that was only scored (--dense-from) stays where it came from
         checkpoint(s["steps"], finished=True)
     memory = f", peak GPU memory {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] else ""
-    print(f"[{run.name}] done: val {result_val:.4f}, {plot.fmt_time(wall)}, {tok_s / 1e3:,.1f}k tok/s{memory}")
+    if s["steps"]:
+        print(f"[{run.name}] done: val {result_val:.4f}, {plot.fmt_time(wall)}, {tok_s / 1e3:,.1f}k tok/s{memory}")
+    else:
+        print(f"[{run.name}] the pretrained model, scored without training: val {result_val:.4f} ± {se:.4f}")
     if STOP["signal"] is not None:  # the signal came during the last step: this run is complete, stop here
         raise SystemExit(128 + STOP["signal"])
     return result
