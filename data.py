@@ -68,6 +68,11 @@ def get_tokenizer(name):
                    f"and cached (TIKTOKEN_CACHE_DIR): go online once, or use the offline --tokenizer byte")
 
 
+def hf_tokenizer_name(path):
+    """A tokenizer.json's name in the token cache and the runs' settings: by its content, not its folder."""
+    return "hf-" + file_sha1(path)[:8]
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer.json (through the `tokenizers` library) with the few methods of tiktoken's
     Encoding that this project uses, so a pretrained model trains on text cut the way it was trained on."""
@@ -80,7 +85,7 @@ class HFTokenizer:
             self.tok = Tokenizer.from_file(path)
         except Exception as e:
             raise Fail(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})")
-        self.name = "hf-" + file_sha1(path)[:8]  # the cache and the runs' settings name it by its content
+        self.name = hf_tokenizer_name(path)
         self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
         self.eot_token = eot_token if eot_token is not None else self.n_vocab - 1
 

@@ -14,7 +14,7 @@ import torch
 
 import distributed
 import plot
-from data import Fail, atomic_write_text, file_sha1, make_dirs
+from data import Fail, atomic_write_text, hf_tokenizer_name, make_dirs
 from dropupcycle import ModelConfig, Transformer
 
 
@@ -81,7 +81,7 @@ def tokenizer_dir_of(ckpt):
         source = (ckpt["settings"].get("dense") or ckpt["settings"]).get("source")
         folder = source and source["path"]
     path = folder and os.path.join(folder, "tokenizer.json")
-    return folder if path and os.path.isfile(path) and "hf-" + file_sha1(path)[:8] == ckpt.get("tokenizer") else None
+    return folder if path and os.path.isfile(path) and hf_tokenizer_name(path) == ckpt.get("tokenizer") else None
 
 
 RUN_CHECKPOINT_ADVICE = "delete it to start that run over"  # safe advice only for a file train.py made for a run

@@ -223,7 +223,7 @@ def test_a_run_under_dense_from_finds_its_tokenizer_folder_only_while_it_holds_t
     folder = tmp_path / "llama"
     folder.mkdir()
     (folder / "tokenizer.json").write_text('{"model": "a"}')
-    name = "hf-" + data.file_sha1(str(folder / "tokenizer.json"))[:8]
+    name = data.hf_tokenizer_name(str(folder / "tokenizer.json"))
     source = dict(path=str(folder), files=[])
     upcycled = dict(settings=dict(dense=dict(source=source)), tokenizer=name)  # its dense settings name the source
     scratch = dict(settings=dict(dense=None), tokenizer=name)  # no dense settings: no source
