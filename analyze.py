@@ -803,7 +803,7 @@ def parse_args(argv):
                        description="MoE runs for every r (plus r = 0.5 with independent index sets, and from scratch) "
                                    "from one dense model, then sweep_loss.png and sweep_summary.md in --out-dir. Every "
                                    "other flag goes to train.py (see python train.py --help).")
-    s.add_argument("--r-values", type=train.unit_float, nargs="+", default=PAPER_RS, metavar="R",
+    s.add_argument("--r-values", type=data.unit_float, nargs="+", default=PAPER_RS, metavar="R",
                    help="ratios to train (default: the paper's 0 0.1 0.25 0.5 0.75 1)")
     s.add_argument("--report-only", action="store_true", help="no training: figure and table of the finished runs")
     s = sub.add_parser("lr", allow_abbrev=False,
@@ -812,7 +812,7 @@ def parse_args(argv):
                                    "Drop-Upcycling r=0.5 with shared and with independent index sets, and an MoE from "
                                    "scratch at each MoE peak learning rate, in --out-dir/lr-<rate>/; then lr_loss.png "
                                    "and lr_summary.md in --out-dir. Every other flag goes to train.py.")
-    s.add_argument("--lrs", type=train.positive_float, nargs="+", default=DEFAULT_LRS, metavar="LR",
+    s.add_argument("--lrs", type=data.positive_float, nargs="+", default=DEFAULT_LRS, metavar="LR",
                    help="MoE peak learning rates (default 5e-4 1e-3 2e-3 4e-3)")
     s.add_argument("--report-only", action="store_true", help="no training: figure and table of the finished runs")
     s = sub.add_parser("seeds", allow_abbrev=False, help="every init's gap to naive in several seeds: mean, spread",
@@ -826,7 +826,7 @@ def parse_args(argv):
                                    "writes routing_specialisation.png, routing_summary.md and routing_counts.json. "
                                    "Pass the data flags the runs were trained with (--preset, --data, --corpus-mb, "
                                    "--tokenizer); every other flag goes to train.py.")
-    s.add_argument("--routing-tokens", type=train.positive_int, default=65536,
+    s.add_argument("--routing-tokens", type=data.positive_int, default=65536,
                    help="held-out tokens per domain (default 65536)")
     s.add_argument("--models", nargs="+", metavar="RUN",
                    help=f"runs in the figure (default: {' '.join(FIGURE_MODELS)})")
@@ -836,16 +836,16 @@ def parse_args(argv):
     for name, helptext in (("router-grad", "router gradient from the LM loss right after upcycling"),
                            ("overlap", "fraction of dense neurons two experts share right after upcycling")):
         s = sub.add_parser(name, allow_abbrev=False, help=helptext, description=helptext)
-        s.add_argument("--r", type=train.unit_float, nargs="+", default=[0.0, 0.5], metavar="R",
+        s.add_argument("--r", type=data.unit_float, nargs="+", default=[0.0, 0.5], metavar="R",
                        help="ratios (default 0 0.5)")
         s.add_argument("--dense-ckpt", metavar="PATH", help="a dense checkpoint (file or folder, e.g. out/cpu/dense); "
                                                             "default: a fresh model of the cpu preset's shape")
-        s.add_argument("--n-experts", type=train.positive_int, default=8, help="experts per layer (default 8)")
-        s.add_argument("--seed", type=train.nonneg_int, default=0,
+        s.add_argument("--n-experts", type=data.positive_int, default=8, help="experts per layer (default 8)")
+        s.add_argument("--seed", type=data.nonneg_int, default=0,
                        help="seed of the upcycling (and of the fresh model)")
         if name == "router-grad":
-            s.add_argument("--top-k", type=train.positive_int, default=2, help="experts per token (default 2)")
-            s.add_argument("--aux-loss-coef", type=train.nonneg_float, default=0.02,
+            s.add_argument("--top-k", type=data.positive_int, default=2, help="experts per token (default 2)")
+            s.add_argument("--aux-loss-coef", type=data.nonneg_float, default=0.02,
                            help="balancing-loss weight (default 0.02)")
         else:
             s.add_argument("--independent-indices", action="store_true",

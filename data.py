@@ -12,12 +12,14 @@ The built-in corpora are source code that every Python installation carries, so 
 Every corpus gets a short fingerprint of its tokens, printed in each summary, so two runs are comparable at a
 glance. Text is split into training and validation by file (5% of the files), or by position when there is a
 single file. Tokens are cached in OUT_DIR/data/ as uint16 (uint32 for vocabularies above 65,536 tokens).
-Also the tools' expected failures (Fail) and their command lines' one-line errors (OneLineParser).
+Also the tools' expected failures (Fail), their command lines' one-line errors (OneLineParser) and checked
+number types (positive_int and the like).
 """
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import stat
 import sysconfig
@@ -47,6 +49,27 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise Fail(f"{message} (see --help)")
+
+
+def number(kind, ok, expected):
+    """An argparse type: a finite kind (int or float) for which ok(value) holds, else 'must be <expected>'.
+    Integers stay below 2**31, which every seed, size and step count fits: larger ones fail late and obscurely."""
+    def convert(text):
+        value = kind(text)
+        if not ok(value) or math.isinf(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        if abs(value) >= 2**31:
+            raise argparse.ArgumentTypeError(f"must be below 2**31 = {2**31:,}, got {text}")
+        return value
+    convert.__name__ = "integer" if kind is int else "number"  # argparse names the type in its messages
+    return convert
+
+
+positive_int = number(int, lambda v: v >= 1, "a positive integer")
+nonneg_int = number(int, lambda v: v >= 0, "0 or more")
+positive_float = number(float, lambda v: v > 0, "a positive number")
+nonneg_float = number(float, lambda v: v >= 0, "0 or more")
+unit_float = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 # -----------------------------------------------------------------------------
@@ -485,12 +508,10 @@ if __name__ == "__main__":
     p = OneLineParser(prog="data.py", description="Build the token cache of a corpus and describe it.")
     p.add_argument("--data", default=":stdlib", help=":stdlib (default), :python, a folder or a text file")
     p.add_argument("--tokenizer", default="byte")
-    p.add_argument("--corpus-mb", type=float, default=8.0, help="size cap in MB, half per language (0: none)")
+    p.add_argument("--corpus-mb", type=nonneg_float, default=8.0, help="size cap in MB, half per language (0: none)")
     p.add_argument("--out-dir", default="out")
     try:
         a = p.parse_args()
-        if not a.corpus_mb >= 0:
-            p.error(f"argument --corpus-mb: must be 0 or more, got {a.corpus_mb:g}")
         enc = get_tokenizer(a.tokenizer)
         print(load_data(a.data, a.tokenizer, enc, a.out_dir, a.corpus_mb, seq_len=128)[2]["description"])
     except Fail as e:

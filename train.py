@@ -30,7 +30,8 @@ import torch
 
 import distributed
 import plot
-from data import Fail, HFTokenizer, OneLineParser, atomic_write_text, check_data_exists, corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs
+from data import (Fail, HFTokenizer, OneLineParser, atomic_write_text, check_data_exists, corpus_to_device, get_batch,
+                  get_tokenizer, load_data, make_dirs, nonneg_float, nonneg_int, positive_float, positive_int, unit_float)
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop, upcycled_config
 from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
 from runs import (CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, load_model, lock_out_dir, on_signal,
@@ -71,27 +72,6 @@ MOE_INITS = ["scratch", "naive", "drop"]
 # --init all, in this order: (init, r, shared index sets). Drop r = 0.5 twice: with one index set S for all three
 # matrices (the paper's text) and with one per matrix (the authors' released code, which made the paper's numbers).
 ALL_RUNS = [("scratch", None, True), ("naive", 0.0, True), ("drop", 0.5, True), ("drop", 0.5, False), ("drop", 1.0, True)]
-
-
-def number(kind, ok, expected):
-    """An argparse type: a finite kind (int or float) for which ok(value) holds, else 'must be <expected>'.
-    Integers stay below 2**31, which every seed, size and step count fits: larger ones fail late and obscurely."""
-    def convert(text):
-        value = kind(text)
-        if not ok(value) or math.isinf(value):
-            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
-        if abs(value) >= 2**31:
-            raise argparse.ArgumentTypeError(f"must be below 2**31 = {2**31:,}, got {text}")
-        return value
-    convert.__name__ = "integer" if kind is int else "number"  # argparse names the type in its messages
-    return convert
-
-
-positive_int = number(int, lambda v: v >= 1, "a positive integer")
-nonneg_int = number(int, lambda v: v >= 0, "0 or more")
-positive_float = number(float, lambda v: v > 0, "a positive number")
-nonneg_float = number(float, lambda v: v >= 0, "0 or more")
-unit_float = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def build_parser():
