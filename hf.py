@@ -378,6 +378,14 @@ def load_pretrained(path_or_id, seq_len):
     return model, enc, dict(path=os.path.abspath(folder), files=stamp)
 
 
+def token_ids(folder):
+    """The bos, eos and pad token ids of the Hugging Face model in folder (none where folder is None or has no
+    config.json), for a config.json written from it: they belong to its tokenizer."""
+    path = folder and os.path.join(folder, "config.json")
+    config = read_json(path) if path and os.path.isfile(path) else {}
+    return {k: config[k] for k in TOKEN_ID_FIELDS if k in config}
+
+
 def copy_tokenizer(src, out_dir):
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
@@ -408,10 +416,7 @@ def main(argv=None):
             check_out_dir(args.out)
             model, ckpt, _ = load_model(args.src, if_damaged=None)
             tokenizer, tokenizer_dir = ckpt.get("tokenizer", "byte"), tokenizer_dir_of(ckpt)
-            config_path = tokenizer_dir and os.path.join(tokenizer_dir, "config.json")
-            src_config = read_json(config_path) if config_path and os.path.isfile(config_path) else {}
-            save_hf(model, args.out, dtype, args.max_shard_bytes,
-                    extra_config={k: src_config[k] for k in TOKEN_ID_FIELDS if k in src_config})
+            save_hf(model, args.out, dtype, args.max_shard_bytes, extra_config=token_ids(tokenizer_dir))
             print(f"wrote {'Mixtral' if model.config.is_moe else 'Llama'} {args.out}")
             if tokenizer_dir:
                 copy_tokenizer(tokenizer_dir, args.out)
@@ -436,9 +441,8 @@ def main(argv=None):
         if dense.config.is_moe:
             raise HFError(f"{args.src}: is already a Mixtral; drop-upcycle needs a dense Llama")
         print(f"{args.src}: {dense.num_params() / 1e6:.1f}M parameters, {dense.config.n_layer} layers", flush=True)
-        src_config = read_json(os.path.join(src, "config.json"))
         drop_upcycle_hf(dense, args.out, args.n_experts, args.top_k, args.r, args.seed, not args.independent_indices,
-                        dtype, args.max_shard_bytes, extra_config={k: src_config[k] for k in TOKEN_ID_FIELDS if k in src_config})
+                        dtype, args.max_shard_bytes, extra_config=token_ids(src))
         copy_tokenizer(src, args.out)  # the tokenizer is the dense model's
         print(f"wrote Mixtral {args.out}")
     except (HFError, Fail) as e:
