@@ -386,8 +386,9 @@ def without_seed(settings):
 
 def seed_folder_runs(folder):
     """(seed, {run name: (settings, result, curve)}) of the finished runs in one --out-dir."""
-    runs = {name: plot.read_run(os.path.join(folder, name))
-            for name in (sorted(os.listdir(folder)) if os.path.isdir(folder) else [])}
+    if not os.path.isdir(folder):
+        raise Fail(f"{folder}: no such folder (give the --out-dir of each seed's train.py run)")
+    runs = {name: plot.read_run(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
     runs = {name: run for name, run in runs.items() if run is not None}
     if "dense" not in runs or "moe-naive" not in runs:
         raise Fail(f"{folder}: no finished dense and naive runs (every seed is compared with its own naive Upcycling)")

@@ -514,4 +514,6 @@ def test_seeds_refuses_folders_that_differ_in_more_than_the_seed(tmp_path, capsy
     shutil.rmtree(os.path.join(folders[0], "moe-drop-r0.5"))
     assert "moe-drop-r0.5 in " in seeds_error(["seeds", *folders, other], capsys)
     assert "both hold seed 0" in seeds_error(["seeds", folders[0], folders[0]], capsys)
-    assert "no finished dense and naive runs" in seeds_error(["seeds", folders[0], str(tmp_path / "none")], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no finished dense and naive runs" in seeds_error(["seeds", folders[0], str(tmp_path / "empty")], capsys)
+    assert "none: no such folder" in seeds_error(["seeds", folders[0], str(tmp_path / "none")], capsys)
