@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import inspect
+
 from dropupcycle import (
     MoE,
     RowPermutation,
@@ -21,6 +23,8 @@ from dropupcycle import (
     compile_model,
     drop_upcycle,
     flops_per_token,
+    RMSNorm,
+    llama3_inv_freq,
     load_balancing_loss,
     neurons_to_drop,
     rope_cos_sin,
@@ -62,13 +66,21 @@ def reinitialised_neurons(moe_model, dense_model, layer, name, expert):
     return set(torch.nonzero(changed).flatten().tolist())
 
 
+def kurtosis(values):
+    """E[z^4] of the standardised values: 3 for a normal distribution, 1.8 for a uniform one with the same std."""
+    z = (values - values.mean()) / values.std()
+    return (z**4).mean().item()
+
+
 # -----------------------------------------------------------------------------
 # Configuration
 
 
-def test_default_config_is_a_valid_dense_model():
+def test_default_config_is_a_valid_dense_model_with_the_papers_constants():
     cfg = ModelConfig()
     assert not cfg.is_moe
+    # RoPE theta 10000 and RMSNorm eps 1e-5 (the paper's Llama models), balancing loss weight 0.02 (App. A.4)
+    assert (cfg.rope_theta, cfg.norm_eps, cfg.aux_loss_coef) == (10000.0, 1e-5, 0.02)
     logits, loss = Transformer(cfg)(torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, cfg.vocab_size) and loss is None
 
@@ -101,6 +113,8 @@ def test_init_is_normal_0_02_and_norms_start_at_one():
             assert torch.all(p == 1), name
         else:
             assert abs(p.mean().item()) < 0.002 and abs(p.std().item() - 0.02) < 0.002, name
+            if p.numel() >= 2**16:  # normal, not merely the right mean and std
+                assert kurtosis(p.detach()) == pytest.approx(3.0, abs=0.15), name
     assert not any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert model.embed.weight.data_ptr() != model.lm_head.weight.data_ptr()  # untied
 
@@ -134,6 +148,55 @@ def test_rope_scores_depend_only_on_relative_position():
     assert torch.allclose(score(5, 2), score(40, 37), atol=1e-5)
     assert torch.allclose(score(9, 9), q @ k, atol=1e-5)  # same position: no rotation left
     assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
+
+
+def test_rope_rotates_dimension_pairs_i_and_i_plus_half_by_position_times_theta_to_the_minus_2i_over_d():
+    """Llama's (Hugging Face's) layout: dimension i is paired with i + d/2, not with i + 1. A theta other than
+    10000 checks that the config's theta is the one used."""
+    head_dim, theta, m = 8, 500.0, 7
+    cos, sin = rope_cos_sin(head_dim, 16, theta)
+    x = torch.randn(head_dim, generator=torch.Generator().manual_seed(0))
+    y = apply_rope(x, cos[m], sin[m])
+    for i in range(head_dim // 2):
+        angle = m * theta ** (-2 * i / head_dim)
+        a, b = x[i].item(), x[i + head_dim // 2].item()
+        assert y[i].item() == pytest.approx(a * math.cos(angle) - b * math.sin(angle), abs=1e-5), i
+        assert y[i + head_dim // 2].item() == pytest.approx(a * math.sin(angle) + b * math.cos(angle), abs=1e-5), i
+
+
+def test_llama3_rope_keeps_high_frequencies_divides_low_ones_by_factor_and_blends_between():
+    """Llama 3.1's rope_scaling: wavelengths under original/high_freq_factor keep their frequency, those over
+    original/low_freq_factor are divided by factor, and the band between is interpolated smoothly."""
+    factor, low, high, original = 8.0, 1.0, 4.0, 32
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    scaled = llama3_inv_freq(inv_freq, factor, low, high, original)
+    bands = set()
+    for f, out in zip(inv_freq.tolist(), scaled.tolist()):
+        wavelength = 2 * math.pi / f
+        if wavelength < original / high:
+            expected, band = f, "high"
+        elif wavelength > original / low:
+            expected, band = f / factor, "low"
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            expected, band = (1 - smooth) * f / factor + smooth * f, "between"
+        assert out == pytest.approx(expected, rel=1e-5), wavelength
+        bands.add(band)
+    assert bands == {"high", "low", "between"}
+
+
+def test_rmsnorm_divides_by_the_root_mean_square_and_scales_by_its_gain():
+    norm = RMSNorm(6, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = 4 * torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(norm(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight, atol=1e-6)
+
+
+def test_swiglu_is_eq1_down_of_swish_gate_times_up():
+    gen = torch.Generator().manual_seed(0)
+    x, w_gate, w_up, w_down = (torch.randn(shape, generator=gen) for shape in ((5,), (7, 5), (7, 5), (5, 7)))
+    assert torch.allclose(swiglu(x, w_gate, w_up, w_down), w_down @ (F.silu(w_gate @ x) * (w_up @ x)), atol=1e-5)
 
 
 def test_grouped_query_attention_shares_each_kv_head_with_its_query_group():
@@ -567,6 +630,10 @@ def test_r0_naive_upcycling_reproduces_the_dense_model(top_k):
 
 def test_expert_replication_copies_every_non_ffn_weight_and_inits_the_router_uniformly():
     dense = trained_looking_dense()
+    with torch.no_grad():  # trained norm gains, not the 1s a fresh MoE starts with
+        for name, p in dense.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
     moe = drop_upcycle(dense, n_experts=8, r=0.5)
     dense_state, moe_state = dense.state_dict(), moe.state_dict()
     for name, value in dense_state.items():
@@ -619,6 +686,20 @@ def test_exactly_floor_r_d_ff_neurons_are_reinitialised_per_expert_and_matrix(r,
                 assert sets["up"] != sets["down"], (layer, expert)
 
 
+def test_one_index_set_for_all_three_matrices_is_the_default():
+    """Sec. 3.2.1's text: S indexes the rows of W_gate and W_up and the columns of W_down alike."""
+    assert inspect.signature(drop_upcycle).parameters["shared_indices"].default is True
+    dense = trained_looking_dense()
+    moe = drop_upcycle(dense, n_experts=4, r=0.5)
+    assert len({frozenset(reinitialised_neurons(moe, dense, 0, name, 1)) for name in ("gate", "up", "down")}) == 1
+
+
+def test_upcycled_model_keeps_the_requested_experts_and_top_k():
+    moe = drop_upcycle(trained_looking_dense(), n_experts=4, top_k=1, r=0.5)
+    assert (moe.config.n_experts, moe.config.top_k) == (4, 1)
+    assert all((block.ffn.n_experts, block.ffn.top_k) == (4, 1) for block in moe.layers)
+
+
 @pytest.mark.parametrize("r", [0.0, 1.0])
 def test_r0_keeps_and_r1_replaces_the_whole_ffn(r):
     dense = trained_looking_dense()
@@ -665,6 +746,16 @@ def test_new_values_follow_the_mean_and_std_of_the_dropped_slice_only():
                 assert (new.mean(dim=1) - mean).abs().max().item() < 5 * row_se, where
                 assert torch.allclose(new.std(dim=1), torch.full((len(S),), std), rtol=0.3), where
     assert 0 < with_outlier < 3 * cfg.n_layer * 8  # both kinds of S occurred
+
+
+def test_new_values_are_drawn_from_a_normal_distribution():
+    """Eq. 4: R ~ N(mean, std^2), not merely any distribution with that mean and std."""
+    cfg = replace(TINY, d_model=128, d_ff=256)
+    dense = trained_looking_dense(cfg)
+    moe = drop_upcycle(dense, n_experts=8, r=0.5)
+    for name in ("gate", "up", "down"):
+        S = sorted(reinitialised_neurons(moe, dense, 0, name, 3))  # 128 neurons x 128 weights
+        assert kurtosis(expert_weights(moe, 0, name)[3][S].flatten()) == pytest.approx(3.0, abs=0.15), name
 
 
 def test_experts_differ_from_one_another_and_across_layers():
@@ -715,14 +806,30 @@ def test_fewer_than_two_experts_is_a_value_error():
 
 
 def test_upcycled_model_trains():
-    """Continued training (Sec. 3, step 3): gradients reach the router and every expert of an r = 0.5 model."""
+    """Continued training (Sec. 3, step 3): the language-modelling loss alone (no balancing loss) sends gradients
+    to the router, through the gate weights of Eq. 3, and to every expert of an r = 0.5 model."""
     moe = drop_upcycle(trained_looking_dense(), n_experts=4, r=0.5)
-    idx = torch.randint(0, TINY.vocab_size, (4, 32))
+    moe.config.aux_loss_coef = 0.0
+    idx = torch.randint(0, TINY.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     _, loss = moe(idx, idx)
     loss.backward()
     ffn = moe.layers[0].ffn
     assert ffn.router.weight.grad.abs().sum() > 0
     assert all(ffn.gate.grad[i].abs().sum() > 0 for i in range(4))
+
+
+def test_at_r0_only_the_balancing_loss_moves_the_router():
+    """Identical experts make the output the same whatever the gate weights, so the language-modelling loss gives
+    the router no gradient (the slow start of naive Upcycling); the balancing loss still does."""
+    dense = trained_looking_dense()
+    idx = torch.randint(0, TINY.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    router_grads = []
+    for coef in (0.0, 0.02):
+        moe = drop_upcycle(dense, n_experts=4, top_k=2, r=0.0)
+        moe.config.aux_loss_coef = coef
+        moe(idx, idx)[1].backward()
+        router_grads.append(moe.layers[0].ffn.router.weight.grad.norm().item())
+    assert router_grads[1] > 1000 * router_grads[0]
 
 
 # -----------------------------------------------------------------------------
@@ -788,6 +895,14 @@ def test_printed_as_rejects_wrong_numbers():
 )
 def test_training_flops_match_table2(cfg, tokens, flops):
     assert tokens * flops_per_token(cfg, seq_len=4096) == pytest.approx(flops, rel=0.005)
+
+
+def test_key_and_value_projections_count_key_value_heads_and_queries_count_query_heads():
+    """Table 3 with grouped-query attention (Table 2's models have as many key/value heads as query heads)."""
+    gqa = ModelConfig(vocab_size=100, d_model=64, n_layer=2, n_head=8, n_kv_head=2, d_ff=128)
+    mha = replace(gqa, n_kv_head=8)
+    # forward: 4 s d_h d_k per key/value head and layer (K and V), times 3 for training, per token
+    assert flops_per_token(mha, 32) - flops_per_token(gqa, 32) == pytest.approx(3 * 2 * 4 * 64 * 8 * (8 - 2))
 
 
 def test_moe_flops_count_only_the_top_k_active_experts():
