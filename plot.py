@@ -225,12 +225,18 @@ def read_run(folder):
         return None
 
 
-def finished_runs(out_dir, names, dense_settings, moe_settings):
-    """{name: (result, curve)} of the finished runs among names in out_dir that are comparable: the dense run of
+def finished_run_names(out_dir):
+    """The run folders in out_dir holding a result.json: --init all's runs in their order, then any others."""
+    present = [n for n in sorted(os.listdir(out_dir)) if os.path.exists(os.path.join(out_dir, n, "result.json"))]
+    return sorted(present, key=lambda n: (list(COLORS).index(n) if n in COLORS else len(COLORS), n))
+
+
+def finished_runs(out_dir, dense_settings, moe_settings):
+    """{name: (result, curve)} of the finished runs in out_dir that are comparable: the dense run of
     dense_settings, and MoE runs whose settings equal moe_settings but for the init."""
     identity = lambda s: {k: v for k, v in s.items() if k not in ("init", "r", "dense", "shared_indices")}
     found = {}
-    for name in dict.fromkeys(names):
+    for name in finished_run_names(out_dir):
         folder = os.path.join(out_dir, name)
         run = read_run(folder)
         if run is None:
@@ -246,9 +252,10 @@ def finished_runs(out_dir, names, dense_settings, moe_settings):
     return found
 
 
-def report(out_dir, names, dense_settings, moe_settings, fingerprint):
-    """summary.md and loss_curves.png of the dense run and every comparable finished MoE run in out_dir."""
-    runs = finished_runs(out_dir, names, dense_settings, moe_settings)
+def report(out_dir, dense_settings, moe_settings, fingerprint):
+    """summary.md and loss_curves.png of the dense run and every comparable finished MoE run in out_dir, whichever
+    command trained it."""
+    runs = finished_runs(out_dir, dense_settings, moe_settings)
     if "dense" not in runs:
         print(f"warning: no summary or figure written: every run is compared with the dense run in {out_dir}/dense")
         return
@@ -260,7 +267,9 @@ def report(out_dir, names, dense_settings, moe_settings, fingerprint):
               f"{fingerprint[:8]}) after {start}")
     moe = [res for name, res in results.items() if name != "dense"]
     if moe:
-        header += f" and {moe[0]['steps']} MoE steps ({moe[0]['tokens'] / 1e6:.1f}M tokens)"
+        m = moe_settings["model"]
+        header += (f" and {moe[0]['steps']} MoE steps ({moe[0]['tokens'] / 1e6:.1f}M tokens; {m['n_experts']} experts, "
+                   f"top-{m['top_k']}, balancing loss weight {m['aux_loss_coef']:g})")
     header += (f"; device {dense['device']}, seed {s['seed']}. Noise: two standard errors of the per-batch differences "
                f"of the final losses over the {s['eval_batches']} validation batches (the same batches for every run).")
     table = summary_table(header, curves, results)
@@ -405,18 +414,17 @@ def report_from_logs(out_dir):
         with open(os.path.join(out_dir, name, "settings.json")) as f:
             return json.load(f)
 
-    present = [n for n in sorted(os.listdir(out_dir)) if os.path.exists(os.path.join(out_dir, n, "result.json"))]
+    present = finished_run_names(out_dir)
     moe = [n for n in present if n.startswith("moe-")]
     if "dense" not in present or not moe:
         raise Fail(f"{out_dir}: no finished dense run and MoE run to report (folders dense/ and moe-*/ with result.json)")
-    names = sorted(present, key=lambda n: (list(COLORS).index(n) if n in COLORS else len(COLORS), n))
     try:
         dense_settings = settings_of("dense")
         moe_settings = settings_of("moe-naive" if "moe-naive" in moe else moe[0])
         fingerprint = dense_settings["data"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise Fail(f"{out_dir}: a settings.json is unreadable or not a train.py run's ({e!r})")
-    report(out_dir, names, dense_settings, moe_settings, fingerprint)
+    report(out_dir, dense_settings, moe_settings, fingerprint)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,10 @@ def test_second_init_reuses_dense_and_naive_starts_at_the_dense_loss(drop_run, t
 
     out = tmp_path / "out"
     shutil.copytree(drop_run[0], out)
+    # a finished run of another r, as `--init drop --r 0.25` would have left it: no run of --init all
+    shutil.copytree(out / "moe-drop-r0.5", out / "moe-drop-r0.25")
+    settings = json.loads((out / "moe-drop-r0.25" / "settings.json").read_text())
+    (out / "moe-drop-r0.25" / "settings.json").write_text(json.dumps(dict(settings, r=0.25)))
     code, stdout, err = run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)
     assert code == 0, err
     assert "reusing the finished dense model" in stdout
@@ -171,7 +175,9 @@ def test_second_init_reuses_dense_and_naive_starts_at_the_dense_loss(drop_run, t
     assert naive_start == pytest.approx(dense_final, abs=1e-5)  # identical experts: the dense function
     assert drop_start > naive_start + 1e-3  # half the FFN neurons re-initialised: worse at first
     summary = open(out / "summary.md").read()
-    assert "moe-naive" in summary and "moe-drop-r0.5" in summary
+    # every comparable finished run in the folder, whichever command trained it, and the MoE's shape
+    assert "| moe-naive |" in summary and "| moe-drop-r0.5 |" in summary and "| moe-drop-r0.25 |" in summary
+    assert "4 experts, top-2, balancing loss weight 0.02" in summary
 
 
 def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus, tmp_path, capsys):

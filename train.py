@@ -697,9 +697,7 @@ def experiment(args):
     train_moe_inits(moe_runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, later_flops,
                     split["moe"], use_compile=args.compile, ckpt_interval=args.ckpt_interval, t_all=t_all)
     if distributed.is_main():  # with any runs of earlier commands that share these settings
-        names = ["dense"] + [run_name(*p) for p in ALL_RUNS] + [run.name for run in moe_runs]
-        plot.report(args.out_dir, names, dense_run.settings, moe_runs[0].settings if moe_runs else None,
-                    data_info["fingerprint"])
+        plot.report(args.out_dir, dense_run.settings, moe_runs[0].settings if moe_runs else None, data_info["fingerprint"])
     print(f"total time {plot.fmt_time(time.time() - t_all)}")
     distributed.barrier()  # ranks leave together: one tearing down its process group while rank 0 still works can abort
 
