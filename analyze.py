@@ -623,11 +623,12 @@ def routing_replot(opts, args):
 def routing_report(out_dir, results, domains, n_tokens, command, models, all_layers):
     """routing_summary.md, routing_counts.json and the figure (plot.routing_figure: the paper's Fig. 5)."""
     n_layer = len(next(iter(results.values()))["layers"])
+    top_k = "/".join(str(k) for k in sorted({res["top_k"] for res in results.values()}))
     header = (f"Routing of {n_tokens:,} held-out tokens per domain ({', '.join(domains)}; validation files only). "
               f"Load balance: entropy of the expert-usage distribution / log(n_experts), 1 = uniform. Domain "
               f"specialisation: Jensen-Shannon divergence of the domains' routing distributions, nats (0 = routed "
-              f"alike, log {len(domains)} = {math.log(len(domains)):.3f} = disjoint experts). Both top-k slots "
-              f"counted.")
+              f"alike, log {len(domains)} = {math.log(len(domains)):.3f} = disjoint experts). Top-{top_k} routing: "
+              f"each token counted once for every expert it is sent to.")
     lines = [header, "", f"Made with: `{command}`", ""]
     for key, title in (("balance", "Load balance"), ("js", "Domain specialisation (JS divergence, nats)")):
         # the balancing loss pools all layers' router logits (Mixtral form), so it sees only the usage summed over
@@ -737,7 +738,7 @@ def router_grad(opts):
     T = min(128, dense.config.max_seq_len)
     batch = torch.tensor(ids[: 8 * (T + 1)], dtype=torch.long).view(8, T + 1)
     print(f"dense model: {source}; {opts.n_experts} experts, top-{opts.top_k}; one batch of 8 x {T} tokens "
-          f"(the text of analyze.py); gradients at step 0, before any MoE update")
+          f"(the text of analyze.py); gradients at step 0, before any MoE update, as L2 norms over all layers")
     print(f"| r | router grad from LM loss | router grad from {opts.aux_loss_coef:g} x balancing loss | "
           f"expert-weight grad from LM loss |")
     print("| --- | --- | --- | --- |")
@@ -863,6 +864,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)  # Ctrl-C in a sweep saves a checkpoint, as in train.py
     signal.signal(signal.SIGTERM, on_signal)
     argv = sys.argv[1:] if argv is None else list(argv)
+    opts = None
     try:
         opts, rest = parse_args(argv)
         if opts.command == "sweep":
@@ -881,8 +883,9 @@ def main(argv=None):
         print(f"analyze.py: error: {e}", file=sys.stderr)
         distributed.leave(1)
     except KeyboardInterrupt:
-        print("analyze.py: interrupted (finished runs and checkpoints are kept; rerun the same command, adding "
-              "--resume for an unfinished run)", file=sys.stderr)
+        trains = opts is not None and opts.command in ("sweep", "lr")
+        print("analyze.py: interrupted" + (" (finished runs and checkpoints are kept; rerun the same command, adding "
+                                           "--resume for an unfinished run)" if trains else ""), file=sys.stderr)
         distributed.leave(130)
     except Exception:  # under torchrun: another rank failed and said why, or a bug (its traceback)
         distributed.crash()

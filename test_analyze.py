@@ -517,3 +517,18 @@ def test_seeds_refuses_folders_that_differ_in_more_than_the_seed(tmp_path, capsy
     (tmp_path / "empty").mkdir()
     assert "no finished dense and naive runs" in seeds_error(["seeds", folders[0], str(tmp_path / "empty")], capsys)
     assert "none: no such folder" in seeds_error(["seeds", folders[0], str(tmp_path / "none")], capsys)
+
+
+@pytest.mark.parametrize("command, argv, says_resume", [("overlap", ["overlap"], False),
+                                                        ("sweep", ["sweep", "--out-dir", "unused"], True)])
+def test_ctrl_c_is_one_line_that_offers_resume_only_where_runs_are_trained(command, argv, says_resume, monkeypatch,
+                                                                          capsys):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analyze, command, interrupted)
+    with pytest.raises(SystemExit) as e:
+        analyze.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and err.startswith("analyze.py: interrupted") and "\n" not in err
+    assert ("--resume" in err) == says_resume
