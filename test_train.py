@@ -218,6 +218,8 @@ def test_sample_prints_text_from_a_checkpoint(drop_run, capsys, tmp_path):
     # a folder without a checkpoint, and a checkpoint whose weights do not fit its own config
     code, _, err = run_main(["--sample", HERE, "--device", "cpu"], capsys)
     assert f"--sample {os.path.join(HERE, 'ckpt.pt')}: no checkpoint there" in assert_one_line_error(code, err)
+    code, _, err = run_main(["--sample", str(drop_run[0]), "--device", "cpu"], capsys)  # the --out-dir, not a run
+    assert "it holds the runs dense, moe-drop-r0.5: name one of their folders" in assert_one_line_error(code, err)
     ckpt = torch.load(drop_run[0] / "moe-drop-r0.5" / "ckpt.pt", weights_only=True)
     ckpt["model_config"]["d_ff"] += 1
     torch.save(ckpt, tmp_path / "misfit.pt")
@@ -488,6 +490,7 @@ def test_resume_errors(drop_run, train_corpus, tmp_path, capsys):
     # nothing to resume
     code, _, err = run_main(["--resume", "--init", "drop", *tiny(train_corpus, tmp_path / "fresh")], capsys)
     assert "no checkpoint" in assert_one_line_error(code, err)
+    assert not (tmp_path / "fresh").exists()  # no empty folder (with a lock file) left behind
     # a checkpoint made with other settings: refused with the difference, with or without --resume
     out = tmp_path / "copy"
     shutil.copytree(drop_run[0], out)

@@ -520,13 +520,13 @@ def claim_out_dir(out_dir, batch_size, resume, names):
     if batch_size % distributed.world():
         raise Fail(f"--batch-size {batch_size} (sequences per micro-batch, all processes together) must be "
                    f"divisible by the {distributed.world()} processes")
+    if resume and not any(os.path.exists(os.path.join(out_dir, name, "ckpt.pt")) for name in names):
+        raise Fail(f"--resume: no checkpoint in {out_dir} for these runs (nothing to resume); run without --resume")
     if distributed.is_main():
         make_dirs(out_dir)
         if not os.access(out_dir, os.W_OK):
             raise Fail(f"--out-dir {out_dir}: folder is not writable")
         lock_out_dir(out_dir)
-    if resume and not any(os.path.exists(os.path.join(out_dir, name, "ckpt.pt")) for name in names):
-        raise Fail(f"--resume: no checkpoint in {out_dir} for these runs (nothing to resume); run without --resume")
 
 
 def prepare_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len, batch_size, eval_batches, device):
