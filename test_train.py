@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import weakref
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -257,7 +258,6 @@ def test_help_has_one_line_per_option():
     parser = train.build_parser()
     for action in parser._actions:
         assert action.help and "\n" not in action.help, action.option_strings
-    assert len(parser.format_help()) > 0
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -265,6 +265,11 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+    peak, warmup, steps = 2.0, 10, 110  # a cosine, not any falling line between the two ends
+    for step in (10, 35, 60, 85, 110):
+        progress = (step - warmup) / (steps - warmup)
+        expected = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        assert train.lr_at(step, steps, peak, warmup) == pytest.approx(expected, rel=1e-9), step
 
 
 def test_overtake_step_is_the_last_sign_change():
@@ -1217,3 +1222,283 @@ def test_micro_batch_pieces_and_the_gradient_scaler_train_like_one_piece(drop_ru
     assert pieces[0] == pytest.approx(whole[0], abs=1e-5)  # the same upcycled start (scored in pieces too)
     assert np.allclose(pieces, whole, atol=2e-2), (pieces, whole)
     assert not np.array_equal(pieces, whole)  # (the pieces did change the computation)
+
+
+# -----------------------------------------------------------------------------
+# the recipe one piece at a time: what a step computes (App. A.4), and what every comparison of inits relies on
+
+CPU = torch.device("cpu")
+MOE_CFG = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
+                      n_experts=4, top_k=2)
+
+
+def step_settings(**over):
+    s = dict(lr=1e-3, steps=10, warmup=0, seed=0, phase="moe", batch_size=4, seq_len=16, grad_accum=1,
+             grad_clip=1.0)
+    return {**s, **over}
+
+
+def tokens64(n=4000):
+    return np.random.default_rng(0).integers(0, 64, size=n).astype(np.uint16)
+
+
+# -----------------------------------------------------------------------------
+# optimizer: the paper's AdamW (App. A.4), weight decay on matrices only (README "Differences")
+
+
+def test_adamw_has_the_papers_betas_and_eps_and_decays_the_weight_matrices_only():
+    model = Transformer(MOE_CFG)
+    opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
+    assert isinstance(opt, torch.optim.AdamW)
+    for group in opt.param_groups:
+        assert tuple(group["betas"]) == (0.9, 0.95) and group["eps"] == 1e-8
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    params = list(model.named_parameters())
+    assert len(decay_of) == len(params)  # every parameter in exactly one group
+    norms = [n for n, p in params if p.dim() < 2]
+    assert norms  # RMSNorm gains exist in this model
+    for name, p in params:
+        assert decay_of[id(p)] == (0.1 if p.dim() >= 2 else 0.0), name
+
+
+# -----------------------------------------------------------------------------
+# gradient clipping: "clip the global gradient norm to this" (--grad-clip, default 1.0 as in App. A.4)
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e6])
+def test_train_step_clips_the_global_gradient_norm_to_the_runs_grad_clip(clip):
+    torch.manual_seed(0)
+    model = Transformer(MOE_CFG)
+    opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.train_step(model, model, opt, scaler, step_settings(grad_clip=clip), 0, tokens64(), CPU, 1)
+    (norm,) = seen
+    if clip < 1:
+        assert norm == pytest.approx(clip, rel=1e-3)  # the raw norm (~2 here) is cut to --grad-clip, not to 1.0
+    else:
+        assert 0.1 < norm < 1e6  # no clip above the raw norm: the gradient is left as it is
+
+
+# -----------------------------------------------------------------------------
+# data order: "a step's batches follow from (seed, phase, step)"; every MoE init sees the same data in the same order
+
+
+def test_every_moe_init_gets_the_same_batches_at_each_step_and_they_depend_on_seed_phase_and_step(train_corpus,
+                                                                                                  tmp_path, monkeypatch):
+    args = train.parse_args(tiny(train_corpus, tmp_path / "out"))
+    dense_cfg = train.dense_config(257, 32, 1, 2, 2, 64, 32)
+    moe_cfg = train.moe_config(dense_cfg, 4, 2, 0.02)
+    _, moe_runs, _, _ = train.plan_runs(str(tmp_path / "out"), train.ALL_RUNS, dense_cfg, moe_cfg, "f" * 16, "byte",
+                                        None, recipe=train.training_recipe(args), dense_schedule=(20, 3e-3, 2),
+                                        moe_schedule=(120, 2e-3, 2), resume=False)
+    tokens = np.random.default_rng(1).integers(0, 257, size=20000).astype(np.uint16)
+
+    class Stop(Exception):
+        pass
+
+    def batches_of(settings, steps):
+        got = []
+
+        def record(*a, **kw):
+            got.append(real_get_batch(*a, **kw)[0].clone())
+            raise Stop  # the batch is all we want: no forward
+        monkeypatch.setattr(train, "get_batch", record)
+        model = Transformer(ModelConfig(**settings["model"]))
+        opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
+        for step in steps:
+            with pytest.raises(Stop):
+                train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), settings, step,
+                                 tokens, CPU, 1)
+        monkeypatch.setattr(train, "get_batch", real_get_batch)
+        return got
+
+    real_get_batch = train.get_batch
+    steps = [0, 1, 7, 119]
+    reference = batches_of(moe_runs[0].settings, steps)
+    assert len({tuple(b.flatten().tolist()) for b in reference}) == len(steps)  # each step its own windows
+    for run in moe_runs[1:]:  # naive, drop r=0.5 (both index-set variants), drop r=1: the same data as scratch
+        got = batches_of(run.settings, steps)
+        assert all(torch.equal(a, b) for a, b in zip(got, reference)), run.name
+    assert torch.equal(batches_of(moe_runs[1].settings, [119, 7])[1], reference[2])  # a step's batch, not an order's
+    other_seed = dict(moe_runs[0].settings, seed=1)
+    dense_phase = dict(moe_runs[0].settings, phase="dense")
+    assert not torch.equal(batches_of(other_seed, [0])[0], reference[0])
+    assert not torch.equal(batches_of(dense_phase, [0])[0], reference[0])
+
+
+# -----------------------------------------------------------------------------
+# logged losses: "log the cross-entropy alone (comparable with dense), the balancing loss separately"
+
+
+def test_train_step_logs_the_cross_entropy_without_the_balancing_term_and_the_unweighted_balancing_loss():
+    logged = {}
+    for coef in (0.0, 1.0):
+        torch.manual_seed(0)
+        cfg = replace(MOE_CFG, aux_loss_coef=coef)
+        model = Transformer(cfg)
+        opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
+        _, ce, aux = train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), step_settings(), 0,
+                                      tokens64(), CPU, 1)
+        logged[coef] = (float(ce), float(aux))
+    # the step's forward is the same for both weights: only the term added to the loss differs
+    assert logged[1.0][0] == pytest.approx(logged[0.0][0], abs=1e-5)
+    assert logged[1.0][1] == pytest.approx(logged[0.0][1], abs=1e-6)
+    assert 1.0 < logged[0.0][1] <= MOE_CFG.n_experts  # the balancing loss itself (about top_k), not 0 x it
+
+
+# -----------------------------------------------------------------------------
+# evaluate: "the standard error here is that of one run's number"
+
+
+def test_evaluate_standard_error_is_the_sample_std_of_the_batch_losses_over_sqrt_n():
+    torch.manual_seed(0)
+    model = Transformer(MOE_CFG)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)) for _ in range(5)]
+    mean, se, losses = train.evaluate(model, model, batches, CPU)
+    assert mean == pytest.approx(np.mean(losses), abs=1e-9)
+    assert se == pytest.approx(np.std(losses, ddof=1) / math.sqrt(5), rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# plot.compare_to_naive: gap = run minus naive at the end; noise = two standard errors of the per-batch differences
+
+
+def test_compare_to_naive_gap_and_noise_against_numbers_worked_by_hand():
+    steps = np.array([0, 10, 20, 30])
+    naive = (steps, steps * 100, np.array([2.0, 1.9, 1.8, 1.60]), np.full(4, 0.02))
+    run = (steps, steps * 100, np.array([2.5, 1.95, 1.79, 1.58]), np.full(4, 0.03))
+    naive_batches = [1.5, 1.6, 1.7, 1.6]
+    run_batches = [1.47, 1.59, 1.67, 1.59]  # differences -0.03, -0.01, -0.03, -0.01: mean -0.02, sd 0.011547
+    gap, noise, verdict = plot.compare_to_naive(run, naive, run_batches, naive_batches)
+    assert gap == pytest.approx(1.58 - 1.60)  # this run minus naive, at the last evaluation
+    assert noise == pytest.approx(2 * 0.011547005 / 2, rel=1e-6)  # 2 s.e. = 2 sd / sqrt(4)
+    assert verdict == "below from step 20"
+    # without per-batch losses: two standard errors of the unpaired difference, sqrt(0.03^2 + 0.02^2)
+    gap2, noise2, verdict2 = plot.compare_to_naive(run, naive)
+    assert gap2 == gap and noise2 == pytest.approx(2 * math.hypot(0.03, 0.02)) and verdict2 == "level within noise"
+    # and above: the sign of the gap says which side
+    above = (steps, steps * 100, np.array([2.5, 1.95, 1.85, 1.70]), np.full(4, 0.001))
+    assert plot.compare_to_naive(above, naive)[0] == pytest.approx(0.10)
+    assert plot.compare_to_naive(above, naive)[2] == "above naive"
+
+
+# -----------------------------------------------------------------------------
+# data.py: "Every corpus gets a short fingerprint of its tokens"; the cache is rebuilt when its files change
+
+
+def load_corpus(folder, out):
+    args = train.parse_args(tiny(folder, out))
+    return data.load_data(args.data, args.tokenizer, data.get_tokenizer("byte"), args.out_dir, args.corpus_mb,
+                          args.seq_len)
+
+
+def test_the_fingerprint_changes_when_a_validation_file_changes(tmp_path, capsys):
+    folder = write_corpus(str(tmp_path / "data"))
+    _, _, info = load_corpus(folder, tmp_path / "out")
+    _, val_files = data.select_files(data.list_files(folder), 0)
+    with open(val_files[0][1], "a") as f:
+        f.write("# held-out text changed\n")
+    _, val_tokens, info2 = load_corpus(folder, tmp_path / "out")
+    assert b"held-out text changed" in bytes(np.asarray(val_tokens, dtype=np.uint8))
+    assert info2["fingerprint"] != info["fingerprint"]  # the runs' identity sees the new validation text
+
+
+def test_a_same_size_edit_of_a_file_rebuilds_the_token_cache(tmp_path, capsys):
+    folder = write_corpus(str(tmp_path / "data"))
+    _, _, info = load_corpus(folder, tmp_path / "out")
+    path = os.path.join(folder, "src0.c")
+    text = open(path).read()
+    st = os.stat(path)
+    with open(path, "w") as f:
+        f.write(text.replace("int g0_0", "int h0_0", 1))  # same length, other text
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    capsys.readouterr()
+    train_tokens, _, info2 = load_corpus(folder, tmp_path / "out")
+    assert "rebuilding" in capsys.readouterr().out
+    assert b"int h0_0" in bytes(np.asarray(train_tokens, dtype=np.uint8)) and info2["fingerprint"] != info["fingerprint"]
+
+
+# -----------------------------------------------------------------------------
+# a step's gradient: "equal pieces: the mean of their losses is the step's loss"; --grad-accum "micro-batches per
+# optimizer step" (the OOM advice: same tokens per step). AdamW's update barely depends on the gradient's scale, and
+# the existing pieces test clips to 1.0, so only the gradient itself shows a sum taken for a mean
+
+
+@pytest.mark.parametrize("grad_accum, split", [(1, 2), (2, 1), (2, 2)])
+def test_a_steps_gradient_is_that_of_the_mean_loss_over_all_its_micro_batches_and_pieces(grad_accum, split,
+                                                                                         monkeypatch):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    reference = Transformer(cfg)
+    reference.load_state_dict(model.state_dict())
+    seen, grads = [], []
+    real_get_batch = train.get_batch
+    monkeypatch.setattr(train, "get_batch", lambda *a, **kw: seen.append(real_get_batch(*a, **kw)) or seen[-1])
+    opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
+    opt.register_step_pre_hook(lambda o, a, k: grads.append([p.grad.clone() for p in model.parameters()]))
+    settings = step_settings(phase="dense", grad_accum=grad_accum, grad_clip=1e6)  # no clipping
+    train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), settings, 3, tokens64(), CPU, split)
+    assert len(seen) == grad_accum
+    if grad_accum > 1:
+        assert not torch.equal(seen[0][0], seen[1][0])  # each micro-batch its own windows
+    x, y = torch.cat([b[0] for b in seen]), torch.cat([b[1] for b in seen])
+    reference(x, y)[1].backward()  # equal-size batches: the mean loss over all their tokens
+    for p, g in zip(reference.parameters(), grads[0]):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# gpus.micro_split: "Into how many equal pieces train_run cuts each micro-batch" (every step the same data)
+
+
+def test_micro_batch_pieces_are_equal_even_where_an_uneven_cut_would_fit(monkeypatch):
+    cfg = ModelConfig(vocab_size=257, d_model=256, n_layer=4, n_head=4, n_kv_head=4, d_ff=1024, max_seq_len=512,
+                      n_experts=8, top_k=2)
+    n_params = Transformer(cfg).num_params()
+    # ~6.5 GiB of budget on the dense path: 64 sequences (7.8 GiB) do not fit, 42 (3 uneven pieces) would, 32 do
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(8.1 * 2**30), int(80 * 2**30)))
+    monkeypatch.setattr(gpus, "moe_path", lambda device: "dense")
+    n = gpus.micro_split(cfg, 128, 512, torch.device("cuda"), n_params)
+    assert n == 4 and 128 % n == 0
+
+
+# -----------------------------------------------------------------------------
+# plot.finished_runs: "only runs with equal settings (but the init) are compared"
+
+
+def write_run(folder, settings, final=1.0):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "settings.json"), "w") as f:
+        json.dump(settings, f)
+    with open(os.path.join(folder, "result.json"), "w") as f:
+        json.dump(dict(final_val_loss=final, wall_time=1.0, tokens_per_s=1.0, final_val_batches=[final, final]), f)
+    with open(os.path.join(folder, "log.csv"), "w") as f:
+        f.write("step,tokens,train_loss,val_loss,val_se,aux_loss,lr,time\n0,0,,2.0,0.1,,,0\n10,100,1.5,1.0,0.1,,,1\n")
+
+
+@pytest.mark.parametrize("key, value", [("seed", 1), ("data", "other"), ("lr", 9e-3), ("steps", 11),
+                                        ("weight_decay", 0.0), ("grad_clip", 0.5)])
+def test_a_finished_run_that_differs_in_anything_but_the_init_is_left_out_of_the_comparison(key, value, tmp_path):
+    dense = dict(phase="dense", seed=0, data="fp", lr=3e-3, steps=20, weight_decay=0.1, grad_clip=1.0)
+    moe = dict(dense, phase="moe", lr=2e-3, steps=10, dense=dense)
+    write_run(tmp_path / "dense", dense)
+    write_run(tmp_path / "moe-naive", dict(moe, init="naive", r=0.0, shared_indices=True))
+    write_run(tmp_path / "moe-drop-r0.5", dict(moe, init="drop", r=0.5, shared_indices=True, **{key: value}))
+    found = plot.finished_runs(str(tmp_path), dense, dict(moe, init="naive", r=0.0, shared_indices=True))
+    assert set(found) == {"dense", "moe-naive"}
+
+
+# -----------------------------------------------------------------------------
+# data.get_batch: "inputs x and next-token targets y"
+
+
+def test_batch_targets_are_the_inputs_shifted_by_one_token():
+    tokens = np.arange(1000, dtype=np.uint16)  # token i at position i: each window is consecutive
+    for source in (tokens, torch.from_numpy(tokens.astype(np.int32))):
+        x, y = data.get_batch(source, 8, 16, np.random.default_rng(0), CPU)
+        assert torch.equal(y, x + 1) and x.shape == y.shape == (8, 16)
