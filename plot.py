@@ -228,6 +228,7 @@ def read_run(folder):
 def finished_run_names(out_dir):
     """The run folders in out_dir holding a result.json: --init all's runs in their order, then any others."""
     present = [n for n in sorted(os.listdir(out_dir)) if os.path.exists(os.path.join(out_dir, n, "result.json"))]
+
     return sorted(present, key=lambda n: (list(COLORS).index(n) if n in COLORS else len(COLORS), n))
 
 
@@ -422,6 +423,7 @@ def report_from_logs(out_dir):
         dense_settings = settings_of("dense")
         moe_settings = settings_of("moe-naive" if "moe-naive" in moe else moe[0])
         fingerprint = dense_settings["data"]
+        [moe_settings["model"][key] for key in ("n_experts", "top_k", "aux_loss_coef")]  # for the summary's header
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise Fail(f"{out_dir}: a settings.json is unreadable or not a train.py run's ({e!r})")
     report(out_dir, dense_settings, moe_settings, fingerprint)

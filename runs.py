@@ -107,7 +107,8 @@ def load_checkpoint(path, if_damaged=RUN_CHECKPOINT_ADVICE):
 def load_model(path, *, if_damaged, flag=""):
     """(the model, its checkpoint, the checkpoint file) of a train.py checkpoint: a file, or a run's folder.
     flag: the command-line flag that named path, for the messages."""
-    folder, path = path, os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    folder = path
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.exists(path):
         runs = (sorted(n for n in os.listdir(folder) if os.path.exists(os.path.join(folder, n, "ckpt.pt")))
                 if os.path.isdir(folder) else [])  # an --out-dir given for one of its runs

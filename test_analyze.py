@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HERE
+from conftest import HERE, write_finished_run
 
 import analyze
 import plot
@@ -440,18 +440,11 @@ def test_lr_bad_input_gives_one_line_and_nonzero_exit(lr_swept, tmp_path, capsys
 # -----------------------------------------------------------------------------
 # seeds: a gap is called real only beyond the spread of the seeds
 
-def write_finished_run(folder, name, seed, val_losses, final_batches, lr=0.002):
-    """A finished run's three files as train.py writes them (validation every 100 steps), for tables alone."""
-    os.makedirs(os.path.join(folder, name))
+def write_seed_run(folder, name, seed, val_losses, final_batches, lr=0.002):
+    """A finished run of one seed's folder, validated every 100 steps over 200."""
     dense = dict(phase="dense", seed=seed, steps=200, lr=0.003)
     settings = dense if name == "dense" else dict(phase="moe", seed=seed, steps=200, lr=lr, init=name, dense=dense)
-    result = dict(name=name, final_val_loss=val_losses[-1], final_val_batches=final_batches, steps=200, tokens=6400,
-                  device="cpu", wall_time=1.0, tokens_per_s=6400.0)
-    rows = [f"{100 * i},{6400 * i // 2},,{loss!r},0.01,,," for i, loss in enumerate(val_losses)]
-    for file, text in (("settings.json", json.dumps(settings)), ("result.json", json.dumps(result)),
-                       ("log.csv", "step,tokens,train_loss,val_loss,val_se,aux_loss,lr,time\n" + "\n".join(rows) + "\n")):
-        with open(os.path.join(folder, name, file), "w") as f:
-            f.write(text)
+    write_finished_run(os.path.join(folder, name), settings, val_losses, final_batches)
 
 
 def seed_folders(root, gaps, lr=0.002):
@@ -459,11 +452,11 @@ def seed_folders(root, gaps, lr=0.002):
     folders = []
     for seed in range(len(next(iter(gaps.values())))):
         folder = str(root / f"seed{seed}")
-        write_finished_run(folder, "dense", seed, [3.0, 2.5, 2.2], [2.2] * 4)
-        write_finished_run(folder, "moe-naive", seed, [2.2, 2.1, 2.0], [1.99, 2.01, 1.98, 2.02])
+        write_seed_run(folder, "dense", seed, [3.0, 2.5, 2.2], [2.2] * 4)
+        write_seed_run(folder, "moe-naive", seed, [2.2, 2.1, 2.0], [1.99, 2.01, 1.98, 2.02])
         for name, per_seed in gaps.items():
             g = per_seed[seed]
-            write_finished_run(folder, name, seed, [4.0, 2.2, 2.0 + g], [1.99 + g, 2.01 + g, 1.98 + g, 2.02 + g], lr)
+            write_seed_run(folder, name, seed, [4.0, 2.2, 2.0 + g], [1.99 + g, 2.01 + g, 1.98 + g, 2.02 + g], lr)
         folders.append(folder)
     return folders
 

@@ -3,6 +3,7 @@
 Run: python -m pytest -q
 """
 
+import inspect
 import math
 from dataclasses import replace
 
@@ -10,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import inspect
-
 from dropupcycle import (
     MoE,
     RowPermutation,
+    RMSNorm,
     ModelConfig,
     Transformer,
     _grouped_mm,
@@ -23,9 +23,8 @@ from dropupcycle import (
     compile_model,
     drop_upcycle,
     flops_per_token,
-    RMSNorm,
-    llama3_inv_freq,
     load_balancing_loss,
+    llama3_inv_freq,
     neurons_to_drop,
     rope_cos_sin,
     row_groups_per_expert,
@@ -807,15 +806,20 @@ def test_fewer_than_two_experts_is_a_value_error():
 
 def test_upcycled_model_trains():
     """Continued training (Sec. 3, step 3): the language-modelling loss alone (no balancing loss) sends gradients
-    to the router, through the gate weights of Eq. 3, and to every expert of an r = 0.5 model."""
-    moe = drop_upcycle(trained_looking_dense(), n_experts=4, r=0.5)
-    moe.config.aux_loss_coef = 0.0
+    to the router, through the gate weights of Eq. 3, and to every expert of an r = 0.5 model; at r = 0 the
+    router's is only float rounding (identical experts)."""
+    dense = trained_looking_dense()
     idx = torch.randint(0, TINY.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    _, loss = moe(idx, idx)
-    loss.backward()
-    ffn = moe.layers[0].ffn
-    assert ffn.router.weight.grad.abs().sum() > 0
-    assert all(ffn.gate.grad[i].abs().sum() > 0 for i in range(4))
+    router_grads = {}
+    for r in (0.0, 0.5):
+        moe = drop_upcycle(dense, n_experts=4, r=r)
+        moe.config.aux_loss_coef = 0.0
+        _, loss = moe(idx, idx)
+        loss.backward()
+        ffn = moe.layers[0].ffn
+        router_grads[r] = ffn.router.weight.grad.abs().sum().item()
+        assert all(ffn.gate.grad[i].abs().sum() > 0 for i in range(4))
+    assert router_grads[0.5] > 1000 * router_grads[0.0]
 
 
 def test_at_r0_only_the_balancing_loss_moves_the_router():

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, tiny, write_corpus
+from conftest import (HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, tiny, write_corpus,
+                      write_finished_run)
 
 import data
 import gpus
@@ -202,6 +203,10 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
     assert "upcycled from another dense model" in capsys.readouterr().out
     with pytest.raises(data.Fail):  # a folder with no runs: one line, not a traceback
         plot.report_from_logs(str(tmp_path))
+    naive_settings = out / "moe-naive" / "settings.json"
+    naive_settings.write_text(json.dumps({k: v for k, v in json.loads(naive_settings.read_text()).items() if k != "model"}))
+    with pytest.raises(data.Fail):  # an MoE run's settings without its model: one line, not a KeyError
+        plot.report_from_logs(str(out))
     (out / "dense" / "settings.json").write_text("{}")  # not a train.py run's settings
     with pytest.raises(data.Fail):
         plot.report_from_logs(str(out))
@@ -1265,21 +1270,22 @@ def test_adamw_has_the_papers_betas_and_eps_and_decays_the_weight_matrices_only(
 # gradient clipping: "clip the global gradient norm to this" (--grad-clip, default 1.0 as in App. A.4)
 
 
-@pytest.mark.parametrize("clip", [0.05, 1e6])
-def test_train_step_clips_the_global_gradient_norm_to_the_runs_grad_clip(clip):
-    torch.manual_seed(0)
-    model = Transformer(MOE_CFG)
-    opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
-    seen = []
-    opt.register_step_pre_hook(lambda o, a, k: seen.append(
-        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_step(model, model, opt, scaler, step_settings(grad_clip=clip), 0, tokens64(), CPU, 1)
-    (norm,) = seen
-    if clip < 1:
-        assert norm == pytest.approx(clip, rel=1e-3)  # the raw norm (~2 here) is cut to --grad-clip, not to 1.0
-    else:
-        assert 0.1 < norm < 1e6  # no clip above the raw norm: the gradient is left as it is
+def test_train_step_clips_the_global_gradient_norm_to_the_runs_grad_clip():
+    def norm_before_the_update(clip):  # the global gradient norm the optimizer steps with
+        torch.manual_seed(0)
+        model = Transformer(MOE_CFG)
+        opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
+        seen = []
+        opt.register_step_pre_hook(lambda o, a, k: seen.append(
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()))
+        train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), step_settings(grad_clip=clip),
+                         0, tokens64(), CPU, 1)
+        return seen[0]
+
+    raw = norm_before_the_update(1e6)  # a bound far above it: the gradient as backward left it
+    for clip in (0.05, raw / 2):  # cut to --grad-clip, whatever it is (not to the default 1.0)
+        assert norm_before_the_update(clip) == pytest.approx(clip, rel=1e-3)
+    assert norm_before_the_update(2 * raw) == pytest.approx(raw, rel=1e-6)  # a bound above the norm: left as it is
 
 
 # -----------------------------------------------------------------------------
@@ -1471,24 +1477,14 @@ def test_micro_batch_pieces_are_equal_even_where_an_uneven_cut_would_fit(monkeyp
 # plot.finished_runs: "only runs with equal settings (but the init) are compared"
 
 
-def write_run(folder, settings, final=1.0):
-    os.makedirs(folder)
-    with open(os.path.join(folder, "settings.json"), "w") as f:
-        json.dump(settings, f)
-    with open(os.path.join(folder, "result.json"), "w") as f:
-        json.dump(dict(final_val_loss=final, wall_time=1.0, tokens_per_s=1.0, final_val_batches=[final, final]), f)
-    with open(os.path.join(folder, "log.csv"), "w") as f:
-        f.write("step,tokens,train_loss,val_loss,val_se,aux_loss,lr,time\n0,0,,2.0,0.1,,,0\n10,100,1.5,1.0,0.1,,,1\n")
-
-
 @pytest.mark.parametrize("key, value", [("seed", 1), ("data", "other"), ("lr", 9e-3), ("steps", 11),
-                                        ("weight_decay", 0.0), ("grad_clip", 0.5)])
+                                        ("weight_decay", 0.0), ("grad_clip", 0.5), ("model", {"top_k": 1})])
 def test_a_finished_run_that_differs_in_anything_but_the_init_is_left_out_of_the_comparison(key, value, tmp_path):
     dense = dict(phase="dense", seed=0, data="fp", lr=3e-3, steps=20, weight_decay=0.1, grad_clip=1.0)
     moe = dict(dense, phase="moe", lr=2e-3, steps=10, dense=dense)
-    write_run(tmp_path / "dense", dense)
-    write_run(tmp_path / "moe-naive", dict(moe, init="naive", r=0.0, shared_indices=True))
-    write_run(tmp_path / "moe-drop-r0.5", dict(moe, init="drop", r=0.5, shared_indices=True, **{key: value}))
+    for name, settings in [("dense", dense), ("moe-naive", dict(moe, init="naive", r=0.0, shared_indices=True)),
+                           ("moe-drop-r0.5", dict(moe, init="drop", r=0.5, shared_indices=True, **{key: value}))]:
+        write_finished_run(str(tmp_path / name), settings, [2.0, 1.0], [1.0, 1.0])
     found = plot.finished_runs(str(tmp_path), dense, dict(moe, init="naive", r=0.0, shared_indices=True))
     assert set(found) == {"dense", "moe-naive"}
 
