@@ -227,8 +227,7 @@ def read_run(folder):
 
 def finished_run_names(out_dir):
     """The run folders in out_dir holding a result.json: --init all's runs in their order, then any others."""
-    present = [n for n in sorted(os.listdir(out_dir)) if os.path.exists(os.path.join(out_dir, n, "result.json"))]
-
+    present = [n for n in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, n, "result.json"))]
     return sorted(present, key=lambda n: (list(COLORS).index(n) if n in COLORS else len(COLORS), n))
 
 
