@@ -1189,20 +1189,33 @@ def test_micro_batch_is_cut_into_pieces_only_where_the_step_would_not_fit(monkey
     assert gpus.micro_split(GPU_PRESET_MOE, 128, 512, torch.device("cpu"), n_params) == 1
 
 
+# a train_step alone: a one-layer model of 64 tokens, 4 sequences of 16 a micro-batch
+CPU = torch.device("cpu")
+DENSE_CFG = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16)
+MOE_CFG = replace(DENSE_CFG, n_experts=4, top_k=2)
+
+
+def step_settings(**over):
+    s = dict(lr=1e-3, steps=10, warmup=0, seed=0, phase="moe", batch_size=4, seq_len=16, grad_accum=1,
+             grad_clip=1.0)
+    return {**s, **over}
+
+
+def tokens64(n=4000):
+    return np.random.default_rng(0).integers(0, 64, size=n).astype(np.uint16)
+
+
 def test_a_step_in_pieces_logs_the_mean_of_their_losses_and_takes_the_same_update():
     """train_step with its batch cut in 2 pieces: the logged loss is the mean of the pieces' losses (the whole
     batch's loss), not their sum, and the update is the one-piece step's."""
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16)
-    tokens = np.random.default_rng(0).integers(0, 64, size=4000).astype(np.uint16)
-    settings = dict(lr=1e-3, steps=10, warmup=0, seed=0, phase="dense", batch_size=4, seq_len=16, grad_accum=1,
-                    grad_clip=1.0)
     results = []
     for split in (1, 2):
         torch.manual_seed(0)
-        model = Transformer(cfg)
-        optimizer = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+        model = Transformer(DENSE_CFG)
+        optimizer = train.make_optimizer(model, 1e-3, 0.1, CPU)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        _, ce, aux = train.train_step(model, model, optimizer, scaler, settings, 3, tokens, torch.device("cpu"), split)
+        _, ce, aux = train.train_step(model, model, optimizer, scaler, step_settings(phase="dense"), 3, tokens64(), CPU,
+                                      split)
         results.append((float(ce), aux, [p.detach().clone() for p in model.parameters()]))
     (ce_whole, aux_whole, params_whole), (ce_pieces, aux_pieces, params_pieces) = results
     assert ce_pieces == pytest.approx(ce_whole, rel=1e-5) and 3.5 < ce_whole < 5.0  # about ln 64 at the start
@@ -1231,21 +1244,6 @@ def test_micro_batch_pieces_and_the_gradient_scaler_train_like_one_piece(drop_ru
 
 # -----------------------------------------------------------------------------
 # the recipe one piece at a time: what a step computes (App. A.4), and what every comparison of inits relies on
-
-CPU = torch.device("cpu")
-MOE_CFG = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16,
-                      n_experts=4, top_k=2)
-
-
-def step_settings(**over):
-    s = dict(lr=1e-3, steps=10, warmup=0, seed=0, phase="moe", batch_size=4, seq_len=16, grad_accum=1,
-             grad_clip=1.0)
-    return {**s, **over}
-
-
-def tokens64(n=4000):
-    return np.random.default_rng(0).integers(0, 64, size=n).astype(np.uint16)
-
 
 # -----------------------------------------------------------------------------
 # optimizer: the paper's AdamW (App. A.4), weight decay on matrices only (README "Differences")
@@ -1437,10 +1435,9 @@ def test_a_same_size_edit_of_a_file_rebuilds_the_token_cache(tmp_path, capsys):
 @pytest.mark.parametrize("grad_accum, split", [(1, 2), (2, 1), (2, 2)])
 def test_a_steps_gradient_is_that_of_the_mean_loss_over_all_its_micro_batches_and_pieces(grad_accum, split,
                                                                                          monkeypatch):
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16)
     torch.manual_seed(0)
-    model = Transformer(cfg)
-    reference = Transformer(cfg)
+    model = Transformer(DENSE_CFG)
+    reference = Transformer(DENSE_CFG)
     reference.load_state_dict(model.state_dict())
     seen, grads = [], []
     real_get_batch = train.get_batch
