@@ -804,20 +804,24 @@ def test_fewer_than_two_experts_is_a_value_error():
         drop_upcycle(trained_looking_dense(), n_experts=1, top_k=1)
 
 
+def trained_step_after_upcycling(r, aux_loss_coef):
+    """The 4-expert, top-2 MoE made from trained_looking_dense with ratio r, after one backward of its training loss
+    with the balancing loss weighted by aux_loss_coef."""
+    moe = drop_upcycle(trained_looking_dense(), n_experts=4, top_k=2, r=r)
+    moe.config.aux_loss_coef = aux_loss_coef
+    idx = torch.randint(0, TINY.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    moe(idx, idx)[1].backward()
+    return moe
+
+
 def test_upcycled_model_trains():
     """Continued training (Sec. 3, step 3): the language-modelling loss alone (no balancing loss) sends gradients
     to the router, through the gate weights of Eq. 3, and to every expert of an r = 0.5 model; at r = 0 the
     router's is only float rounding (identical experts)."""
-    dense = trained_looking_dense()
-    idx = torch.randint(0, TINY.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     router_grads = {}
     for r in (0.0, 0.5):
-        moe = drop_upcycle(dense, n_experts=4, r=r)
-        moe.config.aux_loss_coef = 0.0
-        _, loss = moe(idx, idx)
-        loss.backward()
-        ffn = moe.layers[0].ffn
-        router_grads[r] = ffn.router.weight.grad.abs().sum().item()
+        ffn = trained_step_after_upcycling(r, aux_loss_coef=0.0).layers[0].ffn
+        router_grads[r] = ffn.router.weight.grad.norm().item()
         assert all(ffn.gate.grad[i].abs().sum() > 0 for i in range(4))
     assert router_grads[0.5] > 1000 * router_grads[0.0]
 
@@ -825,14 +829,8 @@ def test_upcycled_model_trains():
 def test_at_r0_only_the_balancing_loss_moves_the_router():
     """Identical experts make the output the same whatever the gate weights, so the language-modelling loss gives
     the router no gradient (the slow start of naive Upcycling); the balancing loss still does."""
-    dense = trained_looking_dense()
-    idx = torch.randint(0, TINY.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
-    router_grads = []
-    for coef in (0.0, 0.02):
-        moe = drop_upcycle(dense, n_experts=4, top_k=2, r=0.0)
-        moe.config.aux_loss_coef = coef
-        moe(idx, idx)[1].backward()
-        router_grads.append(moe.layers[0].ffn.router.weight.grad.norm().item())
+    router_grads = [trained_step_after_upcycling(0.0, coef).layers[0].ffn.router.weight.grad.norm().item()
+                    for coef in (0.0, 0.02)]
     assert router_grads[1] > 1000 * router_grads[0]
 
 
