@@ -32,6 +32,9 @@ import shutil
 import signal
 import sys
 
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): status 130, no traceback; main() then takes over
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -29,9 +29,13 @@ import datetime
 import itertools
 import json
 import os
+import signal
 import statistics
 import sys
 import time
+
+if __name__ == "__main__":  # Ctrl-C, while torch imports (seconds) or later: status 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import numpy as np
 import torch

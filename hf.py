@@ -22,7 +22,11 @@ router as block_sparse_moe.gate; transformers 5.x renames them in memory, so thi
 import json
 import os
 import shutil
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C, while torch imports (seconds) or later: status 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import torch
 from safetensors import safe_open

@@ -12,6 +12,11 @@ train.py and analyze.py call it; it imports neither.
 import csv
 import json
 import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C, while torch imports (seconds) or later: status 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import numpy as np
 
@@ -429,8 +434,6 @@ def report_from_logs(out_dir):
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         raise SystemExit("usage: python plot.py OUT_DIR   (summary.md and loss_curves.png again from the runs' logs)")
     try:

@@ -341,6 +341,20 @@ def test_sigint_saves_and_resume_reproduces_the_uninterrupted_run_exactly(drop_r
     assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)
 
 
+@pytest.mark.parametrize("tool", ["train.py", "analyze.py", "hf.py", "data.py", "plot.py", "bench.py"])
+def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback(tool):
+    # -X importtime prints each import as it completes: a torch submodule's line means torch's import is under way
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(HERE, tool)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE)
+    for line in proc.stderr:
+        if line.split("|")[-1].strip().startswith("torch."):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 130, rest[-2000:]
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
+
+
 def test_sigterm_during_dense_phase_saves_a_checkpoint(train_corpus, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, TRAIN_PY, "--init", "dense", *tiny(train_corpus, out, dense_steps=2000)],

@@ -25,6 +25,9 @@ import sys
 import time
 from dataclasses import asdict, replace
 
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): status 130, no traceback; main() then takes over
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
 import numpy as np
 import torch
 
