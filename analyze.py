@@ -472,7 +472,8 @@ def seeds(opts):
                      f"{steps} | {seeds_verdict([g[0] for g in done])} |")
     dense = first[1]["dense"][1]
     moe = first[1]["moe-naive"][1]
-    header = (f"Seeds {', '.join(map(str, order))} of the same runs ({dense['steps']} dense steps, {moe['steps']} MoE "
+    which = f"Seed {order[0]} alone" if len(order) == 1 else f"Seeds {', '.join(map(str, order))} of the same runs"
+    header = (f"{which} ({dense['steps']} dense steps, {moe['steps']} MoE "
               f"steps; device {dense['device']}), from {', '.join(folders[s][0] for s in order)}. sd: sample standard "
               f"deviation over the seeds. A gap counts only when at least three seeds all put it on the same side and its "
               f"mean is beyond the sd; otherwise it is called noise.")

@@ -487,8 +487,18 @@ def test_a_gap_to_naive_counts_only_when_every_seed_puts_it_on_the_same_side_bey
 
 def test_two_seeds_are_too_few_to_call_a_gap_real(tmp_path, capsys):
     analyze.main(["seeds", *seed_folders(tmp_path, {"moe-drop-r0.5": [-0.01, -0.02]})])
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| moe-drop-r0.5 minus"))
+    out = capsys.readouterr().out
+    assert "Seeds 0, 1 of the same runs (" in out
+    row = next(line for line in out.splitlines() if line.startswith("| moe-drop-r0.5 minus"))
     assert row.endswith("| 2 seeds: too few to judge |")
+
+
+def test_one_seed_is_called_one_seed(tmp_path, capsys):
+    analyze.main(["seeds", seed_folders(tmp_path, {"moe-drop-r0.5": [-0.01]})[0]])
+    out = capsys.readouterr().out
+    assert "Seed 0 alone (" in out and "Seeds" not in out
+    row = next(line for line in out.splitlines() if line.startswith("| moe-drop-r0.5 minus"))
+    assert row.endswith("| 1 seed: too few to judge |")
 
 
 def seeds_error(argv, capsys):
