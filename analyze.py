@@ -32,8 +32,9 @@ import shutil
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): status 130, no traceback; main() then takes over
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch imports: no traceback, still death by SIGINT; main() then takes over
+    sys.excepthook = lambda kind, value, tb: (None if issubclass(kind, KeyboardInterrupt)
+                                              else sys.__excepthook__(kind, value, tb))
 
 import numpy as np
 import torch

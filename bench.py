@@ -29,13 +29,13 @@ import datetime
 import itertools
 import json
 import os
-import signal
 import statistics
 import sys
 import time
 
-if __name__ == "__main__":  # Ctrl-C, while torch imports (seconds) or later: status 130, no traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C: no traceback, but still death by SIGINT, so a calling shell script stops too
+    sys.excepthook = lambda kind, value, tb: (None if issubclass(kind, KeyboardInterrupt)
+                                              else sys.__excepthook__(kind, value, tb))
 
 import numpy as np
 import torch

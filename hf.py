@@ -22,11 +22,11 @@ router as block_sparse_moe.gate; transformers 5.x renames them in memory, so thi
 import json
 import os
 import shutil
-import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C, while torch imports (seconds) or later: status 130, no traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C: no traceback, but still death by SIGINT, so a calling shell script stops too
+    sys.excepthook = lambda kind, value, tb: (None if issubclass(kind, KeyboardInterrupt)
+                                              else sys.__excepthook__(kind, value, tb))
 
 import torch
 from safetensors import safe_open
