@@ -474,10 +474,10 @@ def seeds(opts):
     dense = first[1]["dense"][1]
     moe = first[1]["moe-naive"][1]
     which = f"Seed {order[0]} alone" if len(order) == 1 else f"Seeds {', '.join(map(str, order))} of the same runs"
-    header = (f"{which} ({dense['steps']} dense steps, {moe['steps']} MoE "
-              f"steps; device {dense['device']}), from {', '.join(folders[s][0] for s in order)}. sd: sample standard "
-              f"deviation over the seeds. A gap counts only when at least three seeds all put it on the same side and its "
-              f"mean is beyond the sd; otherwise it is called noise.")
+    header = (f"{which} ({dense['steps']} dense steps, {moe['steps']} MoE steps; device {dense['device']}), from "
+              f"{', '.join(folders[s][0] for s in order)}. sd: sample standard deviation over the seeds. A gap counts "
+              f"only when at least three seeds all put it on the same side and its mean is beyond the sd; otherwise it "
+              f"is called noise.")
     table = f"{header}\n\nMade with: `python analyze.py seeds {shlex.join(opts.folders)}`\n\n" + "\n".join(lines) + "\n"
     if opts.out:
         data.atomic_write_text(opts.out, table)
