@@ -1212,6 +1212,7 @@ def test_micro_batch_is_cut_into_pieces_only_where_the_step_would_not_fit(monkey
 CPU = torch.device("cpu")
 DENSE_CFG = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64, max_seq_len=16)
 MOE_CFG = replace(DENSE_CFG, n_experts=4, top_k=2)
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # fp32: a disabled scaler keeps no state, so one serves all
 
 
 def step_settings(**over):
@@ -1232,9 +1233,8 @@ def test_a_step_in_pieces_logs_the_mean_of_their_losses_and_takes_the_same_updat
         torch.manual_seed(0)
         model = Transformer(DENSE_CFG)
         optimizer = train.make_optimizer(model, 1e-3, 0.1, CPU)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        _, ce, aux = train.train_step(model, model, optimizer, scaler, step_settings(phase="dense"), 3, tokens64(), CPU,
-                                      split)
+        _, ce, aux = train.train_step(model, model, optimizer, NO_SCALER, step_settings(phase="dense"), 3, tokens64(),
+                                      CPU, split)
         results.append((float(ce), aux, [p.detach().clone() for p in model.parameters()]))
     (ce_whole, aux_whole, params_whole), (ce_pieces, aux_pieces, params_pieces) = results
     assert ce_pieces == pytest.approx(ce_whole, rel=1e-5) and 3.5 < ce_whole < 5.0  # about ln 64 at the start
@@ -1295,8 +1295,7 @@ def test_train_step_clips_the_global_gradient_norm_to_the_runs_grad_clip():
         seen = []
         opt.register_step_pre_hook(lambda o, a, k: seen.append(
             torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()))
-        train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), step_settings(grad_clip=clip),
-                         0, tokens64(), CPU, 1)
+        train.train_step(model, model, opt, NO_SCALER, step_settings(grad_clip=clip), 0, tokens64(), CPU, 1)
         return seen[0]
 
     raw = norm_before_the_update(1e6)  # a bound far above it: the gradient as backward left it
@@ -1333,8 +1332,7 @@ def test_every_moe_init_gets_the_same_batches_at_each_step_and_they_depend_on_se
         opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
         for step in steps:
             with pytest.raises(Stop):
-                train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), settings, step,
-                                 tokens, CPU, 1)
+                train.train_step(model, model, opt, NO_SCALER, settings, step, tokens, CPU, 1)
         monkeypatch.setattr(train, "get_batch", real_get_batch)
         return got
 
@@ -1363,8 +1361,7 @@ def test_train_step_logs_the_cross_entropy_without_the_balancing_term_and_the_un
         cfg = replace(MOE_CFG, aux_loss_coef=coef)
         model = Transformer(cfg)
         opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
-        _, ce, aux = train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), step_settings(), 0,
-                                      tokens64(), CPU, 1)
+        _, ce, aux = train.train_step(model, model, opt, NO_SCALER, step_settings(), 0, tokens64(), CPU, 1)
         logged[coef] = (float(ce), float(aux))
     # the step's forward is the same for both weights: only the term added to the loss differs
     assert logged[1.0][0] == pytest.approx(logged[0.0][0], abs=1e-5)
@@ -1464,7 +1461,7 @@ def test_a_steps_gradient_is_that_of_the_mean_loss_over_all_its_micro_batches_an
     opt = train.make_optimizer(model, 1e-3, 0.1, CPU)
     opt.register_step_pre_hook(lambda o, a, k: grads.append([p.grad.clone() for p in model.parameters()]))
     settings = step_settings(phase="dense", grad_accum=grad_accum, grad_clip=1e6)  # no clipping
-    train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), settings, 3, tokens64(), CPU, split)
+    train.train_step(model, model, opt, NO_SCALER, settings, 3, tokens64(), CPU, split)
     assert len(seen) == grad_accum
     if grad_accum > 1:
         assert not torch.equal(seen[0][0], seen[1][0])  # each micro-batch its own windows
