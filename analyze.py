@@ -47,7 +47,7 @@ import data
 import distributed
 import gpus
 import plot
-from runs import RUN_CHECKPOINT_ADVICE, load_model, on_signal, settings_diff
+from runs import RUN_CHECKPOINT_ADVICE, load_model, on_signal, run_as_script, settings_diff
 
 # -----------------------------------------------------------------------------
 # 1. Routing statistics
@@ -897,4 +897,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

@@ -45,6 +45,19 @@ def on_signal(signum, frame):
         raise KeyboardInterrupt  # outside training, or a second Ctrl-C: stop at once
 
 
+def run_as_script(main):
+    """main() of a tool run as `python tool.py`. Its Ctrl-C stop (a checkpoint saved, exit status 130) then ends the
+    process by SIGINT, as Python ends it for a KeyboardInterrupt nobody caught: a shell that runs the tool in a
+    script or loop takes a plain status 130 for a Ctrl-C the tool dealt with and goes on to its next command, but
+    stops on death by SIGINT. Under torchrun the status goes to torchrun, which reports it, as it was."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code != 130 or distributed.launched():
+            raise
+        raise KeyboardInterrupt from None  # (the tool's sys.excepthook keeps its traceback off the screen)
+
+
 def save_checkpoint(state, path):
     """Write to a temporary file, flush it to disk, then rename over the old checkpoint, with SIGINT/SIGTERM held
     back meanwhile: a crash, a full disk or a second Ctrl-C during the save leaves the previous checkpoint as it was."""

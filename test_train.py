@@ -4,6 +4,7 @@ one line on stderr, a non-zero exit, no lost work."""
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -325,7 +326,7 @@ def test_sigint_saves_and_resume_reproduces_the_uninterrupted_run_exactly(drop_r
             proc.send_signal(signal.SIGINT)
             break
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == -signal.SIGINT, stderr
     assert "Traceback" not in stderr and "--resume" in stdout
     ckpt = torch.load(out / "moe-drop-r0.5" / "ckpt.pt", weights_only=True)
     assert not ckpt["finished"] and 10 <= ckpt["step"] < 120
@@ -1027,6 +1028,28 @@ def test_repeated_experiments_in_one_process_do_not_lock_themselves_out(train_co
             f.close()
         train.LOCK.clear()
     assert os.path.exists(tmp_path / "out" / "moe-naive" / "result.json")
+
+
+@pytest.mark.parametrize("tool, first_moe_run", [(["train.py", "--init", "drop", "--r", "0.5"], "moe-drop-r0.5"),
+                                                  (["analyze.py", "sweep", "--r-values", "0.5"], "moe-naive")])
+def test_ctrl_c_in_a_shell_loop_saves_the_checkpoint_and_stops_the_loop(tool, first_moe_run, train_corpus, tmp_path):
+    # a terminal's Ctrl-C goes to the shell and the tool alike; the shell goes on only if the tool exits as usual
+    out = tmp_path / "out"
+    script = f"for seed in 0 1; do {shlex.join([sys.executable, *tool, *tiny(train_corpus, out)])} --seed $seed; echo next seed; done"
+    proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, cwd=HERE, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith(f"[{first_moe_run}] step 10/"):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "next seed" not in stdout and proc.returncode == -signal.SIGINT, stdout[-2000:] + stderr
+    assert "Traceback" not in stderr and "--resume" in stdout
+    assert torch.load(out / first_moe_run / "ckpt.pt", weights_only=True)["step"] >= 10
 
 
 STOP_AT_MOE_STEP_13 = """import os, signal, sys, train

@@ -39,7 +39,7 @@ from data import (Fail, HFTokenizer, OneLineParser, atomic_write_text, check_dat
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop, upcycled_config
 from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
 from runs import (CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, load_model, lock_out_dir, on_signal,
-                  restore, save_checkpoint, tokenizer_dir_of)
+                  restore, run_as_script, save_checkpoint, tokenizer_dir_of)
 
 # -----------------------------------------------------------------------------
 # 1. Presets and command line
@@ -778,4 +778,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)
