@@ -17,6 +17,7 @@ number types (positive_int and the like).
 """
 
 import argparse
+import difflib
 import hashlib
 import json
 import math
@@ -53,7 +54,22 @@ class OneLineParser(argparse.ArgumentParser):
     """The tools' command lines: a bad flag is a Fail, one line, where argparse prints the usage and the error."""
 
     def error(self, message):
+        prefix = "unrecognized arguments: "
+        unknown = [a.split("=")[0] for a in message[len(prefix):].split() if a.startswith("--")]
+        if message.startswith(prefix) and unknown:  # the flags alone: argparse also lists positionals they displaced
+            close = [m for flag in unknown for m in difflib.get_close_matches(flag, self.option_strings(), n=1)]
+            message = (f"unrecognized option{'s' * (len(unknown) > 1)} {', '.join(unknown)}"
+                       + (f"; did you mean {', '.join(close)}?" if close else ""))
         raise Fail(f"{message} (see --help)")
+
+    def option_strings(self):
+        """Every --flag of this parser and of its sub-commands' parsers (argparse makes those of this class too)."""
+        found = []
+        for action in self._actions:
+            found += [o for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse._SubParsersAction):
+                found += [o for sub in action.choices.values() for o in sub.option_strings()]
+        return sorted(set(found))
 
 
 def number(kind, ok, expected):

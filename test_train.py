@@ -251,7 +251,7 @@ def test_a_run_under_dense_from_finds_its_tokenizer_folder_only_while_it_holds_t
     assert runs.tokenizer_dir_of(upcycled) is None
 
 
-@pytest.mark.parametrize("flags, message", [(["--corpus-megabytes", "1"], "unrecognized arguments"),
+@pytest.mark.parametrize("flags, message", [(["--corpus-megabytes", "1"], "unrecognized option --corpus-megabytes; did you mean --corpus-mb?"),
                                            (["--corpus-mb", "-1"], "argument --corpus-mb: must be 0 or more")])
 def test_data_py_bad_flag_is_one_line(tmp_path, flags, message):
     p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--out-dir", str(tmp_path), *flags],
