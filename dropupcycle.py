@@ -229,8 +229,8 @@ def row_groups_per_expert(d_model, d_ff):
     idle: cut in 4, the gpu preset's whole training step took 25% less time with balance 0.33 and 2-4% less with
     even routing (figures/moe_trials_h200.json). At 512 x 2048, 2 groups took 12% less time than 1 with balance
     0.33 and 7% more with even routing at 32k tokens (figures/moe_trials2_h200.json); trained routers range from
-    that uneven to nearly even (balance 0.34-0.91 by init, naive 0.36: figures/routing_gpu_summary.md). Larger
-    experts were not tried in groups."""
+    about that uneven to nearly even (balance 0.36-0.97 by layer and init, naive 0.36-0.46:
+    figures/routing_gpu_summary.md). Larger experts were not tried in groups."""
     return min(4, max(1, 2**21 // (d_model * d_ff)))
 
 
