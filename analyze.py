@@ -47,7 +47,7 @@ import data
 import distributed
 import gpus
 import plot
-from runs import RUN_CHECKPOINT_ADVICE, load_model, on_signal, run_as_script, settings_diff
+from runs import RUN_CHECKPOINT_ADVICE, exit_status, load_model, on_signal, run_as_script, settings_diff
 
 # -----------------------------------------------------------------------------
 # 1. Routing statistics
@@ -887,11 +887,11 @@ def main(argv=None):
     except Fail as e:
         print(f"analyze.py: error: {e}", file=sys.stderr)
         distributed.leave(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         trains = opts is not None and opts.command in ("sweep", "lr")
         print("analyze.py: interrupted" + (" (finished runs and checkpoints are kept; rerun the same command, adding "
                                            "--resume for an unfinished run)" if trains else ""), file=sys.stderr)
-        distributed.leave(130)
+        distributed.leave(exit_status(e))
     except Exception:  # under torchrun: another rank failed and said why, or a bug (its traceback)
         distributed.crash()
 

@@ -18,7 +18,7 @@ from data import Fail, atomic_write_text, hf_tokenizer_name, make_dirs
 from dropupcycle import ModelConfig, Transformer
 
 
-STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": False}  # see on_signal
+STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": None}  # see on_signal
 
 
 def say_from_handler(text):
@@ -31,6 +31,20 @@ def say_from_handler(text):
         pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop at once by SIGINT or SIGTERM. It unwinds as Ctrl-C does and keeps the signal for the exit status,
+    128 + its number, so that a SIGTERM is not reported as a Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_status = 128 + signum
+
+
+def exit_status(interrupt):
+    """The exit status for an interrupt: its signal's, or Ctrl-C's (130) for Python's own KeyboardInterrupt."""
+    return getattr(interrupt, "exit_status", 128 + signal.SIGINT)
+
+
 def on_signal(signum, frame):
     if STOP["training"] and distributed.world() > 1:  # torchrun: every rank stops at the step all agree on
         if STOP["received"] is None:  # (torchrun repeats a Ctrl-C to every rank: a repeat is not "quit now")
@@ -40,14 +54,14 @@ def on_signal(signum, frame):
         STOP["signal"] = signum  # finish this step, save a checkpoint, exit
         say_from_handler(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to quit now)\n")
     elif STOP["saving"]:  # quit, but once the checkpoint being written is complete
-        STOP["deferred"] = True
+        STOP["deferred"] = signum
     else:
-        raise KeyboardInterrupt  # outside training, or a second Ctrl-C: stop at once
+        raise Interrupted(signum)  # outside training, or a second Ctrl-C: stop at once
 
 
 def run_as_script(main):
-    """main() of a tool run as `python tool.py`. Its Ctrl-C stop (a checkpoint saved, exit status 130) then ends the
-    process by SIGINT, as Python ends it for a KeyboardInterrupt nobody caught: a shell that runs the tool in a
+    """main() of a tool run as `python tool.py`. Its stop for Ctrl-C (exit status 130, after saving a checkpoint
+    where a run was training) then ends the process by SIGINT, as Python ends it for a KeyboardInterrupt nobody caught: a shell that runs the tool in a
     script or loop takes a plain status 130 for a Ctrl-C the tool dealt with and goes on to its next command, but
     stops on death by SIGINT. Under torchrun the status goes to torchrun, which reports it, as it was."""
     try:
@@ -66,7 +80,7 @@ def save_checkpoint(state, path):
     # and tiktoken start threads), and Python then runs the handler in this thread mid-save. So on_signal also
     # defers a quit while STOP["saving"], and the quit happens below once the file is complete.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    STOP["saving"], STOP["deferred"] = True, False
+    STOP["saving"], STOP["deferred"] = True, None
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -81,9 +95,9 @@ def save_checkpoint(state, path):
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
         STOP["saving"] = False
-        if STOP["deferred"]:
-            STOP["deferred"] = False
-            raise KeyboardInterrupt
+        if STOP["deferred"] is not None:
+            signum, STOP["deferred"] = STOP["deferred"], None
+            raise Interrupted(signum)
 
 
 def tokenizer_dir_of(ckpt):
