@@ -859,8 +859,15 @@ def parse_args(argv):
                            help="a separate S per matrix (the released code)")
             s.set_defaults(top_k=2)
     opts, rest = p.parse_known_args(argv)
-    if rest and opts.command not in ("sweep", "lr", "routing"):
-        raise Fail(f"unrecognized arguments: {' '.join(rest)} (see python analyze.py {opts.command} --help)")
+    flags, help_hint = p.flags(opts), f"python analyze.py {opts.command} --help"
+    if opts.command in ("sweep", "lr", "routing"):  # the rest goes to train.py: what neither parser knows is wrong
+        train_parser = train.build_parser()
+        rest_unknown = train_parser.parse_known_args(rest)[1]
+        flags, help_hint = flags + train_parser.flags(), help_hint + "; python train.py --help"
+    else:
+        rest_unknown = rest
+    if rest_unknown:
+        raise Fail(f"{data.unrecognized(rest_unknown, flags)} (see {help_hint})")
     opts.argv = list(argv)[1:]  # what followed the command: recorded in the tables
     return opts, rest
 

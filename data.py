@@ -54,22 +54,54 @@ class OneLineParser(argparse.ArgumentParser):
     """The tools' command lines: a bad flag is a Fail, one line, where argparse prints the usage and the error."""
 
     def error(self, message):
-        prefix = "unrecognized arguments: "
-        unknown = [a.split("=")[0] for a in message[len(prefix):].split() if a.startswith("--")]
-        if message.startswith(prefix) and unknown:  # the flags alone: argparse also lists positionals they displaced
-            close = [m for flag in unknown for m in difflib.get_close_matches(flag, self.option_strings(), n=1)]
-            message = (f"unrecognized option{'s' * (len(unknown) > 1)} {', '.join(unknown)}"
-                       + (f"; did you mean {', '.join(close)}?" if close else ""))
         raise Fail(f"{message} (see --help)")
 
-    def option_strings(self):
-        """Every --flag of this parser and of its sub-commands' parsers (argparse makes those of this class too)."""
+    def parse_args(self, args=None, namespace=None):
+        opts, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise Fail(f"{unrecognized(extras, self.flags(opts))} (see --help)")
+        return opts
+
+    def flags(self, opts=None):
+        """This parser's --flags, and those of the sub-command that opts chose (a parser of this class too)."""
         found = []
         for action in self._actions:
             found += [o for o in action.option_strings if o.startswith("--")]
-            if isinstance(action, argparse._SubParsersAction):
-                found += [o for sub in action.choices.values() for o in sub.option_strings()]
-        return sorted(set(found))
+            if isinstance(action, argparse._SubParsersAction) and getattr(opts, action.dest, None) in action.choices:
+                found += action.choices[getattr(opts, action.dest)].flags(opts)
+        return found
+
+
+def unrecognized(extras, flags):
+    """The error for the arguments no parser took: each unknown flag with the nearest of flags, then any stray
+    argument. The words after an unknown flag are left out: argparse cannot tell its values from the positionals
+    it then takes them for (`export --dtpye bf16 SRC OUT` reads bf16 as SRC and leaves OUT over)."""
+    def is_flag(word):
+        try:
+            float(word)
+            return False
+        except ValueError:
+            return word.startswith("-")
+
+    unknown, stray, positional_only = [], [], False
+    for word in extras:
+        if word == "--" and not positional_only:  # argparse's "no more flags" marker
+            positional_only = True
+        elif is_flag(word) and not positional_only:
+            unknown.append(word.split("=")[0])
+        elif not unknown or positional_only:
+            stray.append(word)
+    if not unknown:
+        return f"unrecognized arguments: {' '.join(extras)}"
+    by_name = {f.lstrip("-"): f for f in flags}
+    named = []
+    for flag in unknown:
+        name = flag.lstrip("-")
+        near = ([n for n in by_name if name in n.split("-") and n != name][:2]  # --lr: --dense-lr, --moe-lr
+                or difflib.get_close_matches(name, [n for n in by_name if n != name], n=1))
+        named.append(flag + (f" (did you mean {' or '.join(by_name[n] for n in near)}?)" if near else ""))
+    text = f"unrecognized option{'s' * (len(named) > 1)} {', '.join(named)}"
+    return text + (f"; unrecognized argument{'s' * (len(stray) > 1)} {' '.join(stray)}" if stray else "")
 
 
 def number(kind, ok, expected):

@@ -267,6 +267,19 @@ def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["routing", "--all-layer"], "unrecognized option --all-layer (did you mean --all-layers?)"),
+    (["sweep", "--rvalues", "0.5", "1"], "unrecognized option --rvalues (did you mean --r-values?)"),
+    (["sweep", "--moe-stepz", "3"], "unrecognized option --moe-stepz (did you mean --moe-steps?)"),  # train.py's
+    (["seeds", "out", "--moe-stepz", "3"], "unrecognized option --moe-stepz (see python analyze.py seeds --help)"),
+])
+def test_a_misspelt_flag_is_named_with_the_nearest_one_of_the_command_and_of_train_py_where_it_forwards(argv, message):
+    # sweep, lr and routing hand unknown flags to train.py; seeds takes none of train.py's
+    with pytest.raises(data.Fail) as e:
+        analyze.parse_args(argv)
+    assert str(e.value).startswith(message), str(e.value)
+
+
 # -----------------------------------------------------------------------------
 # The classroom exercises: EXERCISES.md is their one source; every command in its bash blocks runs
 

@@ -333,7 +333,8 @@ def test_cli_bad_path_gives_one_line_and_exit_1(tmp_path):
     (("drop-upcycle", "llama", "OUT", "--dtype", "fp8"), "invalid choice"),
     (("frobnicate",), "invalid choice"),
     # a misspelt flag makes argparse take its value for a positional; the message names the flag alone
-    (("export", "--dtpye", "bf16", "llama", "OUT"), "unrecognized option --dtpye; did you mean --dtype?"),
+    (("export", "--dtpye", "bf16", "llama", "OUT"), "unrecognized option --dtpye (did you mean --dtype?) (see"),
+    (("export", "--seeed", "1", "llama", "OUT"), "unrecognized option --seeed (see"),  # --seed is drop-upcycle's
 ])
 def test_cli_bad_input_gives_one_line_and_exit_1(tmp_path, monkeypatch, capsys, args, message):
     hf_llama(tmp_path / "llama", shard="1GB")
