@@ -116,11 +116,16 @@ OWN_FLAGS = {"init": ("--init", ""), "r": ("--r", " (and --r-values for the rati
              "moe_lr": ("--moe-lr", " (and --lrs for the MoE learning rates)")}
 
 
-def train_argv_checked(train_argv, command, own=("init", "r", "independent_indices", "sample")):
-    """train_argv, once seen not to set any of the flags in own (parsed as train.py parses them, so an
+def chosen_train_flags(command):
+    """The train.py settings (argparse dests) that sweep, lr or routing choose for each run themselves."""
+    return ("init", "r", "independent_indices", "sample") + (("moe_lr",) if command == "lr" else ())
+
+
+def train_argv_checked(train_argv, command):
+    """train_argv, once seen not to set any of command's chosen_train_flags (parsed as train.py parses them, so an
     abbreviation or --flag=value is caught too)."""
     given = vars(train.build_parser().parse_args(train_argv))
-    for key in own:
+    for key in chosen_train_flags(command):
         if given[key] not in (None, False):
             flag, hint = OWN_FLAGS[key]
             raise Fail(f"{command} chooses {flag} itself; pass the train.py flags that all its runs share{hint}")
@@ -269,7 +274,7 @@ def copy_dense(dense_dir, out_dir):
 
 
 def lr_sweep(opts, train_argv):
-    train_argv = train_argv_checked(train_argv, "lr", own=("init", "r", "independent_indices", "sample", "moe_lr"))
+    train_argv = train_argv_checked(train_argv, "lr")
     args = train.parse_args(train_argv)
     folders = lr_folders(args.out_dir, opts.lrs)
     if not opts.report_only:
@@ -859,22 +864,25 @@ def parse_args(argv):
                            help="a separate S per matrix (the released code)")
             s.set_defaults(top_k=2)
     opts, rest = p.parse_known_args(argv)
-    flags, help_hint = p.flags(opts), f"python analyze.py {opts.command} --help"
+    flags, see = p.flags(opts), f"python analyze.py {opts.command} --help"
     if opts.command in ("sweep", "lr", "routing"):  # the rest goes to train.py: what neither parser knows is wrong
         train_parser = train.build_parser()
+        train_parser.see = see + "; python train.py --help"
         rest_unknown = train_parser.parse_known_args(rest)[1]
-        flags, help_hint = flags + train_parser.flags(), help_hint + "; python train.py --help"
+        chosen = chosen_train_flags(opts.command)  # no use suggesting those: the command refuses them
+        chosen = {o for a in train_parser._actions if a.dest in chosen for o in a.option_strings}
+        flags, see = flags + [f for f in train_parser.flags() if f not in chosen], train_parser.see
     else:
         rest_unknown = rest
     if rest_unknown:
-        raise Fail(f"{data.unrecognized(rest_unknown, flags)} (see {help_hint})")
+        raise Fail(f"{data.unrecognized(rest_unknown, flags)} (see {see})")
     opts.argv = list(argv)[1:]  # what followed the command: recorded in the tables
     return opts, rest
 
 
 def main(argv=None):
-    signal.signal(signal.SIGINT, on_signal)  # Ctrl-C in a sweep saves a checkpoint, as in train.py
-    signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C in a sweep saves a checkpoint, as in train.py
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = None
     try:
@@ -901,6 +909,9 @@ def main(argv=None):
         distributed.leave(exit_status(e))
     except Exception:  # under torchrun: another rank failed and said why, or a bug (its traceback)
         distributed.crash()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

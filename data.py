@@ -52,14 +52,15 @@ class Fail(Exception):
 
 class OneLineParser(argparse.ArgumentParser):
     """The tools' command lines: a bad flag is a Fail, one line, where argparse prints the usage and the error."""
+    see = "--help"  # where the error sends the user
 
     def error(self, message):
-        raise Fail(f"{message} (see --help)")
+        raise Fail(f"{message} (see {self.see})")
 
     def parse_args(self, args=None, namespace=None):
         opts, extras = self.parse_known_args(args, namespace)
         if extras:
-            raise Fail(f"{unrecognized(extras, self.flags(opts))} (see --help)")
+            raise Fail(f"{unrecognized(extras, self.flags(opts))} (see {self.see})")
         return opts
 
     def flags(self, opts=None):
@@ -97,8 +98,10 @@ def unrecognized(extras, flags):
     named = []
     for flag in unknown:
         name = flag.lstrip("-")
-        near = ([n for n in by_name if name in n.split("-") and n != name][:2]  # --lr: --dense-lr, --moe-lr
-                or difflib.get_close_matches(name, [n for n in by_name if n != name], n=1))
+        near = ([name] if name in by_name else []  # -moe-steps: --moe-steps
+                or [n for n in by_name if n.startswith(name)][:2]  # --model: --models
+                or [n for n in by_name if name in n.split("-")][:2]  # --lr: --dense-lr, --moe-lr
+                or difflib.get_close_matches(name, by_name, n=1, cutoff=0.65))
         named.append(flag + (f" (did you mean {' or '.join(by_name[n] for n in near)}?)" if near else ""))
     text = f"unrecognized option{'s' * (len(named) > 1)} {', '.join(named)}"
     return text + (f"; unrecognized argument{'s' * (len(stray) > 1)} {' '.join(stray)}" if stray else "")

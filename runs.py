@@ -61,9 +61,10 @@ def on_signal(signum, frame):
 
 def run_as_script(main):
     """main() of a tool run as `python tool.py`. Its stop for Ctrl-C (exit status 130, after saving a checkpoint
-    where a run was training) then ends the process by SIGINT, as Python ends it for a KeyboardInterrupt nobody caught: a shell that runs the tool in a
-    script or loop takes a plain status 130 for a Ctrl-C the tool dealt with and goes on to its next command, but
-    stops on death by SIGINT. Under torchrun the status goes to torchrun, which reports it, as it was."""
+    where a run was training) then ends the process by SIGINT, as Python ends it for a KeyboardInterrupt nobody
+    caught: a shell that runs the tool in a script or loop takes a plain status 130 for a Ctrl-C the tool dealt
+    with and goes on to its next command, but stops on death by SIGINT. Under torchrun the status goes to torchrun,
+    which reports it."""
     try:
         main()
     except SystemExit as e:

@@ -9,6 +9,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from conftest import HERE, write_finished_run
 import analyze
 import plot
 import data
+import runs
 import train
 from dropupcycle import ModelConfig, Transformer, drop_upcycle
 
@@ -272,6 +274,10 @@ def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
     (["sweep", "--rvalues", "0.5", "1"], "unrecognized option --rvalues (did you mean --r-values?)"),
     (["sweep", "--moe-stepz", "3"], "unrecognized option --moe-stepz (did you mean --moe-steps?)"),  # train.py's
     (["seeds", "out", "--moe-stepz", "3"], "unrecognized option --moe-stepz (see python analyze.py seeds --help)"),
+    (["routing", "--model", "x"], "unrecognized option --model (did you mean --models?)"),  # not train.py's --d-model
+    (["lr", "--lr", "1e-3"], "unrecognized option --lr (did you mean --lrs?)"),
+    (["sweep", "--ratio", "0.5"], "unrecognized option --ratio (see"),  # not --reinit-ratio: sweep sets it itself
+    (["sweep", "-r-values", "0.5"], "unrecognized option -r-values (did you mean --r-values?)"),
 ])
 def test_a_misspelt_flag_is_named_with_the_nearest_one_of_the_command_and_of_train_py_where_it_forwards(argv, message):
     # sweep, lr and routing hand unknown flags to train.py; seeds takes none of train.py's
@@ -548,3 +554,15 @@ def test_ctrl_c_is_one_line_that_offers_resume_only_where_runs_are_trained(comma
     err = capsys.readouterr().err.strip()
     assert e.value.code == 130 and err.startswith("analyze.py: interrupted") and "\n" not in err
     assert ("--resume" in err) == says_resume
+
+
+def test_a_sigterm_outside_training_exits_with_sigterms_status_and_the_handlers_are_put_back(monkeypatch, capsys):
+    def terminated(*_):
+        runs.on_signal(signal.SIGTERM, None)  # as the handler does when no run is training
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(analyze, "overlap", terminated)
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["overlap"])
+    assert e.value.code == 128 + signal.SIGTERM and capsys.readouterr().err.startswith("analyze.py: interrupted")
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -258,6 +258,7 @@ def test_a_run_under_dense_from_finds_its_tokenizer_folder_only_while_it_holds_t
     (["--zzzzzz", "--seeed=1"], "unrecognized options --zzzzzz, --seeed (did you mean --seed?)"),
     (["extra", "--moe-stepz", "3"], "unrecognized option --moe-stepz (did you mean --moe-steps?); unrecognized argument extra"),
     (["--dtpye", "x"], "unrecognized option --dtpye (see --help)"),  # nothing near enough: no guess
+    (["-moe-steps", "3"], "unrecognized option -moe-steps (did you mean --moe-steps?)"),
     (["x", "y"], "unrecognized arguments: x y (see --help)"),
 ])
 def test_a_misspelt_flag_is_named_alone_with_the_nearest_real_one(argv, message):
@@ -933,6 +934,7 @@ def test_a_second_signal_during_a_save_lets_the_save_finish_and_exits_with_one_l
     def save(obj, f, *a, **kw):
         if obj.get("step") == 13:  # second Ctrl-C, in the middle of writing that checkpoint
             f.write(b"the first bytes")
+            assert signal.getsignal(second) is runs.on_signal  # else SIGTERM would end pytest itself
             os.kill(os.getpid(), second)
             f.seek(0)
         return real_save(obj, f, *a, **kw)
