@@ -23,13 +23,13 @@ import json
 import math
 import os
 import stat
-import sys
 import sysconfig
 import time
 
-if __name__ == "__main__":  # Ctrl-C: no traceback, but still death by SIGINT, so a calling shell script stops too
-    sys.excepthook = lambda kind, value, tb: (None if issubclass(kind, KeyboardInterrupt)
-                                              else sys.__excepthook__(kind, value, tb))
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C from here on, the seconds of slow imports included: ctrl_c.py
+    ctrl_c.install()
 
 import numpy as np
 import torch

@@ -14,9 +14,10 @@ import json
 import os
 import sys
 
-if __name__ == "__main__":  # Ctrl-C: no traceback, but still death by SIGINT, so a calling shell script stops too
-    sys.excepthook = lambda kind, value, tb: (None if issubclass(kind, KeyboardInterrupt)
-                                              else sys.__excepthook__(kind, value, tb))
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C from here on, the seconds of slow imports included: ctrl_c.py
+    ctrl_c.install()
 
 import numpy as np
 

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+import ctrl_c
 import distributed
 import plot
 from data import Fail, atomic_write_text, hf_tokenizer_name, make_dirs
@@ -60,17 +61,16 @@ def on_signal(signum, frame):
 
 
 def run_as_script(main):
-    """main() of a tool run as `python tool.py`. Its stop for Ctrl-C (exit status 130, after saving a checkpoint
-    where a run was training) then ends the process by SIGINT, as Python ends it for a KeyboardInterrupt nobody
-    caught: a shell that runs the tool in a script or loop takes a plain status 130 for a Ctrl-C the tool dealt
-    with and goes on to its next command, but stops on death by SIGINT. Under torchrun the status goes to torchrun,
-    which reports it."""
+    """main() of a tool run as `python tool.py`: its stop for Ctrl-C (exit status 130, after saving a checkpoint
+    where a run was training) becomes death by SIGINT, as ctrl_c.py explains. Under torchrun the status goes to
+    torchrun, which reports it."""
     try:
         main()
     except SystemExit as e:
         if e.code != 130 or distributed.launched():
             raise
-        raise KeyboardInterrupt from None  # (the tool's sys.excepthook keeps its traceback off the screen)
+        ctrl_c.die_by_sigint()
+        raise  # (SIGINT blocked: the status stays 130)
 
 
 def save_checkpoint(state, path):

@@ -1058,7 +1058,8 @@ def test_ctrl_c_in_a_shell_loop_saves_the_checkpoint_and_stops_the_loop(tool, fi
     flags = tiny(train_corpus, out, moe_steps=2000)  # far more steps than the signal needs to arrive in
     script = f"for seed in 0 1; do {shlex.join([sys.executable, *tool, *flags])} --seed $seed; echo next seed; done"
     proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV, cwd=HERE, start_new_session=True)
+                            env=ENV, cwd=HERE, start_new_session=True,  # (a shell started with SIGINT ignored goes on)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(180, os.killpg, (proc.pid, signal.SIGKILL))  # a hang fails the test, not the suite
     watchdog.start()
     try:
@@ -1076,8 +1077,22 @@ def test_ctrl_c_in_a_shell_loop_saves_the_checkpoint_and_stops_the_loop(tool, fi
     assert ckpt["step"] == stopped_at and not ckpt.get("finished")
 
 
-SIGNAL_BETWEEN_RUNS = """import os, signal, sys, runs, train
-sys.excepthook = lambda kind, value, tb: None if issubclass(kind, KeyboardInterrupt) else sys.__excepthook__(kind, value, tb)
+UNCAUGHT_CTRL_C = """import atexit, ctrl_c
+ctrl_c.install()
+atexit.register(lambda: exec("pass", {}))  # what CUDA torch's exit does, and what made Python exit with status 1
+print("started", flush=True)
+raise KeyboardInterrupt
+"""
+
+
+def test_an_uncaught_ctrl_c_ends_a_tool_by_sigint_without_a_traceback_whatever_runs_at_exit():
+    p = subprocess.run([sys.executable, "-c", UNCAUGHT_CTRL_C], capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert p.returncode == -signal.SIGINT and p.stdout == "started\n" and p.stderr == "", p
+
+
+SIGNAL_BETWEEN_RUNS = """import atexit, os, signal, sys, ctrl_c, runs, train
+ctrl_c.install()
+atexit.register(lambda: exec("pass", {}))  # what CUDA torch's exit does, and what made Python exit with status 1
 real = train.moe_start
 def moe_start(*a, **kw):  # after the dense run, before the MoE's: no run is training, so the tool stops at once
     os.kill(os.getpid(), int(sys.argv[1]))

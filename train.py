@@ -25,9 +25,10 @@ import sys
 import time
 from dataclasses import asdict, replace
 
-if __name__ == "__main__":  # Ctrl-C while torch imports: no traceback, still death by SIGINT; main() then takes over
-    sys.excepthook = lambda kind, value, tb: (None if issubclass(kind, KeyboardInterrupt)
-                                              else sys.__excepthook__(kind, value, tb))
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C from here on, the seconds of slow imports included: ctrl_c.py
+    ctrl_c.install()
 
 import numpy as np
 import torch
