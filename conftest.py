@@ -6,6 +6,7 @@ Runs whose losses are compared bit for bit all go through the CLI in subprocesse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,6 +19,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_PY = os.path.join(HERE, "train.py")
 # one thread: identical floating-point reductions in every process, and no fight over the 2 cores
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def tool_with_exec_at_exit(tool):
+    """The command line that runs tool as `python tool.py` does, with a string exec at exit, as on the GPU machine
+    (Python 3.12, CUDA torch): Python then forgets an uncaught KeyboardInterrupt, and only a tool that ends itself
+    by SIGINT (ctrl_c.py) still dies by it."""
+    return [sys.executable, "-c", "import atexit, os, runpy, sys\n"
+            "atexit.register(lambda: exec('pass', {}))\n"
+            "sys.argv = sys.argv[1:]\n"
+            "sys.path[0] = os.path.dirname(sys.argv[0])\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')", os.path.join(HERE, tool)]
+
+
+def sigint_default():
+    """preexec_fn of a child that must receive a Ctrl-C: a SIGINT ignored by pytest's own parent (pytest run as a
+    background job) would be ignored by the child too, and not even a shell can undo that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_corpus(folder):

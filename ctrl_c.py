@@ -12,19 +12,29 @@ import signal
 import sys
 
 
-def die_by_sigint():
-    """End the process by SIGINT now, its output flushed. Python's own way, an uncaught KeyboardInterrupt, is lost
-    once an exit handler runs a string exec (as with the CUDA build of torch): the exit status is then 1."""
+def flush_output():
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # (closed, or None under `>&-`)
             stream.flush()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)
+
+
+def die_by_signal(signum=signal.SIGINT):
+    """End the process by signum now, its output flushed. Python's own way for SIGINT, an uncaught
+    KeyboardInterrupt, is lost once an exit handler runs a string exec (as on the GPU machine: Python 3.12, CUDA
+    torch): the exit status is then 1. Python's clean-up is skipped, which loses nothing: the stack has unwound
+    (every with and finally has run), log rows are flushed one by one, checkpoints are renamed into place whole,
+    the out-dir's lock goes with the process, and torch's compile workers exit when their parent does.
+    Under `python -i` it does nothing, so the prompt comes back."""
+    if sys.flags.interactive:
+        return
+    flush_output()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def excepthook(kind, value, tb):
-    if issubclass(kind, KeyboardInterrupt):
-        die_by_sigint()
+    if issubclass(kind, KeyboardInterrupt):  # runs.Interrupted carries SIGTERM's status where a SIGTERM raised it
+        die_by_signal(getattr(value, "exit_status", 128 + signal.SIGINT) - 128)
     else:
         sys.__excepthook__(kind, value, tb)
 

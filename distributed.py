@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import ctrl_c
+
 STATE = dict(rank=0, world=1, fsdp=False, device=None, cpu_group=None, past_startup=False)
 
 
@@ -71,9 +73,7 @@ def leave(code):
     fails while a peer waits in a collective can deadlock in the group's destructor (gloo joins its worker
     thread while holding the GIL the thread needs), and then torchrun never learns that it failed."""
     if world() > 1:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
+        ctrl_c.flush_output()
         os._exit(code)
     sys.exit(code)
 

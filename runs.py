@@ -69,7 +69,7 @@ def run_as_script(main):
     except SystemExit as e:
         if e.code != 130 or distributed.launched():
             raise
-        ctrl_c.die_by_sigint()
+        ctrl_c.die_by_signal(signal.SIGINT)
         raise  # (SIGINT blocked: the status stays 130)
 
 

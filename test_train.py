@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, tiny, write_corpus,
-                      write_finished_run)
+from conftest import (HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, sigint_default, tiny,
+                      tool_with_exec_at_exit, write_corpus, write_finished_run)
 
 import data
 import gpus
@@ -362,8 +362,9 @@ def test_sigint_saves_and_resume_reproduces_the_uninterrupted_run_exactly(drop_r
 @pytest.mark.parametrize("tool", ["train.py", "analyze.py", "hf.py", "data.py", "plot.py", "bench.py"])
 def test_ctrl_c_while_torch_imports_ends_the_tool_by_sigint_without_a_traceback(tool, tmp_path):
     # -X importtime prints each import as it completes: a torch submodule's line means torch's import is under way
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(HERE, tool)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    command = tool_with_exec_at_exit(tool)
+    proc = subprocess.Popen([command[0], "-X", "importtime", *command[1:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path, preexec_fn=sigint_default)
     try:
         for line in proc.stderr:
             if line.split("|")[-1].strip().startswith("torch."):
@@ -1056,10 +1057,10 @@ def test_ctrl_c_in_a_shell_loop_saves_the_checkpoint_and_stops_the_loop(tool, fi
     # a terminal's Ctrl-C goes to the shell and the tool alike; the shell goes on only if the tool exits as usual
     out = tmp_path / "out"
     flags = tiny(train_corpus, out, moe_steps=2000)  # far more steps than the signal needs to arrive in
-    script = f"for seed in 0 1; do {shlex.join([sys.executable, *tool, *flags])} --seed $seed; echo next seed; done"
+    command = shlex.join([*tool_with_exec_at_exit(tool[0]), *tool[1:], *flags])
+    script = f"for seed in 0 1; do {command} --seed $seed; echo next seed; done"
     proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV, cwd=HERE, start_new_session=True,  # (a shell started with SIGINT ignored goes on)
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            env=ENV, cwd=HERE, start_new_session=True, preexec_fn=sigint_default)
     watchdog = threading.Timer(180, os.killpg, (proc.pid, signal.SIGKILL))  # a hang fails the test, not the suite
     watchdog.start()
     try:
@@ -1079,20 +1080,22 @@ def test_ctrl_c_in_a_shell_loop_saves_the_checkpoint_and_stops_the_loop(tool, fi
 
 UNCAUGHT_CTRL_C = """import atexit, ctrl_c
 ctrl_c.install()
-atexit.register(lambda: exec("pass", {}))  # what CUDA torch's exit does, and what made Python exit with status 1
-print("started", flush=True)
+atexit.register(lambda: exec("pass", {}))  # as on the GPU machine, where Python then exited with status 1
+print("started")  # into a pipe's buffer: flushed before the end
 raise KeyboardInterrupt
 """
 
 
 def test_an_uncaught_ctrl_c_ends_a_tool_by_sigint_without_a_traceback_whatever_runs_at_exit():
-    p = subprocess.run([sys.executable, "-c", UNCAUGHT_CTRL_C], capture_output=True, text=True, cwd=HERE, timeout=60)
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.run([sys.executable, "-c", UNCAUGHT_CTRL_C], capture_output=True, text=True, cwd=HERE, env=env,
+                       timeout=60)
     assert p.returncode == -signal.SIGINT and p.stdout == "started\n" and p.stderr == "", p
 
 
 SIGNAL_BETWEEN_RUNS = """import atexit, os, signal, sys, ctrl_c, runs, train
 ctrl_c.install()
-atexit.register(lambda: exec("pass", {}))  # what CUDA torch's exit does, and what made Python exit with status 1
+atexit.register(lambda: exec("pass", {}))  # as on the GPU machine, where Python then exited with status 1
 real = train.moe_start
 def moe_start(*a, **kw):  # after the dense run, before the MoE's: no run is training, so the tool stops at once
     os.kill(os.getpid(), int(sys.argv[1]))
