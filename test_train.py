@@ -256,7 +256,8 @@ def test_a_run_under_dense_from_finds_its_tokenizer_folder_only_while_it_holds_t
     (["--moe-stepz", "3"], "unrecognized option --moe-stepz (did you mean --moe-steps?) (see --help)"),
     (["--lr", "3e-3"], "unrecognized option --lr (did you mean --dense-lr or --moe-lr?)"),
     (["--zzzzzz", "--seeed=1"], "unrecognized options --zzzzzz, --seeed (did you mean --seed?)"),
-    (["extra", "--moe-stepz", "3"], "unrecognized option --moe-stepz (did you mean --moe-steps?); unrecognized argument extra"),
+    (["extra", "--moe-stepz", "3"],
+     "unrecognized option --moe-stepz (did you mean --moe-steps?); unrecognized argument extra"),
     (["--dtpye", "x"], "unrecognized option --dtpye (see --help)"),  # nothing near enough: no guess
     (["-moe-steps", "3"], "unrecognized option -moe-steps (did you mean --moe-steps?)"),
     (["x", "y"], "unrecognized arguments: x y (see --help)"),
@@ -268,8 +269,9 @@ def test_a_misspelt_flag_is_named_alone_with_the_nearest_real_one(argv, message)
     assert str(e.value).startswith(message), str(e.value)
 
 
-@pytest.mark.parametrize("flags, message", [(["--corpus-megabytes", "1"], "unrecognized option --corpus-megabytes (did you mean --corpus-mb?)"),
-                                           (["--corpus-mb", "-1"], "argument --corpus-mb: must be 0 or more")])
+@pytest.mark.parametrize("flags, message", [
+    (["--corpus-megabytes", "1"], "unrecognized option --corpus-megabytes (did you mean --corpus-mb?)"),
+    (["--corpus-mb", "-1"], "argument --corpus-mb: must be 0 or more")])
 def test_data_py_bad_flag_is_one_line(tmp_path, flags, message):
     p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--out-dir", str(tmp_path), *flags],
                        capture_output=True, text=True, env=ENV, timeout=60)
