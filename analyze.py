@@ -48,7 +48,7 @@ import data
 import distributed
 import gpus
 import plot
-from runs import RUN_CHECKPOINT_ADVICE, exit_status, load_model, on_signal, run_as_script, settings_diff
+from runs import RUN_CHECKPOINT_ADVICE, load_model, on_signal, run_as_script, settings_diff
 
 # -----------------------------------------------------------------------------
 # 1. Routing statistics
@@ -907,7 +907,7 @@ def main(argv=None):
         trains = opts is not None and opts.command in ("sweep", "lr")
         print("analyze.py: interrupted" + (" (finished runs and checkpoints are kept; rerun the same command, adding "
                                            "--resume for an unfinished run)" if trains else ""), file=sys.stderr)
-        distributed.leave(exit_status(e))
+        distributed.leave(ctrl_c.exit_status(e))
     except Exception:  # under torchrun: another rank failed and said why, or a bug (its traceback)
         distributed.crash()
     finally:

@@ -12,6 +12,25 @@ import signal
 import sys
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop at once by SIGINT or SIGTERM (runs.on_signal). It unwinds as Ctrl-C does and keeps the signal, so that
+    a SIGTERM is not reported as a Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def signal_of(interrupt):
+    """The signal behind a KeyboardInterrupt: Interrupted's, or SIGINT for Python's own."""
+    return getattr(interrupt, "signum", signal.SIGINT)
+
+
+def exit_status(interrupt):
+    """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + signal_of(interrupt)
+
+
 def flush_output():
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):  # (closed, or None under `>&-`)
@@ -33,8 +52,8 @@ def die_by_signal(signum=signal.SIGINT):
 
 
 def excepthook(kind, value, tb):
-    if issubclass(kind, KeyboardInterrupt):  # runs.Interrupted carries SIGTERM's status where a SIGTERM raised it
-        die_by_signal(getattr(value, "exit_status", 128 + signal.SIGINT) - 128)
+    if issubclass(kind, KeyboardInterrupt):
+        die_by_signal(signal_of(value))
     else:
         sys.__excepthook__(kind, value, tb)
 

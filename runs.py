@@ -32,20 +32,6 @@ def say_from_handler(text):
         pass
 
 
-class Interrupted(KeyboardInterrupt):
-    """A stop at once by SIGINT or SIGTERM. It unwinds as Ctrl-C does and keeps the signal for the exit status,
-    128 + its number, so that a SIGTERM is not reported as a Ctrl-C."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_status = 128 + signum
-
-
-def exit_status(interrupt):
-    """The exit status for an interrupt: its signal's, or Ctrl-C's (130) for Python's own KeyboardInterrupt."""
-    return getattr(interrupt, "exit_status", 128 + signal.SIGINT)
-
-
 def on_signal(signum, frame):
     if STOP["training"] and distributed.world() > 1:  # torchrun: every rank stops at the step all agree on
         if STOP["received"] is None:  # (torchrun repeats a Ctrl-C to every rank: a repeat is not "quit now")
@@ -57,7 +43,7 @@ def on_signal(signum, frame):
     elif STOP["saving"]:  # quit, but once the checkpoint being written is complete
         STOP["deferred"] = signum
     else:
-        raise Interrupted(signum)  # outside training, or a second Ctrl-C: stop at once
+        raise ctrl_c.Interrupted(signum)  # outside training, or a second Ctrl-C: stop at once
 
 
 def run_as_script(main):
@@ -98,7 +84,7 @@ def save_checkpoint(state, path):
         STOP["saving"] = False
         if STOP["deferred"] is not None:
             signum, STOP["deferred"] = STOP["deferred"], None
-            raise Interrupted(signum)
+            raise ctrl_c.Interrupted(signum)
 
 
 def tokenizer_dir_of(ckpt):

@@ -39,7 +39,7 @@ from data import (Fail, HFTokenizer, OneLineParser, atomic_write_text, check_dat
                   get_tokenizer, load_data, make_dirs, nonneg_float, nonneg_int, positive_float, positive_int, unit_float)
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop, upcycled_config
 from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
-from runs import (CSV_FIELDS, LOCK, STOP, Run, exit_status, load_checkpoint, load_model, lock_out_dir, on_signal,
+from runs import (CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, load_model, lock_out_dir, on_signal,
                   restore, run_as_script, save_checkpoint, tokenizer_dir_of)
 
 # -----------------------------------------------------------------------------
@@ -761,9 +761,9 @@ def main(argv=None):
         distributed.leave(1)
     except KeyboardInterrupt as e:
         if not distributed.is_main():
-            distributed.leave(exit_status(e))
+            distributed.leave(ctrl_c.exit_status(e))
         print(f"{prog}: interrupted (checkpoints already on disk are kept; --resume continues from them)", file=sys.stderr)
-        distributed.leave(exit_status(e))
+        distributed.leave(ctrl_c.exit_status(e))
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         distributed.leave(1)
