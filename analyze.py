@@ -870,9 +870,9 @@ def parse_args(argv):
         train_parser = train.build_parser()
         train_parser.see = see + "; python train.py --help"
         rest_unknown = train_parser.parse_known_args(rest)[1]
-        chosen = chosen_train_flags(opts.command)  # no use suggesting those: the command refuses them
-        chosen = {o for a in train_parser._actions if a.dest in chosen for o in a.option_strings}
-        flags, see = flags + [f for f in train_parser.flags() if f not in chosen], train_parser.see
+        refused = {o for a in train_parser._actions if a.dest in chosen_train_flags(opts.command)
+                   for o in a.option_strings}  # no use suggesting those
+        flags, see = flags + [f for f in train_parser.flags() if f not in refused], train_parser.see
     else:
         rest_unknown = rest
     if rest_unknown:
