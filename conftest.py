@@ -21,12 +21,14 @@ TRAIN_PY = os.path.join(HERE, "train.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+# A string exec at exit, as on the GPU machine (Python 3.12, CUDA torch): Python then forgets an uncaught
+# KeyboardInterrupt and exits with status 1, so only a tool that ends itself by SIGINT (ctrl_c.py) still dies by it.
+EXEC_AT_EXIT = "import atexit\natexit.register(lambda: exec('pass', {}))\n"
+
+
 def tool_with_exec_at_exit(tool):
-    """The command line that runs tool as `python tool.py` does, with a string exec at exit, as on the GPU machine
-    (Python 3.12, CUDA torch): Python then forgets an uncaught KeyboardInterrupt, and only a tool that ends itself
-    by SIGINT (ctrl_c.py) still dies by it."""
-    return [sys.executable, "-c", "import atexit, os, runpy, sys\n"
-            "atexit.register(lambda: exec('pass', {}))\n"
+    """The command line that runs tool as `python tool.py` does, with EXEC_AT_EXIT."""
+    return [sys.executable, "-c", EXEC_AT_EXIT + "import os, runpy, sys\n"
             "sys.argv = sys.argv[1:]\n"
             "sys.path[0] = os.path.dirname(sys.argv[0])\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')", os.path.join(HERE, tool)]

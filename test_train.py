@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (HERE, ENV, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, sigint_default, tiny,
-                      tool_with_exec_at_exit, write_corpus, write_finished_run)
+from conftest import (HERE, ENV, EXEC_AT_EXIT, TRAIN_PY, assert_one_line_error, cli, csv_rows, run_main, sigint_default,
+                      tiny, tool_with_exec_at_exit, write_corpus, write_finished_run)
 
 import data
 import gpus
@@ -1080,9 +1080,8 @@ def test_ctrl_c_in_a_shell_loop_saves_the_checkpoint_and_stops_the_loop(tool, fi
     assert ckpt["step"] == stopped_at and not ckpt.get("finished")
 
 
-UNCAUGHT_CTRL_C = """import atexit, ctrl_c
+UNCAUGHT_CTRL_C = EXEC_AT_EXIT + """import ctrl_c
 ctrl_c.install()
-atexit.register(lambda: exec("pass", {}))  # as on the GPU machine, where Python then exited with status 1
 print("started")  # into a pipe's buffer: flushed before the end
 raise KeyboardInterrupt
 """
@@ -1095,9 +1094,8 @@ def test_an_uncaught_ctrl_c_ends_a_tool_by_sigint_without_a_traceback_whatever_r
     assert p.returncode == -signal.SIGINT and p.stdout == "started\n" and p.stderr == "", p
 
 
-SIGNAL_BETWEEN_RUNS = """import atexit, os, signal, sys, ctrl_c, runs, train
+SIGNAL_BETWEEN_RUNS = EXEC_AT_EXIT + """import os, signal, sys, ctrl_c, runs, train
 ctrl_c.install()
-atexit.register(lambda: exec("pass", {}))  # as on the GPU machine, where Python then exited with status 1
 real = train.moe_start
 def moe_start(*a, **kw):  # after the dense run, before the MoE's: no run is training, so the tool stops at once
     os.kill(os.getpid(), int(sys.argv[1]))
