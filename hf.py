@@ -374,9 +374,12 @@ def load_pretrained(path_or_id, seq_len):
     if not os.path.exists(os.path.join(folder, "tokenizer.json")):
         raise Fail(f"--dense-from {path_or_id}: no tokenizer.json in {folder}; the model trains on its own tokenizer")
     eos = config.get("eos_token_id")
-    enc = HFTokenizer(folder, eot_token=eos[0] if isinstance(eos, list) else eos)
+    enc = HFTokenizer(folder, eot_token=eos[0] if isinstance(eos, list) and eos else eos)
     if enc.n_vocab > model.config.vocab_size:
         raise Fail(f"--dense-from {path_or_id}: tokenizer.json has {enc.n_vocab} tokens, the model {model.config.vocab_size}")
+    if type(enc.eot_token) is not int or not 0 <= enc.eot_token < enc.n_vocab:  # it ends every file in the token cache
+        raise Fail(f"--dense-from {path_or_id}: config.json's eos_token_id {eos!r} is not one of tokenizer.json's "
+                   f"{enc.n_vocab} tokens")
     files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
     stamp = [(f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f))) for f in files]
     print(f"pretrained dense model {path_or_id}: {model.num_params() / 1e6:.1f}M params, vocabulary {enc.n_vocab:,}")

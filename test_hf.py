@@ -426,6 +426,26 @@ def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenize
     assert not (tmp_path / "changed-hf" / "tokenizer.json").exists()
 
 
+@pytest.mark.parametrize("eos", [5_000, []])
+def test_train_dense_from_with_an_eos_token_outside_the_vocabulary_is_one_line(tmp_path, eos):
+    """The end-of-text token closes every file in the token cache: one the tokenizer does not have would overflow
+    the cache's uint16 ids, or train the model on an id its embedding does not hold."""
+    from conftest import ENV, TRAIN_PY, write_corpus
+
+    src = tmp_path / "llama"
+    src.mkdir()
+    n_vocab = word_tokenizer(str(src), 200)
+    LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": n_vocab})).save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    result = subprocess.run([sys.executable, TRAIN_PY, "--dense-from", str(src), "--data", write_corpus(str(tmp_path)),
+                             "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--preset", "cpu"],
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr == (f"train.py: error: --dense-from {src}: config.json's eos_token_id {eos!r} is not one of "
+                             f"tokenizer.json's {n_vocab} tokens\n")
+
+
 @pytest.mark.parametrize("flags, message", [(["--n-experts", "1"], "at least 2 experts"),
                                            (["--n-experts", "4", "--top-k", "5"], "top_k (5) must be between 1")])
 def test_train_dense_from_with_a_bad_moe_shape_is_one_line_before_loading(tmp_path, flags, message):
