@@ -88,6 +88,9 @@ def unrecognized(extras, flags):
     for word in extras:
         if word == "--" and not positional_only:  # argparse's "no more flags" marker
             positional_only = True
+        elif word.split("=")[0] in flags and not positional_only:  # a real flag left over was read as an argument:
+            positional_only = True  # it came after a "--" that a sub-command's parser drops from its leftovers
+            stray.append(word)
         elif is_flag(word) and not positional_only:
             unknown.append(word.split("=")[0])
         elif not unknown or positional_only:

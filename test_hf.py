@@ -335,6 +335,8 @@ def test_cli_bad_path_gives_one_line_and_exit_1(tmp_path):
     # a misspelt flag makes argparse take its value for a positional; the message names the flag alone
     (("export", "--dtpye", "bf16", "llama", "OUT"), "unrecognized option --dtpye (did you mean --dtype?) (see"),
     (("export", "--seeed", "1", "llama", "OUT"), "unrecognized option --seeed (see"),  # --seed is drop-upcycle's
+    # after "--" a real flag is an argument too many, not a misspelling of itself
+    (("export", "llama", "OUT", "--", "--dtype", "bf16"), "error: unrecognized arguments: --dtype bf16 (see"),
 ])
 def test_cli_bad_input_gives_one_line_and_exit_1(tmp_path, monkeypatch, capsys, args, message):
     hf_llama(tmp_path / "llama", shard="1GB")
