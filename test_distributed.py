@@ -5,6 +5,7 @@ The MoE balancing loss is computed over the tokens a forward sees: on 2 processe
 batch (as with --grad-accum on one process), so exact comparisons use --aux-loss-coef 0."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,6 +144,25 @@ def test_sigterm_on_one_rank_stops_both_and_resumes_on_one_process(reference, tr
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {ckpt['step']}/40" in resumed.stdout
     assert_same_run(tmp_path, reference)
+
+
+def test_ctrl_c_on_every_rank_saves_the_checkpoint_and_each_rank_reports_130_to_torchrun(train_corpus, tmp_path):
+    """A rank that stops for Ctrl-C exits with status 130, which torchrun reports, instead of dying by SIGINT as
+    `python train.py` does: torchrun, not a shell, is its parent (runs.run_as_script)."""
+    proc = subprocess.Popen([*TORCHRUN, TRAIN_PY, *flags(train_corpus, tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("[dense] step 5/"):
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                workers = [int(p) for p in f.read().split()]
+            for pid in workers:  # as a terminal's Ctrl-C reaches each rank, but torchrun left to see how they end
+                os.kill(pid, signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and len(workers) == 2
+    assert len(re.findall(r"exitcode\s*:\s*130\b", stderr)) == 2 and "SIGINT" not in stderr, stderr[-3000:]
+    ckpt = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)
+    assert 5 <= ckpt["step"] < 40 and not ckpt["finished"], stdout
 
 
 def test_a_one_process_checkpoint_resumes_on_two_sharded(reference, train_corpus, tmp_path):
