@@ -27,7 +27,7 @@ import torch.nn.functional as F
 @dataclass
 class ModelConfig:
     vocab_size: int = 257  # the byte tokenizer of train.py: 256 bytes + <|endoftext|>
-    d_model: int = 256
+    d_model: int = 256  # hidden size (d_h in the paper)
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = 4  # < n_head means grouped-query attention
@@ -164,7 +164,8 @@ class Attention(nn.Module):
 
 
 def swiglu(x, w_gate, w_up, w_down):
-    # Eq. 1: SwiGLU(x) = (Swish(x W_gate) * x W_up) W_down, weights in nn.Linear layout [out, in]
+    # Eq. 1: SwiGLU(x) = (Swish(x W_gate) * x W_up) W_down. The weights are in nn.Linear layout [out, in], the
+    # transposes of the paper's W (d_h x d_f for W_gate), so x W there is F.linear(x, w) = x @ w.T here
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
@@ -227,18 +228,20 @@ def row_groups_per_expert(d_model, d_ff):
     256 x 1024), 2 at the paper's 512 x 2048, 1 from 1024 x 4096 on. The weight gradient of a group is one GEMM
     over its rows; a few long ones (small experts, or the uneven routing real text gives) leave most of an H200
     idle: cut in 4, the gpu preset's whole training step took 25% less time with balance 0.33 and 2-4% less with
-    even routing (figures/moe_trials_h200.json). At 512 x 2048, 2 groups took 12% less time than 1 with balance
-    0.33 and 7% more with even routing at 32k tokens (figures/moe_trials2_h200.json); trained routers range from
-    about that uneven to nearly even (balance 0.36-0.97 by layer and init, naive 0.36-0.46:
-    figures/routing_gpu_summary.md). Larger experts were not tried in groups."""
+    even routing (figures/moe_trials_h200.json). At 512 x 2048, the layer's forward and backward in 2 groups took
+    12% less time than in 1 with balance 0.33 and 7% more with even routing at 32k tokens
+    (figures/moe_trials2_h200.json); trained routers range from about that uneven to nearly even (balance
+    0.36-0.97 by layer and init, naive 0.36-0.46: figures/routing_gpu_summary.md). Larger experts were not tried
+    in groups."""
     return min(4, max(1, 2**21 // (d_model * d_ff)))
 
 
 def top_k_indices(scores, k):
     """Indices of the k largest scores in each row, largest first: scores [N, E] -> [N, k], as torch.topk gives
     them (a tie, which topk leaves unordered, goes to the lower index). Found as k rounds of argmax, each masking
-    the last winner: on a GPU, torch.topk runs one thread block per row, 6-8% of a compiled MoE training step at
-    the gpu preset, while torch.compile fuses these k argmaxes over E columns into one small kernel."""
+    the last winner: on a GPU, torch.topk runs one thread block per row, 6% of a compiled MoE training step at
+    the gpu preset (figures/bench_h200_loop.profile.txt), while torch.compile fuses these k argmaxes over E columns
+    into one small kernel."""
     columns = torch.arange(scores.shape[-1], device=scores.device)
     scores, chosen = scores.detach(), []
     for _ in range(k):
@@ -257,9 +260,9 @@ def top_k_gates(logits, k):
 
 class RowPermutation(torch.autograd.Function):
     """rows[index] for a permutation index, with a gradient that is a gather too: grad[inverse], inverse being
-    index's inverse. Autograd's own gradient of rows[index] would be a scatter-add (bf16 atomic adds were 10% of a
-    compiled MoE step on an H100); as gathers both ways, torch.compile fuses each move into the kernel before or
-    after it, so no moved copy of the rows is stored."""
+    index's inverse. Autograd's own gradient of rows[index] would be a scatter-add, whose bf16 atomic adds contend
+    for rows; as gathers both ways, torch.compile fuses each move into the kernel before or after it, so no moved
+    copy of the rows is stored."""
 
     @staticmethod
     def forward(ctx, rows, index, inverse):
@@ -276,7 +279,8 @@ class MoE(nn.Module):
     """n_experts SwiGLU FFNs and a router; each token goes to its top_k experts, none is dropped.
 
     Expert weights are stacked: expert i is (gate[i], up[i], down[i]), exactly the dense SwiGLU's weights
-    with a leading expert axis, so Sec. 3.2's "copy the FFN into every expert" is a broadcast copy.
+    with a leading expert axis, so Sec. 3's "the original FFN weights are copied to all experts" is a broadcast
+    copy.
     """
 
     def __init__(self, cfg):
@@ -292,7 +296,8 @@ class MoE(nn.Module):
         """x [N, d_model] -> router logits [N, E], chosen experts [N, k], gate weights g(x) [N, k]."""
         # The router runs in fp32 even under bf16 autocast (Switch Transformer's "selective precision"): top-k
         # is a hard choice, and bf16 logits would flip near-ties, so that autocast, compiled and eager runs
-        # would send some tokens to different experts. It is one tiny [N, E] matmul.
+        # would send some tokens to different experts. It is one tiny [N, E] matmul. (The authors' trainer ran
+        # it in bf16; figures/README.md lists such differences.)
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())
         experts, weights = top_k_gates(logits, self.top_k)  # Eq. 3
@@ -380,7 +385,7 @@ def load_balancing_loss(router_logits, top_k):
     """Switch/Mixtral auxiliary loss over router logits [N, E] pooled from all MoE layers ("applied to all
     layers collectively", Sec. 5.4), weighted by 0.02 in training (App. A.4).
 
-    aux = E * sum_i f_i * P_i, f_i: fraction of top-k assignments to expert i (both slots counted, so
+    aux = E * sum_i f_i * P_i, f_i: fraction of tokens that send one of their top_k slots to expert i (so
     sum_i f_i = top_k), P_i: mean router probability of expert i. Perfect balance gives aux = top_k;
     f_i carries no gradient, so the loss pushes probability away from over-used experts.
     """
@@ -504,11 +509,13 @@ def drop_upcycle(dense, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True
     """Build an MoE from a trained dense model: Sec. 3.2 expert replication, then Sec. 3.2.1 diversity
     re-initialisation of a fraction r of every expert's FFN neurons. r = 0 is naive Upcycling.
 
-    shared_indices=True drops the same neurons S in gate, up and down (the paper's text); False draws an
-    independent S per matrix (the authors' released code, which produced the paper's results). Either way two
-    experts share about (1 - r)^2 of each matrix's dense neurons (Sec. 3.2.2); with shared sets a fraction
-    (1 - r) of an expert's neurons is intact in all three matrices, with independent ones only (1 - r)^3.
-    The dense model is left untouched. Step 3, continued training, is train.py's job.
+    shared_indices=True drops the same neurons S in gate, up and down: the method as Sec. 3.2.1 describes and
+    argues for it, hence the default. False draws an independent S per matrix: the authors' released code, which
+    produced the paper's results. That code also shuffles each expert's neurons first, which changes nothing the
+    layer computes, and is left out here. Either way two experts share about (1 - r)^2 of each matrix's dense
+    neurons (Sec. 3.2.2); with shared sets a fraction (1 - r) of an expert's neurons is intact in all three
+    matrices, with independent ones only (1 - r)^3. The dense model is left untouched. Step 3, continued
+    training, is train.py's job.
     """
     if not 0.0 <= r <= 1.0:
         raise ValueError(f"r must be in [0, 1], got {r}")
@@ -566,7 +573,8 @@ def upcycled_ffns(dense, n_experts, r, seed, shared_indices=True):
 
 
 def neurons_to_drop(r, d_ff):
-    """floor(r * d_ff) of r as written: in floating point 0.29 * 100 is 28.999..., which would floor to 28."""
+    """floor(r * d_ff), with r * d_ff rounded to 9 decimals first: in floating point 0.29 * 100 is 28.999..., which
+    would floor to 28."""
     return math.floor(round(r * d_ff, 9))
 
 
