@@ -762,32 +762,45 @@ def markdown(results):
     return "\n".join(md) + "\n"
 
 
+SECTIONS = ("layer", "step", "loop")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def sections_list(text):
+    """--sections: a comma list of SECTIONS."""
+    sections = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise argparse.ArgumentTypeError(f"unknown section {', '.join(unknown) or repr(text)} (use {', '.join(SECTIONS)})")
+    return sections
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/bench", help="folder for bench.md, bench.json (and the profile)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="layer,step", help="comma list of: layer, step, loop")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--sections", type=sections_list, default="layer,step", help="comma list of: " + ", ".join(SECTIONS))
     p.add_argument("--loop-data", default=None, help="the real text of the loop section (default: the corpus of "
                                                        "train.py's preset for the device, :python or :stdlib)")
-    p.add_argument("--loop-corpus-mb", type=float, default=None, help="its size cap (default: the preset's)")
+    p.add_argument("--loop-corpus-mb", type=data.nonneg_float, default=None, help="its size cap (default: the preset's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile rows (default: on for CUDA, off for CPU)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode of section 2's training steps (section "
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, help="torch.compile mode of section 2's training steps (section "
                    "4 runs train.py's), e.g. reduce-overhead (CUDA graphs: fewer kernel launches from the CPU); "
                    "default: torch's default")
     p.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face rows")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables to --out")
-    p.add_argument("--layer-compile-tokens", type=int, nargs="*", default=[32768, 65536],
+    p.add_argument("--layer-compile-tokens", type=data.positive_int, nargs="*", default=[32768, 65536],
                    help="token counts at which the layer is also compiled (each shape compiles anew)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--tol", type=float, default=2e-2, help="relative error that counts as agreeing (bf16)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, if the GPU is not known")
-    p.add_argument("--router-skew", type=float, nargs="+", default=[0.0], metavar="S",
+    p.add_argument("--warmup", type=data.nonneg_int, default=None, help="untimed calls first (default: 5 on CUDA, 1)")
+    p.add_argument("--iters", type=data.positive_int, default=None, help="timed calls (default: 20 on CUDA, 3)")
+    p.add_argument("--tol", type=data.positive_float, default=2e-2, help="relative error that counts as agreeing (bf16)")
+    p.add_argument("--peak-tflops", type=data.positive_float, default=None, help="bf16 dense peak, if the GPU is not known")
+    p.add_argument("--router-skew", type=data.nonneg_float, nargs="+", default=[0.0], metavar="S",
                    help="MoE steps with each router-logit skew S (0: even routing; larger: more tokens to fewer "
                         "experts, as real text routes; each row gives the load balance it made)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = gpus.resolve_device(args.device)
     cuda = device.type == "cuda"
     preset = train.PRESETS["gpu" if cuda else "cpu"]
     args.loop_data = args.loop_data or preset["data"]
@@ -822,7 +835,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) as a training run has them
     meta = results["meta"]
     print(f"device: {meta['device']}, torch {torch.__version__}, peak {meta['peak_tflops']} TFLOP/s")
-    sections = args.sections.split(",")
+    sections = args.sections
     if "layer" in sections:
         bench_layers(args, device, record)
     profiles = profile_layers(device) if args.profile else []
@@ -856,4 +869,9 @@ def save(results, out_dir):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.Fail as e:
+        raise SystemExit(f"bench.py: error: {e}")
+    except OSError as e:  # --out not writable, a full disk
+        raise SystemExit(f"bench.py: error: {e.filename or ''}: {e.strerror or e}")

@@ -2,13 +2,17 @@
 not how fast anything is: speed is measured on the GPU (figures/bench.md)."""
 
 import json
+import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
+from conftest import ENV, HERE
+
 import bench
+import data
 
 
 def test_bench_runs_on_cpu_and_writes_markdown_and_json(tmp_path, monkeypatch):
@@ -35,6 +39,28 @@ def test_bench_runs_on_cpu_and_writes_markdown_and_json(tmp_path, monkeypatch):
     assert steps["moe"]["active_params"] < steps["moe"]["params"]
     (overhead,) = results["overhead"]
     assert overhead["flops_ratio"] > 1 and overhead["overhead"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sections", "layer,foo"], "argument --sections: unknown section foo (use layer, step, loop)"),
+    (["--iters", "0"], "argument --iters: must be a positive integer, got 0"),
+    (["--router-skew", "-1"], "argument --router-skew: must be 0 or more, got -1"),
+    (["--compile-mode", "fast"], "argument --compile-mode: invalid choice: 'fast'"),
+    (["--device", "gpu"], "--device gpu: not a device (use auto, cpu, cuda or cuda:N)"),
+])
+def test_bad_flags_are_refused_before_anything_is_measured(tmp_path, flags, message):
+    with pytest.raises(data.Fail) as e:
+        bench.main([*flags, "--out", str(tmp_path / "out")])
+    assert message in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_it_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "bench.py", "--device", "cuda", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=ENV, cwd=HERE, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("bench.py: error: --device cuda: CUDA is not available on this machine")
 
 
 def test_bench_reports_a_failing_implementation_instead_of_crashing(tmp_path, monkeypatch):
