@@ -12,7 +12,6 @@ train.py and analyze.py call it; it imports neither.
 import csv
 import json
 import os
-import sys
 
 import ctrl_c
 
@@ -21,7 +20,7 @@ if __name__ == "__main__":  # Ctrl-C from here on, the seconds of slow imports i
 
 import numpy as np
 
-from data import Fail, atomic_write_text
+from data import Fail, OneLineParser, atomic_write_text
 
 COLORS = {"dense": "black", "moe-scratch": "tab:gray", "moe-naive": "tab:blue", "moe-drop-r0.5": "tab:green",
           "moe-drop-r0.5-indep": "tab:orange", "moe-drop-r1": "tab:red"}
@@ -434,10 +433,20 @@ def report_from_logs(out_dir):
     report(out_dir, dense_settings, moe_settings, fingerprint)
 
 
+def main(argv=None):
+    p = OneLineParser(prog="plot.py", description="An out-dir's summary.md and loss_curves.png again, from its runs' "
+                                                 "logs and settings (runs trained apart can be copied into one folder).")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a train.py --out-dir")
+    out_dir = p.parse_args(argv).out_dir
+    if not os.path.isdir(out_dir):
+        raise Fail(f"{out_dir}: not a folder")
+    report_from_logs(out_dir)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        raise SystemExit("usage: python plot.py OUT_DIR   (summary.md and loss_curves.png again from the runs' logs)")
     try:
-        report_from_logs(sys.argv[1])
-    except (Fail, OSError) as e:
+        main()
+    except Fail as e:
         raise SystemExit(f"plot.py: error: {e}")
+    except OSError as e:
+        raise SystemExit(f"plot.py: error: {e.filename or ''}: {e.strerror or e}")

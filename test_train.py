@@ -184,6 +184,21 @@ def test_second_init_reuses_dense_and_naive_starts_at_the_dense_loss(drop_run, t
     assert "4 experts, top-2, balancing loss weight 0.02" in summary
 
 
+def test_plot_py_command_line_helps_and_refuses_in_one_line(tmp_path):
+    def plot_py(*args):
+        return subprocess.run([sys.executable, "plot.py", *args], capture_output=True, text=True, env=ENV, cwd=HERE,
+                              timeout=120)
+
+    helped = plot_py("--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: plot.py [-h] OUT_DIR") and not helped.stderr
+    for args, message in [((str(tmp_path / "nothere"),), f"{tmp_path / 'nothere'}: not a folder"),
+                          ((str(tmp_path),), "no finished dense run and MoE run to report"),
+                          ((), "the following arguments are required: OUT_DIR")]:
+        refused = plot_py(*args)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert refused.stderr.startswith("plot.py: error: ") and message in refused.stderr
+
+
 def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus, tmp_path, capsys):
     import shutil
 
