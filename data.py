@@ -135,6 +135,10 @@ unit_float = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 # Tokenizers
 
 
+TOKENIZERS = ("byte", "gpt2")  # the --tokenizer choices
+TOKENIZER_HELP = "byte (offline, 257 tokens) or gpt2 (tiktoken BPE, needs its files)"
+
+
 def get_tokenizer(name):
     """byte (offline, 257 tokens) or a tiktoken BPE name such as gpt2 (needs its files, downloaded once)."""
     import tiktoken
@@ -565,8 +569,9 @@ def atomic_write_text(path, text):
 
 if __name__ == "__main__":
     p = OneLineParser(prog="data.py", description="Build the token cache of a corpus and describe it.")
-    p.add_argument("--data", default=":stdlib", help=":stdlib (default), :python, a folder or a text file")
-    p.add_argument("--tokenizer", default="byte")
+    p.add_argument("--data", default=":stdlib", help=":stdlib (default), :python, a folder, a text file or a uint16 "
+                   ".bin token file")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default="byte", help=TOKENIZER_HELP)
     p.add_argument("--corpus-mb", type=nonneg_float, default=8.0, help="size cap in MB, half per language (0: none)")
     p.add_argument("--out-dir", default="out")
     try:

@@ -286,7 +286,8 @@ def test_a_misspelt_flag_is_named_alone_with_the_nearest_real_one(argv, message)
 
 @pytest.mark.parametrize("flags, message", [
     (["--corpus-megabytes", "1"], "unrecognized option --corpus-megabytes (did you mean --corpus-mb?)"),
-    (["--corpus-mb", "-1"], "argument --corpus-mb: must be 0 or more")])
+    (["--corpus-mb", "-1"], "argument --corpus-mb: must be 0 or more"),
+    (["--tokenizer", "gtp2"], "argument --tokenizer: invalid choice: 'gtp2' (choose from 'byte', 'gpt2')")])
 def test_data_py_bad_flag_is_one_line(tmp_path, flags, message):
     p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--out-dir", str(tmp_path), *flags],
                        capture_output=True, text=True, env=ENV, timeout=60)

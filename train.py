@@ -35,8 +35,9 @@ import torch
 
 import distributed
 import plot
-from data import (Fail, HFTokenizer, OneLineParser, atomic_write_text, check_data_exists, corpus_to_device, get_batch,
-                  get_tokenizer, load_data, make_dirs, nonneg_float, nonneg_int, positive_float, positive_int, unit_float)
+from data import (TOKENIZER_HELP, TOKENIZERS, Fail, HFTokenizer, OneLineParser, atomic_write_text, check_data_exists,
+                  corpus_to_device, get_batch, get_tokenizer, load_data, make_dirs, nonneg_float, nonneg_int,
+                  positive_float, positive_int, unit_float)
 from dropupcycle import ModelConfig, Transformer, compile_model, drop_upcycle, flops_per_token, neurons_to_drop, upcycled_config
 from gpus import amp_dtype, autocast, compute_description, gpu_peak_flops, micro_split, oom_message, resolve_device
 from runs import (CSV_FIELDS, LOCK, STOP, Run, load_checkpoint, load_model, lock_out_dir, on_signal,
@@ -98,7 +99,7 @@ def build_parser():
     p.add_argument("--seed", type=nonneg_int, default=0, help="seeds the dense init, the data order and the upcycling")
     p.add_argument("--data", default=None, help=":stdlib (cpu preset), :python (gpu preset: stdlib + installed packages), "
                                                 "a text file, a folder of text files, or a uint16 token file (.bin)")
-    p.add_argument("--tokenizer", choices=["byte", "gpt2"], default="byte", help="byte (offline, 257 tokens) or gpt2 (tiktoken BPE, needs its files)")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default="byte", help=TOKENIZER_HELP)
     p.add_argument("--corpus-mb", type=nonneg_float, default=None, help="cap the text corpus at this many MB, half per language (0: no cap)")
     p.add_argument("--dense-from", metavar="HF_DIR", help="skip the dense phase: upcycle this pretrained Hugging Face Llama "
                                                          "(folder or hub id) and train with its own tokenizer")
