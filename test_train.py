@@ -229,6 +229,18 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
         plot.report_from_logs(str(out))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--sample", "RUN", "--init", "naive"], "--init has no effect with --sample: the checkpoint holds its model's"),
+    (["--sample", "RUN", "--reinit-ratio", "0.3"], "--r/--reinit-ratio has no effect with --sample"),
+    (["--sample", "RUN", "--no-compile"], "--compile/--no-compile has no effect with --sample"),
+    (["--prompt", "def g", "--moe-steps", "3"], "--prompt applies to --sample only"),
+])
+def test_a_flag_that_sampling_or_training_would_ignore_is_refused(argv, message):
+    with pytest.raises(data.Fail) as e:
+        train.parse_args(argv)
+    assert str(e.value).startswith(message), str(e.value)
+
+
 def test_sample_prints_text_from_a_checkpoint(drop_run, capsys, tmp_path):
     code, stdout, err = run_main(["--sample", str(drop_run[0] / "moe-drop-r0.5"), "--sample-tokens", "16",
                                   "--device", "cpu"], capsys)

@@ -141,8 +141,28 @@ def build_parser():
     return p
 
 
+SAMPLING_FLAGS = ("sample", "prompt", "num_samples", "sample_tokens", "temperature")  # and --device, --seed
+
+
+def check_sampling_flags(parser, args):
+    """--sample reads its model's settings from the checkpoint, and a training run draws no samples: a flag of
+    the other kind would be ignored without a word, so it is refused."""
+    for action in parser._actions:
+        given = action.option_strings and action.default is not argparse.SUPPRESS and \
+            getattr(args, action.dest) != action.default
+        if not given or action.dest in ("device", "seed"):
+            continue
+        if args.sample and action.dest not in SAMPLING_FLAGS:
+            raise Fail(f"{'/'.join(action.option_strings)} has no effect with --sample: the checkpoint holds its model's "
+                       f"settings (only --prompt, --num-samples, --sample-tokens, --temperature, --device, --seed)")
+        if not args.sample and action.dest in SAMPLING_FLAGS:
+            raise Fail(f"{'/'.join(action.option_strings)} applies to --sample only")
+
+
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_sampling_flags(parser, args)
     if args.preset is None:
         on_gpu = (torch.cuda.is_available() and args.device in ("auto", "cuda")) or args.device.startswith("cuda:")
         args.preset = "gpu" if on_gpu else "cpu"
