@@ -259,11 +259,11 @@ def finished_runs(out_dir, dense_settings, moe_settings):
 
 def report(out_dir, dense_settings, moe_settings, fingerprint):
     """summary.md and loss_curves.png of the dense run and every comparable finished MoE run in out_dir, whichever
-    command trained it."""
+    command trained it; False, with nothing written, where the dense run that every run is compared with is not
+    there or damaged."""
     runs = finished_runs(out_dir, dense_settings, moe_settings)
     if "dense" not in runs:
-        print(f"warning: no summary or figure written: every run is compared with the dense run in {out_dir}/dense")
-        return
+        return False
     results, curves = {n: r for n, (r, _) in runs.items()}, {n: c for n, (_, c) in runs.items()}
     dense, s = results["dense"], dense_settings
     start = (f"the pretrained {s['source']['path']}" if s.get("source") else
@@ -286,6 +286,7 @@ def report(out_dir, dense_settings, moe_settings, fingerprint):
     except OSError as e:
         raise Fail(f"could not write {figure_path} ({e.strerror or e})")
     print(f"figure: {figure_path} | summary: {summary_path} | CSVs: {out_dir}/*/log.csv")
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -430,7 +431,9 @@ def report_from_logs(out_dir):
         [moe_settings["model"][key] for key in ("n_experts", "top_k", "aux_loss_coef")]  # for the summary's header
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise Fail(f"{out_dir}: a settings.json is unreadable or not a train.py run's ({e!r})")
-    report(out_dir, dense_settings, moe_settings, fingerprint)
+    if not report(out_dir, dense_settings, moe_settings, fingerprint):
+        stale = " (the summary.md there is from before)" if os.path.exists(os.path.join(out_dir, "summary.md")) else ""
+        raise Fail(f"no summary or figure written: every run is compared with the dense run in {out_dir}/dense{stale}")
 
 
 def main(argv=None):

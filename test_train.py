@@ -218,6 +218,12 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
     plot.report_from_logs(str(out))
     assert "moe-drop-r0.5" not in (out / "summary.md").read_text()
     assert "upcycled from another dense model" in capsys.readouterr().out
+    # a damaged dense run leaves nothing to compare with: an error, and the summary.md left there is named as old
+    dense_result = (out / "dense" / "result.json").read_text()
+    (out / "dense" / "result.json").write_text("{")
+    with pytest.raises(data.Fail, match=r"compared with the dense run in .*dense \(the summary.md there is from before\)"):
+        plot.report_from_logs(str(out))
+    (out / "dense" / "result.json").write_text(dense_result)
     with pytest.raises(data.Fail):  # a folder with no runs: one line, not a traceback
         plot.report_from_logs(str(tmp_path))
     naive_settings = out / "moe-naive" / "settings.json"

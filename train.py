@@ -723,7 +723,9 @@ def experiment(args):
     train_moe_inits(moe_runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, later_flops,
                     split["moe"], use_compile=args.compile, ckpt_interval=args.ckpt_interval, t_all=t_all)
     if distributed.is_main():  # with any runs of earlier commands that share these settings
-        plot.report(args.out_dir, dense_run.settings, moe_runs[0].settings if moe_runs else None, data_info["fingerprint"])
+        if not plot.report(args.out_dir, dense_run.settings, moe_runs[0].settings if moe_runs else None,
+                           data_info["fingerprint"]):
+            print(f"warning: no summary or figure written: every run is compared with the dense run in {dense_run.dir}")
     print(f"total time {plot.fmt_time(time.time() - t_all)}")
     distributed.barrier()  # ranks leave together: one tearing down its process group while rank 0 still works can abort
 
