@@ -588,7 +588,8 @@ def diversity_reinit(w_gate, w_up, w_down, r, shared_indices, rng):
     n_drop = neurons_to_drop(r, d_ff)
     if n_drop == 0:
         return  # naive Upcycling
-    # Step 1: S, a random subset of floor(r * d_ff) of the d_ff intermediate indices ...
+    # Step 1: S, a random subset of floor(r * d_ff) of the d_ff intermediate indices ... (drawn for independent
+    # sets too, which then draw one per matrix: the random stream stays that of the committed reference runs)
     S = torch.randperm(d_ff, generator=rng)[:n_drop]
     for w in (w_gate, w_up, w_down.T):
         if not shared_indices:  # ... or, as in the released code, a fresh S for each matrix
