@@ -127,17 +127,26 @@ def test_a_model_that_is_only_scored_needs_no_gradient_sync_under_fsdp(monkeypat
         pass
 
 
-def test_sigterm_on_one_rank_stops_both_and_resumes_on_one_process(reference, train_corpus, tmp_path):
-    proc = subprocess.Popen([*TORCHRUN, TRAIN_PY, *flags(train_corpus, tmp_path)], stdout=subprocess.PIPE,
+def signal_ranks_at_dense_step_5(corpus, out, signum, ranks):
+    """torchrun train.py, with signum sent to the workers of the given ranks at dense step 5 and not to torchrun
+    itself: (torchrun's exit status, stdout, stderr, the workers' pids)."""
+    proc = subprocess.Popen([*TORCHRUN, TRAIN_PY, *flags(corpus, out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE, start_new_session=True)
+    workers = []
     for line in proc.stdout:
         if line.startswith("[dense] step 5/"):
             with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
                 workers = [int(p) for p in f.read().split()]
-            os.kill(workers[-1], signal.SIGTERM)  # one rank only
+            for rank in ranks:
+                os.kill(workers[rank], signum)
             break
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    return proc.returncode, stdout, stderr, workers
+
+
+def test_sigterm_on_one_rank_stops_both_and_resumes_on_one_process(reference, train_corpus, tmp_path):
+    returncode, stdout, _, _ = signal_ranks_at_dense_step_5(train_corpus, tmp_path, signal.SIGTERM, ranks=[-1])
+    assert returncode != 0
     ckpt = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)
     assert 5 <= ckpt["step"] < 40 and not ckpt["finished"], stdout
     resumed = run([sys.executable, TRAIN_PY, *flags(train_corpus, tmp_path), "--resume"])
@@ -149,17 +158,9 @@ def test_sigterm_on_one_rank_stops_both_and_resumes_on_one_process(reference, tr
 def test_ctrl_c_on_every_rank_saves_the_checkpoint_and_each_rank_reports_130_to_torchrun(train_corpus, tmp_path):
     """A rank that stops for Ctrl-C exits with status 130, which torchrun reports, instead of dying by SIGINT as
     `python train.py` does: torchrun, not a shell, is its parent (runs.run_as_script)."""
-    proc = subprocess.Popen([*TORCHRUN, TRAIN_PY, *flags(train_corpus, tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE, start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith("[dense] step 5/"):
-            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-                workers = [int(p) for p in f.read().split()]
-            for pid in workers:  # as a terminal's Ctrl-C reaches each rank, but torchrun left to see how they end
-                os.kill(pid, signal.SIGINT)
-            break
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and len(workers) == 2
+    # as a terminal's Ctrl-C reaches each rank, but torchrun is left alone to report how they ended
+    returncode, stdout, stderr, workers = signal_ranks_at_dense_step_5(train_corpus, tmp_path, signal.SIGINT, [0, 1])
+    assert returncode != 0 and len(workers) == 2
     assert len(re.findall(r"exitcode\s*:\s*130\b", stderr)) == 2 and "SIGINT" not in stderr, stderr[-3000:]
     ckpt = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)
     assert 5 <= ckpt["step"] < 40 and not ckpt["finished"], stdout
