@@ -464,7 +464,8 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
         how = "one file: split by position"
     else:
         train, val, how = open_split("train"), open_split("val"), "split by file"
-    langs = ", ".join(f"{n:,} {lang}" for lang, n in sorted(meta.get("languages", {}).items()))
+    langs = ", ".join(f"{n:,} {'other text' if lang == 'other' else lang}"
+                      for lang, n in sorted(meta.get("languages", {}).items()))
     what = {":stdlib": "this Python's standard library", ":python": "this Python installation"}.get(data, data)
     fingerprint = meta.get("tokens_sha1", "")[:16]
     written, listed = meta["train_files"] + meta["val_files"], sum(meta.get("languages", {}).values())

@@ -888,7 +888,7 @@ def test_one_file_corpus_is_split_by_position_whatever_its_name(as_folder, tmp_p
     everything = list(text.encode()) + [256]
     n_val = int(len(everything) * data.VAL_FRACTION)
     assert list(train_tokens) == everything[:-n_val] and list(val_tokens) == everything[-n_val:]
-    assert "split by position" in info["description"]
+    assert "split by position" in info["description"] and "1 file (1 other text)" in info["description"]
     code, _, err = run_main(["--init", "dense", *tiny(source, tmp_path / "out")], capsys)
     assert code == 0, err
 
