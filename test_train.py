@@ -240,11 +240,18 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
     (["--sample", "RUN", "--reinit-ratio", "0.3"], "--r/--reinit-ratio has no effect with --sample"),
     (["--sample", "RUN", "--no-compile"], "--compile/--no-compile has no effect with --sample"),
     (["--prompt", "def g", "--moe-steps", "3"], "--prompt applies to --sample only"),
+    (["--sample", "", "--device", "cpu"], "--sample needs a checkpoint file or a run folder"),
 ])
 def test_a_flag_that_sampling_or_training_would_ignore_is_refused(argv, message):
     with pytest.raises(data.Fail) as e:
         train.parse_args(argv)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_every_flag_sampling_uses_is_taken_with_sample():
+    args = train.parse_args(["--sample", "RUN", "--prompt", "x", "--num-samples", "1", "--sample-tokens", "3",
+                             "--temperature", "1", "--device", "cpu", "--seed", "1"])
+    assert (args.sample, args.prompt, args.temperature, args.seed) == ("RUN", "x", 1.0, 1)
 
 
 def test_sample_prints_text_from_a_checkpoint(drop_run, capsys, tmp_path):
@@ -623,6 +630,10 @@ def test_cuda_oom_is_reported_with_sizes_and_a_suggestion(train_corpus, tmp_path
     code, _, err = run_main(["--init", "dense", *tiny(train_corpus, tmp_path)], capsys)
     line = assert_one_line_error(code, err)
     assert "4 x 32 = 128 tokens" in line and "--batch-size 2 --grad-accum 2" in line
+    # sampling takes no batch flags: its suggestion is its own
+    monkeypatch.setattr(train, "sample", oom)
+    code, _, err = run_main(["--sample", str(tmp_path), "--device", "cpu"], capsys)
+    assert "out of memory while sampling: try fewer --num-samples or --sample-tokens" in assert_one_line_error(code, err)
 
 
 def test_compile_is_used_only_where_it_agrees_with_eager_mode(monkeypatch, capsys):

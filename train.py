@@ -141,22 +141,26 @@ def build_parser():
     return p
 
 
-SAMPLING_FLAGS = ("sample", "prompt", "num_samples", "sample_tokens", "temperature")  # and --device, --seed
+SAMPLING_FLAGS = ("prompt", "num_samples", "sample_tokens", "temperature", "device", "seed")  # what --sample uses
 
 
 def check_sampling_flags(parser, args):
     """--sample reads its model's settings from the checkpoint, and a training run draws no samples: a flag of
-    the other kind would be ignored without a word, so it is refused."""
+    the other kind, set to other than its default, would be ignored without a word, so it is refused."""
+    sampling = args.sample is not None
+    if sampling and not args.sample:
+        raise Fail("--sample needs a checkpoint file or a run folder")
     for action in parser._actions:
         given = action.option_strings and action.default is not argparse.SUPPRESS and \
             getattr(args, action.dest) != action.default
-        if not given or action.dest in ("device", "seed"):
+        if not given or action.dest in ("sample", "device", "seed"):
             continue
-        if args.sample and action.dest not in SAMPLING_FLAGS:
-            raise Fail(f"{'/'.join(action.option_strings)} has no effect with --sample: the checkpoint holds its model's "
-                       f"settings (only --prompt, --num-samples, --sample-tokens, --temperature, --device, --seed)")
-        if not args.sample and action.dest in SAMPLING_FLAGS:
-            raise Fail(f"{'/'.join(action.option_strings)} applies to --sample only")
+        flag = "/".join(action.option_strings)
+        if sampling and action.dest not in SAMPLING_FLAGS:
+            allowed = ", ".join("--" + dest.replace("_", "-") for dest in SAMPLING_FLAGS)
+            raise Fail(f"{flag} has no effect with --sample: the checkpoint holds its model's settings (only {allowed})")
+        if not sampling and action.dest in SAMPLING_FLAGS:
+            raise Fail(f"{flag} applies to --sample only")
 
 
 def parse_args(argv=None):
@@ -766,7 +770,7 @@ def main(argv=None):
     args = None
     try:
         args = parse_args(argv)
-        if args.sample:
+        if args.sample is not None:
             if distributed.is_main():  # under torchrun, one process samples
                 sample(args.sample, device_name=args.device, prompt=args.prompt, num_samples=args.num_samples,
                        sample_tokens=args.sample_tokens, temperature=args.temperature, seed=args.seed)
@@ -779,8 +783,12 @@ def main(argv=None):
             print(f"{prog}: error: {where}{e}", file=sys.stderr)
         distributed.leave(1)
     except torch.OutOfMemoryError:
-        shape = SHAPE or dict(d_model=args.d_model, n_layer=args.n_layer, n_experts=args.n_experts)  # (--sample: the flags)
-        print(f"{prog}: error: {oom_message(args.batch_size, args.seq_len, args.grad_accum, **shape)}", file=sys.stderr)
+        if args.sample is not None:
+            message = "CUDA out of memory while sampling: try fewer --num-samples or --sample-tokens, or --device cpu"
+        else:
+            shape = SHAPE or dict(d_model=args.d_model, n_layer=args.n_layer, n_experts=args.n_experts)
+            message = oom_message(args.batch_size, args.seq_len, args.grad_accum, **shape)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         distributed.leave(1)
     except KeyboardInterrupt as e:
         if not distributed.is_main():
