@@ -801,9 +801,12 @@ def main(argv=None):
                         "experts, as real text routes; each row gives the load balance it made)")
     args = p.parse_args(argv)
     device = gpus.resolve_device(args.device)
+    args.device = str(device)  # as recorded in bench.json
     cuda = device.type == "cuda"
     preset = train.PRESETS["gpu" if cuda else "cpu"]
     args.loop_data = args.loop_data or preset["data"]
+    if "loop" in args.sections:  # before the other sections' minutes, not after
+        data.check_data_exists(args.loop_data, flag="--loop-data")
     args.loop_corpus_mb = preset["corpus_mb"] if args.loop_corpus_mb is None else args.loop_corpus_mb
     args.compile = cuda if args.compile is None else args.compile
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
@@ -819,7 +822,7 @@ def main(argv=None):
         hf_version = "absent"
     peak = peak_flops(device, args.peak_tflops)
     results = dict(meta=dict(command="python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-                             device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                             device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
                              transformers=hf_version, python=sys.version.split()[0],
                              date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                              peak_tflops=peak / 1e12 if peak else None, args=vars(args)),
@@ -874,4 +877,4 @@ if __name__ == "__main__":
     except data.Fail as e:
         raise SystemExit(f"bench.py: error: {e}")
     except OSError as e:  # --out not writable, a full disk
-        raise SystemExit(f"bench.py: error: {e.filename or ''}: {e.strerror or e}")
+        raise SystemExit(f"bench.py: error: {data.os_error_text(e)}")

@@ -403,10 +403,15 @@ def corpus_name(data):
     return data[1:] if data in BUILTIN_CORPORA else os.path.basename(os.path.normpath(data)) or "data"
 
 
-def check_data_exists(data):
+def check_data_exists(data, flag="--data"):
     if data not in BUILTIN_CORPORA and not os.path.exists(data):
         builtin = f" (the built-in corpora are {' and '.join(BUILTIN_CORPORA)})" if data.startswith(":") else ""
-        raise Fail(f"--data {data}: no such file or folder{builtin}")
+        raise Fail(f"{flag} {data}: no such file or folder{builtin}")
+
+
+def os_error_text(e):
+    """An OSError in one line: 'path: reason', or the reason alone where it names no file (a full disk)."""
+    return f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
 
 
 def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data import Fail, HFTokenizer, OneLineParser
+from data import Fail, HFTokenizer, OneLineParser, os_error_text
 from dropupcycle import LLAMA3_ROPE_KEYS, ModelConfig, Transformer, rope_cos_sin, upcycled_config, upcycled_ffns
 from runs import load_model, tokenizer_dir_of
 
@@ -457,7 +457,7 @@ def main(argv=None):
         print(f"hf.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
-        print(f"hf.py: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        print(f"hf.py: error: {os_error_text(e)}", file=sys.stderr)
         sys.exit(1)
 
 

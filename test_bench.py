@@ -47,6 +47,7 @@ def test_bench_runs_on_cpu_and_writes_markdown_and_json(tmp_path, monkeypatch):
     (["--router-skew", "-1"], "argument --router-skew: must be 0 or more, got -1"),
     (["--compile-mode", "fast"], "argument --compile-mode: invalid choice: 'fast'"),
     (["--device", "gpu"], "--device gpu: not a device (use auto, cpu, cuda or cuda:N)"),
+    (["--sections", "layer,loop", "--loop-data", "no/such/corpus"], "--loop-data no/such/corpus: no such file or folder"),
 ])
 def test_bad_flags_are_refused_before_anything_is_measured(tmp_path, flags, message):
     with pytest.raises(data.Fail) as e:

@@ -127,9 +127,10 @@ def test_a_model_that_is_only_scored_needs_no_gradient_sync_under_fsdp(monkeypat
         pass
 
 
-def signal_ranks_at_dense_step_5(corpus, out, signum, ranks):
-    """torchrun train.py, with signum sent to the workers of the given ranks at dense step 5 and not to torchrun
-    itself: (torchrun's exit status, stdout, stderr, the workers' pids)."""
+def signal_workers_at_dense_step_5(corpus, out, signum, which):
+    """torchrun train.py, with signum sent at dense step 5 to the worker processes at the indices which (in the
+    order /proc lists torchrun's children) and not to torchrun itself: (torchrun's exit status, stdout, stderr,
+    the workers' pids)."""
     proc = subprocess.Popen([*TORCHRUN, TRAIN_PY, *flags(corpus, out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=HERE, start_new_session=True)
     workers = []
@@ -137,15 +138,15 @@ def signal_ranks_at_dense_step_5(corpus, out, signum, ranks):
         if line.startswith("[dense] step 5/"):
             with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
                 workers = [int(p) for p in f.read().split()]
-            for rank in ranks:
-                os.kill(workers[rank], signum)
+            for i in which:
+                os.kill(workers[i], signum)
             break
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr, workers
 
 
 def test_sigterm_on_one_rank_stops_both_and_resumes_on_one_process(reference, train_corpus, tmp_path):
-    returncode, stdout, _, _ = signal_ranks_at_dense_step_5(train_corpus, tmp_path, signal.SIGTERM, ranks=[-1])
+    returncode, stdout, _, _ = signal_workers_at_dense_step_5(train_corpus, tmp_path, signal.SIGTERM, which=[-1])
     assert returncode != 0
     ckpt = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=True)
     assert 5 <= ckpt["step"] < 40 and not ckpt["finished"], stdout
@@ -159,7 +160,7 @@ def test_ctrl_c_on_every_rank_saves_the_checkpoint_and_the_ranks_exit_130_for_to
     """A rank that stops for Ctrl-C exits with status 130, which torchrun reports, instead of dying by SIGINT as
     `python train.py` does: torchrun, not a shell, is its parent (runs.run_as_script)."""
     # as a terminal's Ctrl-C reaches each rank, but torchrun is left alone to report how they ended
-    returncode, stdout, stderr, workers = signal_ranks_at_dense_step_5(train_corpus, tmp_path, signal.SIGINT, [0, 1])
+    returncode, stdout, stderr, workers = signal_workers_at_dense_step_5(train_corpus, tmp_path, signal.SIGINT, [0, 1])
     assert returncode != 0 and len(workers) == 2
     # torchrun's failure table: "exitcode  : 130 (pid: N)" for the first rank to end; the other may still be
     # leaving when torchrun stops it with SIGTERM. Neither may die by SIGINT.

@@ -184,6 +184,11 @@ def test_second_init_reuses_dense_and_naive_starts_at_the_dense_loss(drop_run, t
     assert "4 experts, top-2, balancing loss weight 0.02" in summary
 
 
+def test_an_os_error_is_one_line_naming_its_file_where_it_has_one():
+    assert data.os_error_text(FileNotFoundError(2, "No such file or directory", "x/y")) == "x/y: No such file or directory"
+    assert data.os_error_text(OSError(28, "No space left on device")) == "No space left on device"  # no empty "':"
+
+
 def test_plot_py_command_line_helps_and_refuses_in_one_line(tmp_path):
     def plot_py(*args):
         return subprocess.run([sys.executable, "plot.py", *args], capture_output=True, text=True, env=ENV, cwd=HERE,
