@@ -156,11 +156,13 @@ def test_sigterm_on_one_rank_stops_both_and_resumes_on_one_process(reference, tr
     assert_same_run(tmp_path, reference)
 
 
-def test_ctrl_c_on_every_rank_saves_the_checkpoint_and_the_ranks_exit_130_for_torchrun_not_by_sigint(train_corpus, tmp_path):
+def test_ctrl_c_on_every_rank_saves_the_checkpoint_and_the_ranks_exit_130_for_torchrun_not_by_sigint(train_corpus,
+                                                                                                   tmp_path):
     """A rank that stops for Ctrl-C exits with status 130, which torchrun reports, instead of dying by SIGINT as
     `python train.py` does: torchrun, not a shell, is its parent (runs.run_as_script)."""
     # as a terminal's Ctrl-C reaches each rank, but torchrun is left alone to report how they ended
-    returncode, stdout, stderr, workers = signal_workers_at_dense_step_5(train_corpus, tmp_path, signal.SIGINT, [0, 1])
+    returncode, stdout, stderr, workers = signal_workers_at_dense_step_5(train_corpus, tmp_path, signal.SIGINT,
+                                                                         which=[0, 1])
     assert returncode != 0 and len(workers) == 2
     # torchrun's failure table: "exitcode  : 130 (pid: N)" for the first rank to end; the other may still be
     # leaving when torchrun stops it with SIGTERM. Neither may die by SIGINT.
