@@ -246,6 +246,8 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
     (["--sample", "RUN", "--no-compile"], "--compile/--no-compile has no effect with --sample"),
     (["--prompt", "def g", "--moe-steps", "3"], "--prompt applies to --sample only"),
     (["--sample", "", "--device", "cpu"], "--sample needs a checkpoint file or a run folder"),
+    (["--sample", "RUN", "--weight-decay", "0.1"], "--weight-decay has no effect with --sample"),  # its default
+    (["--prompt", "def "], "--prompt applies to --sample only"),  # its default
 ])
 def test_a_flag_that_sampling_or_training_would_ignore_is_refused(argv, message):
     with pytest.raises(data.Fail) as e:

@@ -144,29 +144,29 @@ def build_parser():
 SAMPLING_FLAGS = ("prompt", "num_samples", "sample_tokens", "temperature", "device", "seed")  # what --sample uses
 
 
-def check_sampling_flags(parser, args):
+def check_sampling_flags(argv, sample):
     """--sample reads its model's settings from the checkpoint, and a training run draws no samples: a flag of
-    the other kind, set to other than its default, would be ignored without a word, so it is refused."""
-    sampling = args.sample is not None
-    if sampling and not args.sample:
+    the other kind in argv would be ignored without a word, so it is refused."""
+    if sample == "":
         raise Fail("--sample needs a checkpoint file or a run folder")
-    for action in parser._actions:
-        given = action.option_strings and action.default is not argparse.SUPPRESS and \
-            getattr(args, action.dest) != action.default
-        if not given or action.dest in ("sample", "device", "seed"):
+    parser = build_parser()
+    for action in parser._actions:  # parsed again with no defaults: what is left is what argv sets
+        action.default = argparse.SUPPRESS
+    names = {a.dest: "/".join(a.option_strings) for a in parser._actions}
+    for dest in vars(parser.parse_args(argv)):  # (in argv's order)
+        if dest in ("sample", "device", "seed"):
             continue
-        flag = "/".join(action.option_strings)
-        if sampling and action.dest not in SAMPLING_FLAGS:
-            allowed = ", ".join("--" + dest.replace("_", "-") for dest in SAMPLING_FLAGS)
-            raise Fail(f"{flag} has no effect with --sample: the checkpoint holds its model's settings (only {allowed})")
-        if not sampling and action.dest in SAMPLING_FLAGS:
-            raise Fail(f"{flag} applies to --sample only")
+        if sample is not None and dest not in SAMPLING_FLAGS:
+            allowed = ", ".join("--" + d.replace("_", "-") for d in SAMPLING_FLAGS)
+            raise Fail(f"{names[dest]} has no effect with --sample: the checkpoint holds its model's settings "
+                       f"(only {allowed})")
+        if sample is None and dest in SAMPLING_FLAGS:
+            raise Fail(f"{names[dest]} applies to --sample only")
 
 
 def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_sampling_flags(parser, args)
+    args = build_parser().parse_args(argv)
+    check_sampling_flags(argv, args.sample)
     if args.preset is None:
         on_gpu = (torch.cuda.is_available() and args.device in ("auto", "cuda")) or args.device.startswith("cuda:")
         args.preset = "gpu" if on_gpu else "cpu"
