@@ -125,9 +125,9 @@ def chosen_train_flags(command):
 def train_argv_checked(train_argv, command):
     """train_argv, once seen not to set any of command's chosen_train_flags (parsed as train.py parses them, so an
     abbreviation or --flag=value is caught too)."""
-    given = vars(train.build_parser().parse_args(train_argv))
+    given = train.given_flags(train_argv)
     for key in chosen_train_flags(command):
-        if given[key] not in (None, False):
+        if key in given:
             flag, hint = OWN_FLAGS[key]
             raise Fail(f"{command} chooses {flag} itself; pass the train.py flags that all its runs share{hint}")
     return train_argv

@@ -144,24 +144,29 @@ def build_parser():
 SAMPLING_FLAGS = ("prompt", "num_samples", "sample_tokens", "temperature", "device", "seed")  # what --sample uses
 
 
+def given_flags(argv):
+    """{dest: flag} of the flags argv sets, in argv's order, whatever their values: parsed as parse_args parses
+    them (an abbreviation or --flag=value counts too), with no defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    names = {a.dest: "/".join(a.option_strings) for a in parser._actions}
+    return {dest: names[dest] for dest in vars(parser.parse_args(argv))}
+
+
 def check_sampling_flags(argv, sample):
     """--sample reads its model's settings from the checkpoint, and a training run draws no samples: a flag of
     the other kind in argv would be ignored without a word, so it is refused."""
     if sample == "":
         raise Fail("--sample needs a checkpoint file or a run folder")
-    parser = build_parser()
-    for action in parser._actions:  # parsed again with no defaults: what is left is what argv sets
-        action.default = argparse.SUPPRESS
-    names = {a.dest: "/".join(a.option_strings) for a in parser._actions}
-    for dest in vars(parser.parse_args(argv)):  # (in argv's order)
+    for dest, flag in given_flags(argv).items():
         if dest in ("sample", "device", "seed"):
             continue
         if sample is not None and dest not in SAMPLING_FLAGS:
             allowed = ", ".join("--" + d.replace("_", "-") for d in SAMPLING_FLAGS)
-            raise Fail(f"{names[dest]} has no effect with --sample: the checkpoint holds its model's settings "
-                       f"(only {allowed})")
+            raise Fail(f"{flag} has no effect with --sample: the checkpoint holds its model's settings (only {allowed})")
         if sample is None and dest in SAMPLING_FLAGS:
-            raise Fail(f"{names[dest]} applies to --sample only")
+            raise Fail(f"{flag} applies to --sample only")
 
 
 def parse_args(argv=None):
