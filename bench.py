@@ -771,31 +771,37 @@ def sections_list(text):
     sections = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
-        raise argparse.ArgumentTypeError(f"unknown section {', '.join(unknown) or repr(text)} (use {', '.join(SECTIONS)})")
+        what = ", ".join(unknown) or repr(text)
+        raise argparse.ArgumentTypeError(f"unknown section {what} (use {', '.join(SECTIONS)})")
     return sections
 
 
 def main(argv=None):
-    p = data.OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.OneLineParser(prog="bench.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/bench", help="folder for bench.md, bench.json (and the profile)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--sections", type=sections_list, default="layer,step", help="comma list of: " + ", ".join(SECTIONS))
+    p.add_argument("--sections", type=sections_list, default="layer,step",
+                   help="comma list of: " + ", ".join(SECTIONS))
     p.add_argument("--loop-data", default=None, help="the real text of the loop section (default: the corpus of "
                                                        "train.py's preset for the device, :python or :stdlib)")
-    p.add_argument("--loop-corpus-mb", type=data.nonneg_float, default=None, help="its size cap (default: the preset's)")
+    p.add_argument("--loop-corpus-mb", type=data.nonneg_float, default=None,
+                   help="its size cap (default: the preset's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile rows (default: on for CUDA, off for CPU)")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, help="torch.compile mode of section 2's training steps (section "
-                   "4 runs train.py's), e.g. reduce-overhead (CUDA graphs: fewer kernel launches from the CPU); "
-                   "default: torch's default")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode of section 2's training steps (section 4 runs train.py's), e.g. "
+                        "reduce-overhead (CUDA graphs: fewer kernel launches from the CPU); default: torch's default")
     p.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face rows")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables to --out")
     p.add_argument("--layer-compile-tokens", type=data.positive_int, nargs="*", default=[32768, 65536],
                    help="token counts at which the layer is also compiled (each shape compiles anew)")
     p.add_argument("--warmup", type=data.nonneg_int, default=None, help="untimed calls first (default: 5 on CUDA, 1)")
     p.add_argument("--iters", type=data.positive_int, default=None, help="timed calls (default: 20 on CUDA, 3)")
-    p.add_argument("--tol", type=data.positive_float, default=2e-2, help="relative error that counts as agreeing (bf16)")
-    p.add_argument("--peak-tflops", type=data.positive_float, default=None, help="bf16 dense peak, if the GPU is not known")
+    p.add_argument("--tol", type=data.positive_float, default=2e-2,
+                   help="relative error that counts as agreeing (bf16)")
+    p.add_argument("--peak-tflops", type=data.positive_float, default=None,
+                   help="bf16 dense peak, if the GPU is not known")
     p.add_argument("--router-skew", type=data.nonneg_float, nargs="+", default=[0.0], metavar="S",
                    help="MoE steps with each router-logit skew S (0: even routing; larger: more tokens to fewer "
                         "experts, as real text routes; each row gives the load balance it made)")
