@@ -844,14 +844,13 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) as a training run has them
     meta = results["meta"]
     print(f"device: {meta['device']}, torch {torch.__version__}, peak {meta['peak_tflops']} TFLOP/s")
-    sections = args.sections
-    if "layer" in sections:
+    if "layer" in args.sections:
         bench_layers(args, device, record)
     profiles = profile_layers(device) if args.profile else []
-    if "step" in sections:
+    if "step" in args.sections:
         bench_steps(args, device, record, profiles)
         results["overhead"] = overheads(results["step"])
-    if "loop" in sections:
+    if "loop" in args.sections:
         bench_loop(args, device, record, profiles)
     if args.compile:
         try:
@@ -878,9 +877,4 @@ def save(results, out_dir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.Fail as e:
-        raise SystemExit(f"bench.py: error: {e}")
-    except OSError as e:  # --out not writable, a full disk
-        raise SystemExit(f"bench.py: error: {data.os_error_text(e)}")
+    data.exit_on_one_line("bench.py", main)

@@ -414,6 +414,17 @@ def os_error_text(e):
     return f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
 
 
+def exit_on_one_line(prog, main):
+    """main() of a tool run as a script: a Fail or an OSError (--out not writable, a full disk) ends it with one
+    line, `prog: error: ...`, and exit status 1."""
+    try:
+        return main()
+    except Fail as e:
+        raise SystemExit(f"{prog}: error: {e}")
+    except OSError as e:
+        raise SystemExit(f"{prog}: error: {os_error_text(e)}")
+
+
 def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
     """(train tokens, val tokens, info), memmapped, built once and cached in out_dir/data.
 

@@ -20,7 +20,7 @@ if __name__ == "__main__":  # Ctrl-C from here on, the seconds of slow imports i
 
 import numpy as np
 
-from data import Fail, OneLineParser, atomic_write_text, os_error_text
+from data import Fail, OneLineParser, atomic_write_text, exit_on_one_line
 
 COLORS = {"dense": "black", "moe-scratch": "tab:gray", "moe-naive": "tab:blue", "moe-drop-r0.5": "tab:green",
           "moe-drop-r0.5-indep": "tab:orange", "moe-drop-r1": "tab:red"}
@@ -447,9 +447,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Fail as e:
-        raise SystemExit(f"plot.py: error: {e}")
-    except OSError as e:
-        raise SystemExit(f"plot.py: error: {os_error_text(e)}")
+    exit_on_one_line("plot.py", main)
