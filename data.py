@@ -86,13 +86,14 @@ def unrecognized(extras, flags):
 
     unknown, stray, positional_only = [], [], False
     for word in extras:
+        option = word.split("=")[0]  # (--flag=value)
         if word == "--" and not positional_only:  # argparse's "no more flags" marker
             positional_only = True
-        elif word.split("=")[0] in flags and not positional_only:  # a real flag left over was read as an argument:
+        elif option in flags and not positional_only:  # a real flag left over was read as an argument:
             positional_only = True  # it came after a "--" that a sub-command's parser drops from its leftovers
             stray.append(word)
         elif is_flag(word) and not positional_only:
-            unknown.append(word.split("=")[0])
+            unknown.append(option)
         elif not unknown or positional_only:
             stray.append(word)
     if not unknown:

@@ -141,7 +141,8 @@ def build_parser():
     return p
 
 
-SAMPLING_FLAGS = ("prompt", "num_samples", "sample_tokens", "temperature", "device", "seed")  # what --sample uses
+SAMPLING_FLAGS = ("prompt", "num_samples", "sample_tokens", "temperature")  # what --sample uses besides:
+SHARED_FLAGS = ("device", "seed")  # what sampling and training both use
 
 
 def given_flags(argv):
@@ -160,10 +161,10 @@ def check_sampling_flags(argv, sample):
     if sample == "":
         raise Fail("--sample needs a checkpoint file or a run folder")
     for dest, flag in given_flags(argv).items():
-        if dest in ("sample", "device", "seed"):
+        if dest == "sample" or dest in SHARED_FLAGS:
             continue
         if sample is not None and dest not in SAMPLING_FLAGS:
-            allowed = ", ".join("--" + d.replace("_", "-") for d in SAMPLING_FLAGS)
+            allowed = ", ".join("--" + d.replace("_", "-") for d in SAMPLING_FLAGS + SHARED_FLAGS)
             raise Fail(f"{flag} has no effect with --sample: the checkpoint holds its model's settings (only {allowed})")
         if sample is None and dest in SAMPLING_FLAGS:
             raise Fail(f"{flag} applies to --sample only")
