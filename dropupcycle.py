@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 257  # the byte tokenizer of train.py: 256 bytes + <|endoftext|>
+    vocab_size: int = 257  # a byte-level tokenizer: 256 bytes + <|endoftext|>
     d_model: int = 256  # hidden size (d_h in the paper)
     n_layer: int = 4
     n_head: int = 4
@@ -455,7 +455,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         if self.config.is_moe:
             aux = load_balancing_loss(torch.cat(router_logits), self.config.top_k)  # all layers pooled
             self.aux_loss = aux.detach()
@@ -588,8 +588,8 @@ def diversity_reinit(w_gate, w_up, w_down, r, shared_indices, rng):
     n_drop = neurons_to_drop(r, d_ff)
     if n_drop == 0:
         return  # naive Upcycling
-    # Step 1: S, a random subset of floor(r * d_ff) of the d_ff intermediate indices ... (drawn for independent
-    # sets too, which then draw one per matrix: the random stream stays that of the committed reference runs)
+    # Step 1: S, a random subset of floor(r * d_ff) of the d_ff intermediate indices ... (drawn and discarded for
+    # independent sets too, which then draw one per matrix: one seed gives the runs in figures/ their weights)
     S = torch.randperm(d_ff, generator=rng)[:n_drop]
     for w in (w_gate, w_up, w_down.T):
         if not shared_indices:  # ... or, as in the released code, a fresh S for each matrix
