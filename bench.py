@@ -424,7 +424,7 @@ def bench_one_step(cfg, batch, seq, mode, compile_mode, device, peak, profiles=N
             skew_routing(model, router_skew)
         out["load_balance"] = routing_balance(model, inputs)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    opt = train.make_optimizer(model, 3e-4, 0.1, device)  # train.py's AdamW: the step section 4 compares with
     run = du.compile_model(model, mode=compile_mode) if mode == "compiled" else model
 
     def step():
