@@ -144,7 +144,7 @@ def train_moe_run(argv, title):
     run's wall time when it was trained here, None when a finished run was reused."""
     args = train.parse_args(argv)
     print(f"\n===== {title}: python train.py {shlex.join(argv)}", flush=True)
-    result = os.path.join(args.out_dir, train.run_name(args.init, args.r, not args.independent_indices), "result.json")
+    result = os.path.join(args.out_dir, plot.run_name(args.init, args.r, not args.independent_indices), "result.json")
     reused = os.path.exists(result)
     train.experiment(args)
     if reused:
@@ -179,7 +179,7 @@ def sweep_report(out_dir, tokenizer, seed, runs, command):
     """Figure (plot.sweep_figure: loss against MoE-phase tokens for every r, and minus naive) and table."""
     rows, curves = [], {}
     for init, r, shared in runs:
-        name = train.run_name(init, r if r is not None else 0.0, shared)
+        name = plot.run_name(init, r if r is not None else 0.0, shared)
         folder = os.path.join(out_dir, name)
         if not os.path.exists(os.path.join(folder, "result.json")):
             print(f"{name}: no finished run in {folder}, left out")
@@ -303,14 +303,14 @@ def lr_report(out_dir, folders, command):
     runs = {}  # (name, lr) -> (result, curve)
     for lr, folder in folders.items():
         for init, r, shared in LR_RUNS:
-            name = train.run_name(init, r, shared)
+            name = plot.run_name(init, r, shared)
             path = os.path.join(folder, name)
             if not os.path.exists(os.path.join(path, "result.json")):
                 print(f"{path}: no finished run, left out")
                 continue
             with open(os.path.join(path, "result.json")) as f:
                 runs[name, lr] = json.load(f), plot.val_curve(os.path.join(path, "log.csv"))
-    names = [n for n in dict.fromkeys(train.run_name(*run) for run in LR_RUNS)
+    names = [n for n in dict.fromkeys(plot.run_name(*run) for run in LR_RUNS)
              if any((n, lr) in runs for lr in folders)]
     if "moe-naive" not in names:
         raise Fail(f"no finished naive run in {', '.join(folders.values())} (with --report-only: pass the training's flags)")
@@ -441,7 +441,7 @@ def seeds(opts):
             if without_seed(settings) != without_seed(ref):
                 diff = settings_diff(without_seed(ref), without_seed(settings))
                 raise Fail(f"{name} in {ref_folder} and in {folder} differ in more than the seed ({', '.join(diff[:4])})")
-    known = ["dense"] + [train.run_name(*run) for run in train.ALL_RUNS]  # the order of train.py's summary
+    known = ["dense"] + [plot.run_name(*run) for run in train.ALL_RUNS]  # the order of train.py's summary
     names = sorted(dict.fromkeys(n for s in order for n in folders[s][1]),
                    key=lambda n: (known.index(n) if n in known else len(known), n))
     cols = " | ".join(f"seed {s}" for s in order)

@@ -34,12 +34,26 @@ def color_of(name, names):
     return COLORS.get(name) or OTHER_COLORS[others.index(name) % len(OTHER_COLORS)]
 
 
+def run_name(init, r, shared_indices=True):
+    """An MoE run's folder: moe-scratch, moe-naive, moe-drop-r0.5; independent index sets get their own folder
+    (moe-drop-r0.5-indep), so both variants of one r can sit side by side."""
+    return (f"moe-drop-r{r:g}" + ("" if shared_indices else "-indep")) if init == "drop" else f"moe-{init}"
+
+
+def drop_r(name):
+    """The r of a Drop-Upcycling run's folder name (run_name's inverse), else None."""
+    try:
+        return float(name.removeprefix("moe-drop-r").removesuffix("-indep")) if name.startswith("moe-drop-r") else None
+    except ValueError:  # a folder named like one, not by train.py
+        return None
+
+
 def label_of(name):
     """moe-drop-r0.5-indep -> 'Drop-Upcycling r=0.5, independent S'."""
     names = {"dense": "dense", "moe-naive": "naive Upcycling (r=0)", "moe-scratch": "MoE from scratch"}
-    if name in names or not name.startswith("moe-drop-r"):
+    if name in names or drop_r(name) is None:
         return names.get(name, name)
-    return "Drop-Upcycling r=" + name[len("moe-drop-r"):].replace("-indep", ", independent S")
+    return f"Drop-Upcycling r={drop_r(name):g}" + (", independent S" if name.endswith("-indep") else "")
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +318,7 @@ def sweep_figure(path, header, curves, dense_final, results=None):
     names = [n for n in curves if n != "moe-scratch"]  # far above every upcycled run at this scale: in the table
     colors = {}
     for name in names:
-        r = 0.0 if name == "moe-naive" else float(name[len("moe-drop-r"):].replace("-indep", ""))
+        r = 0.0 if name == "moe-naive" else drop_r(name)
         colors[name] = "black" if name == "moe-naive" else plt.cm.viridis(0.9 * r)
     late = []
     for name in names:

@@ -1,6 +1,7 @@
 """train.py, data.py and plot.py: the data, the real CLI end to end, resume, and every expected failure:
 one line on stderr, a non-zero exit, no lost work."""
 
+import inspect
 import json
 import math
 import os
@@ -241,9 +242,10 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--sample", "RUN", "--init", "naive"], "--init has no effect with --sample: the checkpoint holds its model's"),
-    (["--sample", "RUN", "--reinit-ratio", "0.3"], "--r/--reinit-ratio has no effect with --sample"),
-    (["--sample", "RUN", "--no-compile"], "--compile/--no-compile has no effect with --sample"),
+    (["--sample", "RUN", "--init", "naive"], "--init has no effect with --sample, which takes only --prompt"),
+    (["--sample", "RUN", "--reinit-ratio", "0.3"], "--reinit-ratio has no effect with --sample"),
+    (["--sample", "RUN", "--no-compile"], "--no-compile has no effect with --sample"),
+    (["--sample", "RUN", "--no-comp"], "--no-compile has no effect with --sample"),
     (["--prompt", "def g", "--moe-steps", "3"], "--prompt applies to --sample only"),
     (["--sample", "", "--device", "cpu"], "--sample needs a checkpoint file or a run folder"),
     (["--sample", "RUN", "--weight-decay", "0.1"], "--weight-decay has no effect with --sample"),  # its default
@@ -658,11 +660,11 @@ def test_compile_is_used_only_where_it_agrees_with_eager_mode(monkeypatch, capsy
     model = train.Transformer(cfg)
     x = torch.randint(0, 257, (2, 16))
     monkeypatch.setattr(torch, "compile", Compiled)
-    compiled = train.maybe_compile(model, True, (x, x), "moe")
+    compiled = train.training_module(model, True, (x, x), "moe")
     assert isinstance(compiled, Compiled) and compiled.model is model
     assert compiled.kwargs["options"]["triton.max_tiles"] == 1  # through compile_model
     monkeypatch.setattr(torch, "compile", lambda m, **kw: Compiled(m, shift=0.01))  # a compiler that gets it wrong
-    assert train.maybe_compile(model, True, (x, x), "moe") is model
+    assert train.training_module(model, True, (x, x), "moe") is model
     assert "WARNING: the compiled model disagrees with eager mode" in capsys.readouterr().out
 
 
@@ -680,7 +682,7 @@ def test_a_compiled_model_is_evaluated_with_its_training_graph_and_compiled_once
     batches = [(torch.randint(0, 257, (2, 16)), torch.randint(0, 257, (2, 16))) for _ in range(2)]
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = train.maybe_compile(model, True, batches[0], "moe")
+    compiled = train.training_module(model, True, batches[0], "moe")
     assert compiled is not model
     mean, _, losses = train.evaluate(model, compiled, batches, torch.device("cpu"))
     compiled(*batches[0])[1].backward()  # a training step's forward and backward
@@ -725,14 +727,14 @@ def test_cuda_graphs_are_used_on_one_gpu_for_steps_of_one_piece_only(monkeypatch
     assert train.compile_mode(cuda, 1, 1) == "reduce-overhead"
     assert train.compile_mode(cuda, 2, 1) is None and train.compile_mode(cpu, 1, 1) is None
     assert train.compile_mode(cuda, 1, 2) is None
-    # maybe_compile asks for the mode of the whole step: grad_accum micro-batches, each in split pieces
+    # training_module asks for the mode of the whole step: grad_accum micro-batches, each in split pieces
     asked, given = [], []
     monkeypatch.setattr(train, "compile_mode", lambda device, pieces, processes: asked.append(pieces) or "reduce-overhead")
     monkeypatch.setattr(train, "compile_model", lambda m, mode=None: given.append(mode) or m)
     model = Transformer(ModelConfig(vocab_size=257, d_model=32, n_layer=1, n_head=2, n_kv_head=2, d_ff=64,
                                     max_seq_len=16))
     x = torch.randint(0, 257, (4, 16))
-    train.maybe_compile(model, True, (x, x), "dense", split=2, grad_accum=3)
+    train.training_module(model, True, (x, x), "dense", split=2, grad_accum=3)
     assert asked == [6] and given == ["reduce-overhead"]
 
 
@@ -1301,7 +1303,7 @@ def test_cuda_graphs_train_and_evaluate_as_the_default_mode_does_and_are_recorde
         model = Transformer(cfg).to(device)
         val_rng = np.random.default_rng(1)
         val_batches = [data.get_batch(tokens, 8, 64, val_rng, device) for _ in range(3)]
-        train_model = train.maybe_compile(model, True, val_batches[0], "moe")
+        train_model = train.training_module(model, True, val_batches[0], "moe")
         assert train_model is not model  # the compiled model agreed with eager mode
         optimizer = train.make_optimizer(model, 1e-3, 0.1, device)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -1450,10 +1452,11 @@ def test_train_step_clips_the_global_gradient_norm_to_the_runs_grad_clip():
 def test_every_moe_init_gets_the_same_batches_at_each_step_and_they_depend_on_seed_phase_and_step(train_corpus,
                                                                                                   tmp_path, monkeypatch):
     args = train.parse_args(tiny(train_corpus, tmp_path / "out"))
+    recipe = train.training_recipe(**{flag: getattr(args, flag) for flag in inspect.signature(train.training_recipe).parameters})
     dense_cfg = train.dense_config(257, 32, 1, 2, 2, 64, 32)
     moe_cfg = train.moe_config(dense_cfg, 4, 2, 0.02)
     _, moe_runs, _, _ = train.plan_runs(str(tmp_path / "out"), train.ALL_RUNS, dense_cfg, moe_cfg, "f" * 16, "byte",
-                                        None, recipe=train.training_recipe(args), dense_schedule=(20, 3e-3, 2),
+                                        None, recipe=recipe, dense_schedule=(20, 3e-3, 2),
                                         moe_schedule=(120, 2e-3, 2), resume=False)
     tokens = np.random.default_rng(1).integers(0, 257, size=20000).astype(np.uint16)
 

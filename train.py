@@ -147,11 +147,14 @@ SHARED_FLAGS = ("device", "seed")  # what sampling and training both use
 
 def given_flags(argv):
     """{dest: flag} of the flags argv sets, in argv's order, whatever their values: parsed as parse_args parses
-    them (an abbreviation or --flag=value counts too), with no defaults."""
+    them (an abbreviation or --flag=value counts too), with no defaults. flag is spelt as in argv (--r or
+    --reinit-ratio), or in full where argv abbreviates it."""
     parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    names = {a.dest: "/".join(a.option_strings) for a in parser._actions}
+    words = {word.split("=", 1)[0] for word in (sys.argv[1:] if argv is None else argv) if word.startswith("--")}
+    names = {a.dest: next((o for o in a.option_strings if any(o.startswith(w) for w in words)), a.dest)
+             for a in parser._actions}
     return {dest: names[dest] for dest in vars(parser.parse_args(argv))}
 
 
@@ -165,7 +168,8 @@ def check_sampling_flags(argv, sample):
             continue
         if sample is not None and dest not in SAMPLING_FLAGS:
             allowed = ", ".join("--" + d.replace("_", "-") for d in SAMPLING_FLAGS + SHARED_FLAGS)
-            raise Fail(f"{flag} has no effect with --sample: the checkpoint holds its model's settings (only {allowed})")
+            raise Fail(f"{flag} has no effect with --sample, which takes only {allowed} (the model and its settings "
+                       f"come from the checkpoint)")
         if sample is None and dest in SAMPLING_FLAGS:
             raise Fail(f"{flag} applies to --sample only")
 
@@ -174,8 +178,7 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     check_sampling_flags(argv, args.sample)
     if args.preset is None:
-        on_gpu = (torch.cuda.is_available() and args.device in ("auto", "cuda")) or args.device.startswith("cuda:")
-        args.preset = "gpu" if on_gpu else "cpu"
+        args.preset = "gpu" if resolve_device(args.device).type == "cuda" else "cpu"
     for key, value in PRESETS[args.preset].items():  # fill every unset value from the preset
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -301,7 +304,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     s = run.settings
     cfg = ModelConfig(**s["model"])
     tokens_per_step = s["batch_size"] * s["seq_len"] * s["grad_accum"]
-    distributed.reshard(model)  # (maybe_compile's check ran a forward: under FSDP2 the optimizer needs the shards)
+    distributed.reshard(model)  # (training_module's check ran a forward: under FSDP2 the optimizer needs the shards)
     optimizer = make_optimizer(model, s["lr"], s["weight_decay"], device)
     # fp16 autocast: the loss is scaled up before backward so that small gradients survive fp16, unscaled before
     # clipping; a step whose gradients overflowed is skipped and the scale lowered. A no-op in bf16 and fp32.
@@ -353,7 +356,7 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
 
     result_val = None
     if start_step == 0:
-        result_val, se, val_batches_losses = evaluate(model, train_model, val_batches, device, split)  # at the upcycling point, before any MoE step
+        result_val, se, val_batches_losses = evaluate(model, train_model, val_batches, device, split)  # the starting weights (an MoE's: the upcycling point)
         log_row(0, val_loss=repr(result_val), val_se=repr(se))
         if s["steps"]:
             print(f"[{run.name}] step 0/{s['steps']} | val {result_val:.4f} ± {se:.4f}")
@@ -366,9 +369,9 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
     gc.disable()
     try:
         for step in range(start_step, s["steps"]):
-            lr, ce_sum, aux_sum = train_step(model, train_model, optimizer, scaler, s, step, train_tokens, device, split)
+            lr, ce, aux = train_step(model, train_model, optimizer, scaler, s, step, train_tokens, device, split)
             done = step + 1
-            pending.append((done, ce_sum, aux_sum))
+            pending.append((done, ce, aux))
             if distributed.world() > 1:  # a signal on any rank stops every rank after this step
                 STOP["signal"] = distributed.agree_signal(STOP["received"])
 
@@ -488,21 +491,17 @@ def planned_runs(init, r, independent_indices):
     return [(init, {"scratch": None, "naive": 0.0, "drop": r}[init], not independent_indices)]
 
 
-def run_name(init, r, shared_indices=True):
-    # independent index sets get their own folder, so both variants of one r can sit side by side
-    return (f"moe-drop-r{r:g}" + ("" if shared_indices else "-indep")) if init == "drop" else f"moe-{init}"
-
-
 VAL_WINDOWS_SEED = 1234  # fixed validation windows, independent of --seed: every run and seed is scored on the same text
 
 
-def training_recipe(args):
+def training_recipe(*, seed, seq_len, batch_size, grad_accum, weight_decay, grad_clip, eval_batches, eval_interval,
+                    log_interval):
     """The settings every run of a command shares: with a run's phase, model, data and schedule, its identity
     (see Run): everything that changes a number it records."""
-    return dict(seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                weight_decay=args.weight_decay, grad_clip=args.grad_clip, betas=list(BETAS), eps=ADAM_EPS,
-                min_lr_ratio=MIN_LR_RATIO, eval_batches=args.eval_batches, eval_interval=args.eval_interval,
-                log_interval=args.log_interval, val_windows_seed=VAL_WINDOWS_SEED)
+    return dict(seed=seed, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, weight_decay=weight_decay,
+                grad_clip=grad_clip, betas=list(BETAS), eps=ADAM_EPS, min_lr_ratio=MIN_LR_RATIO,
+                eval_batches=eval_batches, eval_interval=eval_interval, log_interval=log_interval,
+                val_windows_seed=VAL_WINDOWS_SEED)
 
 
 def run_settings(phase, model_cfg, data_fingerprint, tokenizer, steps, lr, warmup, recipe):
@@ -522,10 +521,12 @@ def compile_mode(device, pieces, processes):
     return "reduce-overhead" if device.type == "cuda" and processes == 1 and pieces == 1 else None
 
 
-def maybe_compile(model, use_compile, check_batch, name, split=1, grad_accum=1):
-    """model itself, or its torch.compile wrapper once that is seen to compute the same loss on one validation
-    batch, in the training step's split pieces (else a warning, and eager mode: slower, never wrong). The whole
-    model is one graph, MoE layers included (dropupcycle.compile_model says what it takes to keep them right)."""
+def training_module(model, use_compile, check_batch, name, split=1, grad_accum=1):
+    """The module the training step calls: model itself, under torchrun wrapped in DDP (or sharded by FSDP2 in
+    place), then with use_compile its torch.compile wrapper once that is seen to compute the same loss on one
+    validation batch, in the training step's split pieces (else a warning, and eager mode: slower, never wrong).
+    The whole model is one graph, MoE layers included (dropupcycle.compile_model says what it takes to keep them
+    right)."""
     wrapped = distributed.wrap(model)  # under torchrun: DDP, or FSDP2 in place; compiled after wrapping
     if not use_compile:
         return wrapped
@@ -551,11 +552,8 @@ def setup_device(device_name, fsdp, use_compile):
     return device
 
 
-def claim_out_dir(out_dir, batch_size, resume, names):
-    """Checks the flags against the processes and the folder, and locks out_dir."""
-    if batch_size % distributed.world():
-        raise Fail(f"--batch-size {batch_size} (sequences per micro-batch, all processes together) must be "
-                   f"divisible by the {distributed.world()} processes")
+def claim_out_dir(out_dir, resume, names):
+    """Checks --resume against the folder, and locks out_dir."""
     if resume and not any(os.path.exists(os.path.join(out_dir, name, "ckpt.pt")) for name in names):
         raise Fail(f"--resume: no checkpoint in {out_dir} for these runs (nothing to resume); run without --resume")
     if distributed.is_main():
@@ -592,7 +590,7 @@ def plan_runs(out_dir, planned, dense_cfg, moe_cfg, data_fingerprint, tokenizer,
     for init, r, shared in planned:
         settings = dict(run_settings("moe", moe_cfg, data_fingerprint, tokenizer, *moe_schedule, recipe),
                         init=init, r=r, shared_indices=shared, dense=dense_run.settings if init != "scratch" else None)
-        moe_runs.append(Run(run_name(init, r, shared), out_dir, settings, tokenizer_dir))
+        moe_runs.append(Run(plot.run_name(init, r, shared), out_dir, settings, tokenizer_dir))
     existing = {run.name: run.existing(resume) for run in [dense_run] + moe_runs}
     todo = [run for run in [dense_run] + moe_runs if not (existing[run.name] or {}).get("finished")]
     run_flops = {}
@@ -600,19 +598,20 @@ def plan_runs(out_dir, planned, dense_cfg, moe_cfg, data_fingerprint, tokenizer,
         s = run.settings
         run_flops[run.name] = (s["steps"] * s["batch_size"] * s["seq_len"] * s["grad_accum"] *
                                flops_per_token(ModelConfig(**s["model"]), s["seq_len"]))
-    later_flops = lambda run: sum(run_flops[r.name] for r in todo[todo.index(run) + 1:])
-    return dense_run, moe_runs, existing, later_flops
+    flops_after = lambda run: sum(run_flops[r.name] for r in todo[todo.index(run) + 1:])
+    return dense_run, moe_runs, existing, flops_after
 
 
-def micro_splits(dense_model, moe_cfg, with_moe, batch_size, seq_len, device):
+def micro_splits(dense_cfg, moe_cfg, with_moe, batch_size, seq_len, device):
     """Prints both models' sizes; returns {phase: pieces}: a micro-batch too big for this GPU is cut into pieces
     (after the corpus took its share of the memory)."""
     with torch.device("meta"):  # shapes only: the MoE of a 1B dense model would take 28 GB and a minute to init
+        dense_probe = Transformer(dense_cfg)
         moe_probe = Transformer(moe_cfg) if with_moe else None
-    print(f"dense: {dense_model.num_params() / 1e6:.2f}M params" + (f" | MoE: {moe_probe.num_params() / 1e6:.2f}M params, "
+    print(f"dense: {dense_probe.num_params() / 1e6:.2f}M params" + (f" | MoE: {moe_probe.num_params() / 1e6:.2f}M params, "
                                                                     f"{moe_probe.num_params(active=True) / 1e6:.2f}M active" if moe_probe else ""))
     rows = batch_size // distributed.world()
-    split = {"dense": micro_split(dense_model.config, rows, seq_len, device, dense_model.num_params()),
+    split = {"dense": micro_split(dense_cfg, rows, seq_len, device, dense_probe.num_params()),
              "moe": micro_split(moe_cfg, rows, seq_len, device, moe_probe.num_params()) if moe_probe else 1}
     for phase, n in split.items():
         if n > 1:
@@ -621,23 +620,24 @@ def micro_splits(dense_model, moe_cfg, with_moe, batch_size, seq_len, device):
     return split
 
 
-def train_dense(run, model, ckpt, train_tokens, val_batches, device, later_flops, split, *, use_compile, ckpt_interval,
+def train_dense(run, model, ckpt, train_tokens, val_batches, device, flops_after, split, *, use_compile, ckpt_interval,
                 fsdp):
-    """Phase 1: the dense model. Trained once; any later command with the same settings reuses it. Returns the
-    trained dense model (full weights, also under --fsdp)."""
+    """Phase 1: the dense model. Trained once; any later command with the same settings reuses it. model is the
+    --dense-from model, or None. Returns the trained dense model (full weights, also under --fsdp)."""
+    cfg = ModelConfig(**run.settings["model"])
     if "source" in run.settings:  # --dense-from: scored once on the validation windows, so the figure and summary have its loss
         model.to(device)
         train_run(run, model, model, train_tokens, val_batches, device, ckpt_interval)
     elif ckpt is not None and ckpt.get("finished"):
         print(f"[dense] reusing the finished dense model in {run.dir}")
+        model = Transformer(cfg)
         model.load_state_dict(ckpt["model"])
         model.to(device)
     else:
-        cfg = model.config
         torch.manual_seed(run.settings["seed"])
         model = Transformer(cfg).to(device)
-        train_run(run, model, maybe_compile(model, use_compile, val_batches[0], "dense", split, run.settings["grad_accum"]),
-                  train_tokens, val_batches, device, ckpt_interval, ckpt, later_flops(run), split)
+        train_run(run, model, training_module(model, use_compile, val_batches[0], "dense", split, run.settings["grad_accum"]),
+                  train_tokens, val_batches, device, ckpt_interval, ckpt, flops_after(run), split)
         if fsdp and distributed.world() > 1:  # sharded: upcycle from the full weights rank 0 just saved
             distributed.barrier()
             model = Transformer(cfg)
@@ -658,7 +658,7 @@ def moe_start(init, r, shared_indices, dense_model, moe_cfg, seed, device):
     return start
 
 
-def train_moe_inits(runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, later_flops,
+def train_moe_inits(runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, flops_after,
                     split, *, use_compile, ckpt_interval, t_all):
     """Phase 2: every MoE init, each from the same dense weights, with the same data stream and step count.
     One MoE module is trained in turn with each init's weights, so torch.compile compiles it once."""
@@ -678,15 +678,21 @@ def train_moe_inits(runs, dense_run, dense_model, moe_cfg, existing, train_token
             distributed.load_full_state(moe_model, start.state_dict())  # sharded after the first init under --fsdp
         del start
         if moe_train_model is None:  # compiled once, after the first init's weights are in
-            moe_train_model = maybe_compile(moe_model, use_compile, val_batches[0], run.name, split, s["grad_accum"])
+            moe_train_model = training_module(moe_model, use_compile, val_batches[0], run.name, split, s["grad_accum"])
         train_run(run, moe_model, moe_train_model, train_tokens, val_batches, device, ckpt_interval, ckpt,
-                  later_flops(run), split)
+                  flops_after(run), split)
         if s["init"] == "naive" and ckpt is None and distributed.is_main():  # identical experts compute the dense FFN: same loss at the start
+            csv_path = run.csv_path
             try:
-                start_val, dense_val = plot.val_curve(run.csv_path)[2][0], plot.val_curve(dense_run.csv_path)[2][-1]
+                start_val = plot.val_curve(csv_path)[2][0]
+                csv_path = dense_run.csv_path
+                dense_val = plot.val_curve(csv_path)[2][-1]
                 print(f"[{run.name}] check: naive Upcycling starts at val {start_val:.4f}; the dense model ended at {dense_val:.4f}")
             except (OSError, ValueError, KeyError, IndexError):
-                print(f"warning: {dense_run.csv_path} is damaged: no check of naive Upcycling's start against it")
+                print(f"warning: {csv_path} is damaged: no check of naive Upcycling's start against the dense model")
+
+
+SHAPE = {}  # the model shape experiment() trains (a --dense-from model has its own), for main()'s OOM message
 
 
 def experiment(args):
@@ -695,6 +701,9 @@ def experiment(args):
     The flags become values here; the functions above take only the values they use."""
     t_all = time.time()  # the command's time, reading and tokenizing the data included
     device = setup_device(args.device, args.fsdp, args.compile)
+    if args.batch_size % distributed.world():
+        raise Fail(f"--batch-size {args.batch_size} (sequences per micro-batch, all processes together) must be "
+                   f"divisible by the {distributed.world()} processes")
     moe_flags = dict(n_experts=args.n_experts, top_k=args.top_k, aux_loss_coef=args.aux_loss_coef)
     if args.dense_from:  # a pretrained model: its own shape and tokenizer, no dense phase
         dense_model, enc, source = pretrained_dense(args.dense_from, args.seq_len, **moe_flags)
@@ -710,8 +719,8 @@ def experiment(args):
         raise Fail(f"--r {args.r:g} re-initialises none of an expert's {moe_cfg.d_ff} neurons (floor(r d_ff) = 0): "
                    f"that is naive Upcycling, --init naive")
     distributed.startup_barrier(first=True)  # ranks > 0 wait here for rank 0's checks and token cache
-    names = ["dense"] + [run_name(*p) for p in planned]
-    claim_out_dir(args.out_dir, args.batch_size, args.resume, names)
+    names = ["dense"] + [plot.run_name(*p) for p in planned]
+    claim_out_dir(args.out_dir, args.resume, names)
     what = {None: "no --init given: running the full comparison (--init all)", "all": "--init all"}.get(args.init, f"--init {args.init}")
     procs = f" x {distributed.world()} processes ({'FSDP2' if args.fsdp else 'DDP'})" if distributed.world() > 1 else ""
     print(f"{what} | preset {args.preset} | device {device}{procs}{' | compile' if args.compile else ''} | out {args.out_dir}")
@@ -719,18 +728,20 @@ def experiment(args):
     print("runs: " + ", ".join(names))
     train_tokens, val_batches, data_info = prepare_data(args.data, tokenizer, enc, args.out_dir, args.corpus_mb,
                                                         args.seq_len, args.batch_size, args.eval_batches, device)
-    dense_run, moe_runs, existing, later_flops = plan_runs(
+    recipe = training_recipe(seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                             eval_batches=args.eval_batches, eval_interval=args.eval_interval,
+                             log_interval=args.log_interval)
+    dense_run, moe_runs, existing, flops_after = plan_runs(
         args.out_dir, planned, dense_cfg, moe_cfg, data_info["fingerprint"], tokenizer, source,
-        recipe=training_recipe(args), dense_schedule=(args.dense_steps, args.dense_lr, args.dense_warmup),
+        recipe=recipe, dense_schedule=(args.dense_steps, args.dense_lr, args.dense_warmup),
         moe_schedule=(args.moe_steps, args.moe_lr, args.moe_warmup), resume=args.resume)
     distributed.startup_barrier(first=False)
 
-    if dense_model is None:
-        dense_model = Transformer(dense_cfg)
-    split = micro_splits(dense_model, moe_cfg, bool(moe_runs), args.batch_size, args.seq_len, device)
-    dense_model = train_dense(dense_run, dense_model, existing["dense"], train_tokens, val_batches, device, later_flops,
+    split = micro_splits(dense_cfg, moe_cfg, bool(moe_runs), args.batch_size, args.seq_len, device)
+    dense_model = train_dense(dense_run, dense_model, existing["dense"], train_tokens, val_batches, device, flops_after,
                               split["dense"], use_compile=args.compile, ckpt_interval=args.ckpt_interval, fsdp=args.fsdp)
-    train_moe_inits(moe_runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, later_flops,
+    train_moe_inits(moe_runs, dense_run, dense_model, moe_cfg, existing, train_tokens, val_batches, device, flops_after,
                     split["moe"], use_compile=args.compile, ckpt_interval=args.ckpt_interval, t_all=t_all)
     if distributed.is_main():  # with any runs of earlier commands that share these settings
         if not plot.report(args.out_dir, dense_run.settings, moe_runs[0].settings if moe_runs else None,
@@ -763,9 +774,6 @@ def sample(path, *, device_name, prompt, num_samples, sample_tokens, temperature
     for i, row in enumerate(out.tolist()):
         print(f"--- sample {i + 1} ({path}, step {ckpt['step']})")
         print(enc.decode([t for t in row if t < enc.n_vocab], errors="replace"))
-
-
-SHAPE = {}  # the model shape experiment() trains (a --dense-from model has its own), for main()'s OOM message
 
 
 def main(argv=None):
