@@ -572,9 +572,12 @@ def test_gpt2_tokenizer_offline_is_one_clear_line(train_corpus, tmp_path, capsys
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_cuda(train_corpus, tmp_path, capsys):
-    code, _, err = run_main([*tiny(train_corpus, tmp_path), "--device", "cuda"], capsys)
-    assert "CUDA is not available" in assert_one_line_error(code, err)
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_device_cuda_without_cuda(device, train_corpus, tmp_path, capsys):
+    code, _, err = run_main([*tiny(train_corpus, tmp_path), "--device", device], capsys)
+    assert f"--device {device}: CUDA is not available" in assert_one_line_error(code, err)
+    with pytest.raises(data.Fail, match="CUDA is not available"):  # without --preset, the preset follows the device
+        train.parse_args(["--data", train_corpus, "--device", device])
 
 
 def test_unwritable_out_dir(train_corpus, tmp_path, capsys):
