@@ -398,9 +398,11 @@ def train_run(run, model, train_model, train_tokens, val_batches, device, ckpt_i
                 first_interval = False
                 tok_s = interval_tokens / interval_time
                 mfu = f" | MFU {flops * tok_s / peak:.1%}" if peak else ""
-                rate = steady_time / steady_tokens * tokens_per_step if steady_tokens else interval_time / len(pending)
-                eta = rate * (s["steps"] - done)
-                eta_all = f" (all runs {plot.fmt_time(eta + later_flops / flops * rate / tokens_per_step)})" if later_flops else ""
+                sec_per_step = (steady_time / steady_tokens * tokens_per_step if steady_tokens
+                                else interval_time / len(pending))
+                eta = sec_per_step * (s["steps"] - done)
+                eta_all = (f" (all runs {plot.fmt_time(eta + later_flops / flops * sec_per_step / tokens_per_step)})"
+                           if later_flops else "")
                 aux_text = f" | aux {aux_mean:.3f}" if aux_mean is not None else ""
                 print(f"[{run.name}] step {done}/{s['steps']} | loss {train_loss:.4f}{aux_text} | lr {lr:.2e} | "
                       f"{tok_s / 1e3:,.1f}k tok/s{mfu} | ETA {plot.fmt_time(eta)}{eta_all}", flush=True)
