@@ -206,6 +206,14 @@ train.main()
     return script
 
 
+def test_a_batch_the_processes_cannot_share_is_one_line_from_rank_0_before_any_folder(train_corpus, tmp_path):
+    result = run([*TORCHRUN, TRAIN_PY, *flags(train_corpus, tmp_path / "out"), "--batch-size", "3"])
+    ours = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode != 0 and ours == ["train.py: error: --batch-size 3 (sequences per micro-batch, all "
+                                               "processes together) must be divisible by the 2 processes"], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failing_rank_ends_both_with_its_one_line(train_corpus, tmp_path):
     script = script_failing_on_rank_1(tmp_path, 'data.Fail("test: rank 1 cannot read its batch")')
     start = time.time()

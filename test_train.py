@@ -1068,6 +1068,24 @@ def test_a_damaged_dense_log_is_a_warning_not_a_traceback(drop_run, train_corpus
     assert f"{out / 'dense'}" in stdout and "warning" in stdout
 
 
+@pytest.mark.parametrize("unreadable", ["moe-naive", "dense"])
+def test_naive_upcycling_s_start_check_names_the_log_it_could_not_read(unreadable, drop_run, train_corpus, tmp_path,
+                                                                        capsys, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(drop_run[0], out)
+    real_val_curve = plot.val_curve
+
+    def val_curve(csv_path):  # unreadable for the check alone, after naive Upcycling trained
+        if sys._getframe(1).f_code.co_name == "train_moe_inits" and f"{os.sep}{unreadable}{os.sep}" in csv_path:
+            raise ValueError("test: unreadable")
+        return real_val_curve(csv_path)
+    monkeypatch.setattr(plot, "val_curve", val_curve)
+    code, stdout, err = run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)
+    assert code == 0, err
+    assert f"warning: {out / unreadable / 'log.csv'} is damaged: no check of naive Upcycling's start" in stdout
+    assert "check: naive Upcycling starts at" not in stdout
+
+
 def test_resume_with_a_damaged_log_is_one_line_naming_it(train_corpus, tmp_path, capsys, monkeypatch):
     real = nan_lr_from(monkeypatch, 12)
     run_main(["--init", "dense", *tiny(train_corpus, tmp_path, dense_steps=40)], capsys)

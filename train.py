@@ -10,9 +10,9 @@ Read top to bottom:
   2. one training run: optimizer, schedule, the loop ("once in a while: evaluate, log, save"), checkpoints
   3. the experiment: dense once, then every requested MoE init from the same dense weights and data order
   4. sampling and main: every expected failure becomes one line on stderr and a non-zero exit
-The data (corpus, tokenizer, token cache, batches) is data.py's job, the figure and summary plot.py's, a run's
-folder (settings, checkpoints, log, lock, Ctrl-C) runs.py's, and the device, precision, MFU and memory fit
-gpus.py's.
+The data (corpus, tokenizer, token cache, batches) is data.py's job, the figure and summary plot.py's (the runs'
+names too: its labels and colours follow them), a run's folder (settings, checkpoints, log, lock, Ctrl-C)
+runs.py's, and the device, precision, MFU and memory fit gpus.py's.
 """
 
 import argparse
