@@ -153,8 +153,15 @@ def train_moe_run(argv, title):
         return json.load(f)["wall_time"]
 
 
+def finished(out_dir, run):
+    """Whether out_dir holds the finished MoE run (init, r, shared index sets): a command reuses it in seconds."""
+    init, r, shared = run
+    return os.path.exists(os.path.join(out_dir, plot.run_name(init, r, shared), "result.json"))
+
+
 def print_eta(command, took, left):
-    """Every MoE run has the same FLOPs, so the mean wall time of those trained so far gives the ETA."""
+    """Every MoE run has the same FLOPs, so the mean wall time of those trained so far, times the runs left to
+    train (finished ones are reused), gives the ETA."""
     if took and left:
         each = float(np.mean(took))
         print(f"===== {command}: {left} run{'s' * (left > 1)} left, ETA {plot.fmt_time(left * each)} ({left} x "
@@ -170,7 +177,7 @@ def sweep(opts, train_argv):
         # the first run trains the dense model; later runs (and reruns) reuse it
         wall = train_moe_run(moe_argv(train_argv, init, r, shared), f"sweep run {i + 1}/{len(runs)}")
         took += [wall] if wall is not None else []
-        print_eta("sweep", took, len(runs) - i - 1)
+        print_eta("sweep", took, sum(not finished(args.out_dir, run) for run in runs[i + 1:]))
     if distributed.is_main():  # under torchrun, rank 0 writes the figure and table
         sweep_report(args.out_dir, args.tokenizer, args.seed, runs, "python analyze.py sweep " + shlex.join(opts.argv))
 
@@ -283,7 +290,8 @@ def lr_sweep(opts, train_argv):
         if not args.dense_from:  # (a pretrained --dense-from model is loaded again in each folder: nothing to copy)
             print(f"\n===== lr: the dense model, trained once (or reused) in {dense_dir}", flush=True)
             train.experiment(train.parse_args(list(train_argv) + ["--init", "dense"]))
-        took, total, i = [], len(folders) * len(LR_RUNS), 0
+        jobs = [(folder, run) for folder in folders.values() for run in LR_RUNS]  # in the order they run
+        took, total, i = [], len(jobs), 0
         for lr, folder in folders.items():
             if not args.dense_from and distributed.is_main():
                 copy_dense(dense_dir, folder)
@@ -292,7 +300,7 @@ def lr_sweep(opts, train_argv):
                 argv = moe_argv(list(train_argv) + ["--out-dir", folder, "--moe-lr", repr(lr)], init, r, shared)
                 wall = train_moe_run(argv, f"lr run {i}/{total} (MoE peak learning rate {lr_text(lr)})")
                 took += [wall] if wall is not None else []
-                print_eta("lr", took, total - i)
+                print_eta("lr", took, sum(not finished(*job) for job in jobs[i:]))
     if distributed.is_main():
         lr_report(args.out_dir, folders, "python analyze.py lr " + shlex.join(opts.argv))
 

@@ -216,6 +216,17 @@ def test_sweep_trains_every_r_from_one_dense_model(swept):
     assert os.path.getsize(os.path.join(out, "sweep_loss.png")) > 10_000
 
 
+def test_a_sweep_counts_in_its_eta_only_the_runs_it_has_yet_to_train(swept, tmp_path, capsys):
+    out, flags = swept
+    shutil.copytree(out, tmp_path / "out")
+    flags = [str(tmp_path / "out") if f == out else f for f in flags]
+    analyze.main(["sweep", "--r-values", "0.1", "0.25", "0.5", "0.6", "0.75", "0.9", "1", *flags])
+    printed = capsys.readouterr().out
+    assert printed.count("done: val") == 2  # r = 0.6 and r = 0.9; the eight finished runs are reused
+    assert "===== sweep: 1 run left, ETA" in printed  # after r = 0.6: r = 0.9 (not the five runs after it)
+    assert "runs left" not in printed
+
+
 def test_routing_writes_consistent_statistics(swept):
     out, _ = swept
     with open(os.path.join(out, "routing_counts.json")) as f:
