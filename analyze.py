@@ -449,9 +449,7 @@ def seeds(opts):
             if without_seed(settings) != without_seed(ref):
                 diff = settings_diff(without_seed(ref), without_seed(settings))
                 raise Fail(f"{name} in {ref_folder} and in {folder} differ in more than the seed ({', '.join(diff[:4])})")
-    known = ["dense"] + [plot.run_name(*run) for run in train.ALL_RUNS]  # the order of train.py's summary
-    names = sorted(dict.fromkeys(n for s in order for n in folders[s][1]),
-                   key=lambda n: (known.index(n) if n in known else len(known), n))
+    names = sorted(dict.fromkeys(n for s in order for n in folders[s][1]), key=plot.run_order)  # as train.py's summary
     cols = " | ".join(f"seed {s}" for s in order)
     lines = ["Final validation loss of each run in each seed:", "", f"| run | {cols} | mean ± sd |",
              "| --- " * (len(order) + 2) + "|"]

@@ -244,10 +244,19 @@ def read_run(folder):
         return None
 
 
+def run_order(name):
+    """The order of runs in tables: dense, scratch, naive, then Drop-Upcycling by r (shared index sets first),
+    then any other folder."""
+    fixed = ["dense", "moe-scratch", "moe-naive"]
+    r = drop_r(name)
+    return ((fixed.index(name), 0.0, name) if name in fixed else (len(fixed), r, name) if r is not None
+            else (len(fixed) + 1, 0.0, name))
+
+
 def finished_run_names(out_dir):
-    """The run folders in out_dir holding a result.json: --init all's runs in their order, then any others."""
+    """The run folders in out_dir holding a result.json, in run_order."""
     present = [n for n in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, n, "result.json"))]
-    return sorted(present, key=lambda n: (list(COLORS).index(n) if n in COLORS else len(COLORS), n))
+    return sorted(present, key=run_order)
 
 
 def finished_runs(out_dir, dense_settings, moe_settings):

@@ -190,6 +190,18 @@ def test_an_os_error_is_one_line_naming_its_file_where_it_has_one():
     assert data.os_error_text(OSError(28, "No space left on device")) == "No space left on device"  # no empty "':"
 
 
+def test_summaries_list_dense_scratch_naive_then_drop_upcycling_by_r(tmp_path):
+    names = ["moe-drop-r1", "moe-drop-r0.25", "dense", "moe-naive", "moe-drop-r0.5-indep", "moe-drop-r0.5",
+             "moe-scratch", "moe-drop-r0.75", "not-a-run"]
+    for name in names + ["unfinished"]:
+        os.makedirs(tmp_path / name)
+        if name != "unfinished":
+            (tmp_path / name / "result.json").write_text("{}")
+    assert plot.finished_run_names(str(tmp_path)) == [
+        "dense", "moe-scratch", "moe-naive", "moe-drop-r0.25", "moe-drop-r0.5", "moe-drop-r0.5-indep", "moe-drop-r0.75",
+        "moe-drop-r1", "not-a-run"]
+
+
 def test_plot_py_command_line_helps_and_refuses_in_one_line(tmp_path):
     def plot_py(*args):
         return subprocess.run([sys.executable, "plot.py", *args], capture_output=True, text=True, env=ENV, cwd=HERE,
