@@ -248,9 +248,10 @@ def run_order(name):
     """The order of runs in tables: dense, scratch, naive, then Drop-Upcycling by r (shared index sets first),
     then any other folder."""
     fixed = ["dense", "moe-scratch", "moe-naive"]
+    if name in fixed:
+        return fixed.index(name), 0.0, name
     r = drop_r(name)
-    return ((fixed.index(name), 0.0, name) if name in fixed else (len(fixed), r, name) if r is not None
-            else (len(fixed) + 1, 0.0, name))
+    return (len(fixed), r, name) if r is not None else (len(fixed) + 1, 0.0, name)
 
 
 def finished_run_names(out_dir):
