@@ -144,19 +144,24 @@ def train_moe_run(argv, title):
     run's wall time when it was trained here, None when a finished run was reused."""
     args = train.parse_args(argv)
     print(f"\n===== {title}: python train.py {shlex.join(argv)}", flush=True)
-    result = os.path.join(args.out_dir, plot.run_name(args.init, args.r, not args.independent_indices), "result.json")
-    reused = os.path.exists(result)
+    run = (args.init, args.r, not args.independent_indices)
+    reused = finished(args.out_dir, run)
     train.experiment(args)
     if reused:
         return None
-    with open(result) as f:
+    with open(result_path(args.out_dir, run)) as f:
         return json.load(f)["wall_time"]
 
 
-def finished(out_dir, run):
-    """Whether out_dir holds the finished MoE run (init, r, shared index sets): a command reuses it in seconds."""
+def result_path(out_dir, run):
+    """The result.json of the MoE run (init, r, shared index sets) in out_dir: there once the run has finished."""
     init, r, shared = run
-    return os.path.exists(os.path.join(out_dir, plot.run_name(init, r, shared), "result.json"))
+    return os.path.join(out_dir, plot.run_name(init, r, shared), "result.json")
+
+
+def finished(out_dir, run):
+    """Whether out_dir holds the finished MoE run: a command reuses it in seconds."""
+    return os.path.exists(result_path(out_dir, run))
 
 
 def print_eta(command, took, left):
@@ -290,17 +295,15 @@ def lr_sweep(opts, train_argv):
         if not args.dense_from:  # (a pretrained --dense-from model is loaded again in each folder: nothing to copy)
             print(f"\n===== lr: the dense model, trained once (or reused) in {dense_dir}", flush=True)
             train.experiment(train.parse_args(list(train_argv) + ["--init", "dense"]))
-        jobs = [(folder, run) for folder in folders.values() for run in LR_RUNS]  # in the order they run
-        took, total, i = [], len(jobs), 0
-        for lr, folder in folders.items():
-            if not args.dense_from and distributed.is_main():
+        jobs = [(lr, folder, run) for lr, folder in folders.items() for run in LR_RUNS]  # every rate's runs in turn
+        took = []
+        for i, (lr, folder, run) in enumerate(jobs, 1):
+            if run == LR_RUNS[0] and not args.dense_from and distributed.is_main():  # a rate's first run
                 copy_dense(dense_dir, folder)
-            for init, r, shared in LR_RUNS:
-                i += 1
-                argv = moe_argv(list(train_argv) + ["--out-dir", folder, "--moe-lr", repr(lr)], init, r, shared)
-                wall = train_moe_run(argv, f"lr run {i}/{total} (MoE peak learning rate {lr_text(lr)})")
-                took += [wall] if wall is not None else []
-                print_eta("lr", took, sum(not finished(*job) for job in jobs[i:]))
+            argv = moe_argv(list(train_argv) + ["--out-dir", folder, "--moe-lr", repr(lr)], *run)
+            wall = train_moe_run(argv, f"lr run {i}/{len(jobs)} (MoE peak learning rate {lr_text(lr)})")
+            took += [wall] if wall is not None else []
+            print_eta("lr", took, sum(not finished(later_folder, later_run) for _, later_folder, later_run in jobs[i:]))
     if distributed.is_main():
         lr_report(args.out_dir, folders, "python analyze.py lr " + shlex.join(opts.argv))
 
