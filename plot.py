@@ -50,10 +50,11 @@ def drop_r(name):
 
 def label_of(name):
     """moe-drop-r0.5-indep -> 'Drop-Upcycling r=0.5, independent S'."""
-    names = {"dense": "dense", "moe-naive": "naive Upcycling (r=0)", "moe-scratch": "MoE from scratch"}
-    if name in names or drop_r(name) is None:
+    r = drop_r(name)
+    if r is None:
+        names = {"dense": "dense", "moe-naive": "naive Upcycling (r=0)", "moe-scratch": "MoE from scratch"}
         return names.get(name, name)
-    return f"Drop-Upcycling r={drop_r(name):g}" + (", independent S" if name.endswith("-indep") else "")
+    return f"Drop-Upcycling r={r:g}" + (", independent S" if name.endswith("-indep") else "")
 
 
 # -----------------------------------------------------------------------------
