@@ -320,7 +320,8 @@ def write_tokens(files, enc, out_path, seen):
             else:
                 encoded = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
             for ids in encoded:
-                np.append(np.asarray(ids, dtype=dtype), dtype(enc.eot_token)).tofile(out)
+                # out.write, not ndarray.tofile: tofile loses the error of a full disk and leaves the file short
+                out.write(np.append(np.asarray(ids, dtype=dtype), dtype(enc.eot_token)).tobytes())
                 n_tokens += len(ids) + 1
             n_files += len(texts)
             batch.clear()
@@ -592,9 +593,9 @@ if __name__ == "__main__":
     p.add_argument("--tokenizer", choices=TOKENIZERS, default="byte", help=TOKENIZER_HELP)
     p.add_argument("--corpus-mb", type=nonneg_float, default=8.0, help="size cap in MB, half per language (0: none)")
     p.add_argument("--out-dir", default="out")
-    try:
+
+    def main():
         a = p.parse_args()
-        enc = get_tokenizer(a.tokenizer)
-        print(load_data(a.data, a.tokenizer, enc, a.out_dir, a.corpus_mb, seq_len=128)[2]["description"])
-    except Fail as e:
-        raise SystemExit(f"data.py: error: {e}")
+        print(load_data(a.data, a.tokenizer, get_tokenizer(a.tokenizer), a.out_dir, a.corpus_mb, seq_len=128)[2]
+              ["description"])
+    exit_on_one_line("data.py", main)

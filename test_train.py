@@ -341,6 +341,25 @@ def test_data_py_bad_flag_is_one_line(tmp_path, flags, message):
     assert not os.listdir(tmp_path)  # nothing cached
 
 
+def test_a_token_cache_that_does_not_fit_on_the_disk_is_one_line_and_never_used(tmp_path):
+    # a file-size limit makes every write past 4 KB fail, as a full disk does. Many small files, each written in
+    # a few hundred bytes: a writer that buffers them and drops the error of its last flush keeps a short cache
+    import resource
+    os.makedirs(tmp_path / "corpus")
+    for i in range(40):
+        (tmp_path / "corpus" / f"m{i}.py").write_text("".join(f"x{i}_{j} = {j}\n" for j in range(30)))
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--data", str(tmp_path / "corpus"),
+                        "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, env=ENV, timeout=60,
+                       preexec_fn=small_disk)
+    assert p.returncode == 1 and p.stderr.startswith("data.py: error: could not write the token cache"), p.stderr
+    assert p.stderr.count("\n") == 1
+    cache = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs]
+    assert not [f for f in cache if f.endswith((".tmp", "meta.json"))], cache
+
+
 def test_help_has_one_line_per_option():
     parser = train.build_parser()
     for action in parser._actions:
