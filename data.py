@@ -111,15 +111,15 @@ def unrecognized(extras, flags):
     return text + (f"; unrecognized argument{'s' * (len(stray) > 1)} {' '.join(stray)}" if stray else "")
 
 
-def number(kind, ok, expected):
+def number(kind, ok, expected, below=2**31):
     """An argparse type: a finite kind (int or float) for which ok(value) holds, else 'must be <expected>'.
-    Integers stay below 2**31, which every seed, size and step count fits: larger ones fail late and obscurely."""
+    Numbers stay below 2**31, which every seed, size and step count fits: larger ones fail late and obscurely."""
     def convert(text):
         value = kind(text)
         if not ok(value) or math.isinf(value):
             raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
-        if abs(value) >= 2**31:
-            raise argparse.ArgumentTypeError(f"must be below 2**31 = {2**31:,}, got {text}")
+        if abs(value) >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below:,}, got {text}")
         return value
     convert.__name__ = "integer" if kind is int else "number"  # argparse names the type in its messages
     return convert
@@ -130,6 +130,7 @@ nonneg_int = number(int, lambda v: v >= 0, "0 or more")
 positive_float = number(float, lambda v: v > 0, "a positive number")
 nonneg_float = number(float, lambda v: v >= 0, "0 or more")
 unit_float = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+byte_count = number(int, lambda v: v >= 1, "a positive integer", below=2**63)  # a file size
 
 
 # -----------------------------------------------------------------------------

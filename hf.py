@@ -6,14 +6,15 @@ Hugging Face checkpoints in and out: a dense Llama in, a Drop-Upcycled Mixtral o
 
 From Python:
 
+    from dropupcycle import drop_upcycle
     from hf import load_hf, save_hf
     dense = load_hf("path/to/Llama-3.2-1B")            # LlamaForCausalLM, MistralForCausalLM or MixtralForCausalLM
     save_hf(drop_upcycle(dense, r=0.5), "out")         # dense -> LlamaForCausalLM, MoE -> MixtralForCausalLM
 
 A folder is config.json plus model.safetensors, or shards listed in model.safetensors.index.json. Only what
 dropupcycle.Transformer can compute is accepted: no biases, SiLU, RoPE plain or of Llama 3's type, no sliding
-window; anything else is refused with one line naming the field, never silently approximated. Only torch,
-safetensors and json are needed (huggingface_hub only to download a hub id); transformers is not used.
+window; anything else is refused with one line naming the field, never silently approximated. The files are
+read and written with safetensors (huggingface_hub only to download a hub id); transformers is not used.
 
 On disk, Mixtral keeps one tensor per expert (block_sparse_moe.experts.{j}.w1/w2/w3 = gate/down/up) and the
 router as block_sparse_moe.gate; transformers 5.x renames them in memory, so this file works with the files only.
@@ -30,10 +31,10 @@ if __name__ == "__main__":  # Ctrl-C from here on, the seconds of slow imports i
     ctrl_c.install()
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data import Fail, HFTokenizer, OneLineParser, os_error_text
+from data import Fail, HFTokenizer, OneLineParser, byte_count, nonneg_int, os_error_text, positive_int, unit_float
 from dropupcycle import LLAMA3_ROPE_KEYS, ModelConfig, Transformer, rope_cos_sin, upcycled_config, upcycled_ffns
 from runs import load_model, tokenizer_dir_of
 
@@ -96,7 +97,7 @@ def config_from_hf(c, max_seq_len=None):
 
     def need(key):
         if key not in c:
-            raise HFError(f"config.json: field {key} is missing")
+            raise HFError(f"field {key} is missing")  # the except below names config.json
         return c[key]
 
     if c.get("hidden_act", "silu") != "silu":
@@ -173,11 +174,11 @@ def resolve(path_or_id):
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors"])
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES])
     except Exception as e:
         reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
         raise HFError(f"{path_or_id}: not a folder here and downloading it failed ({reason}); download it first: "
-                      f"huggingface-cli download {path_or_id} --local-dir DIR") from None
+                      f"hf download {path_or_id} --local-dir DIR") from None
 
 
 def read_json(path):
@@ -264,6 +265,7 @@ class ShardWriter:
     def __init__(self, out_dir, dtype, max_shard_bytes):
         self.out_dir, self.dtype, self.max_shard_bytes = out_dir, dtype, max_shard_bytes
         self.shard, self.shard_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+        self.paths = []  # every file it has begun to write, for write_hf to remove after a failure
 
     def add(self, name, tensor):
         nbytes = tensor.numel() * self.dtype.itemsize
@@ -276,7 +278,8 @@ class ShardWriter:
 
     def flush(self):
         name = f"model-{len(self.files) + 1:05d}.safetensors.tmp"
-        save_file(self.shard, os.path.join(self.out_dir, name), metadata={"format": "pt"})
+        self.paths.append(os.path.join(self.out_dir, name))
+        save_file(self.shard, self.paths[-1], metadata={"format": "pt"})
         self.files.append((name, list(self.shard)))
         self.shard, self.shard_bytes = {}, 0
 
@@ -286,10 +289,12 @@ class ShardWriter:
         n = len(self.files)
         for i, (tmp, names) in enumerate(self.files):
             final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, final))
+            self.paths.append(os.path.join(self.out_dir, final))
+            os.replace(os.path.join(self.out_dir, tmp), self.paths[-1])
             self.weight_map.update({k: final for k in names})
         if n > 1:
-            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+            self.paths.append(os.path.join(self.out_dir, "model.safetensors.index.json"))
+            with open(self.paths[-1], "w") as f:
                 json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2)
 
 
@@ -306,32 +311,48 @@ def prepare_out_dir(out_dir):
         raise HFError(f"{out_dir}: cannot create it ({e.strerror or e})") from None
 
 
-def write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer=None, extra_config=None):
-    """Write config.json and the weights; tensor_of(our name) gives each tensor when it is needed."""
+def write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer=None, extra_config=None, tokenizer_dir=None):
+    """Write the weights, the tokenizer files of tokenizer_dir (if given) and config.json; tensor_of(our name) gives
+    each tensor when it is needed. config.json comes last: a folder with one is complete. A failed write (a full
+    disk) removes every file it began, so that the folder can be written again."""
     prepare_out_dir(out_dir)
     writer = ShardWriter(out_dir, dtype, max_shard_bytes)
-    layer = None
-    for hf, ours, j in hf_names(cfg):
-        if on_layer and ours.startswith("layers.") and ours.split(".")[1] != layer:
-            layer = ours.split(".")[1]
-            on_layer(int(layer))
-        t = tensor_of(ours)
-        writer.add(hf, t if j is None else t[j])
-    writer.close()
-    with open(os.path.join(out_dir, "config.json"), "w") as f:  # last: a folder with a config is complete
-        json.dump({**config_to_hf(cfg, dtype), **(extra_config or {})}, f, indent=2)
+    written = writer.paths
+    try:
+        layer = None
+        for hf, ours, j in hf_names(cfg):
+            if on_layer and ours.startswith("layers.") and ours.split(".")[1] != layer:
+                layer = ours.split(".")[1]
+                on_layer(int(layer))
+            t = tensor_of(ours)
+            writer.add(hf, t if j is None else t[j])
+        writer.close()
+        for name in TOKENIZER_FILES if tokenizer_dir else ():
+            if os.path.exists(os.path.join(tokenizer_dir, name)):
+                written.append(os.path.join(out_dir, name))
+                shutil.copyfile(os.path.join(tokenizer_dir, name), written[-1])
+        written.append(os.path.join(out_dir, "config.json"))
+        with open(written[-1], "w") as f:
+            json.dump({**config_to_hf(cfg, dtype), **(extra_config or {})}, f, indent=2)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as a SafetensorError
+        for path in written:
+            if os.path.exists(path):
+                os.remove(path)
+        reason = e.strerror or e if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise HFError(f"{out_dir}: could not write {os.path.basename(written[-1])} ({reason}); nothing of it is kept") from None
 
 
-def save_hf(model, out_dir, dtype=None, max_shard_bytes=DEFAULT_SHARD_BYTES, extra_config=None):
+def save_hf(model, out_dir, dtype=None, max_shard_bytes=DEFAULT_SHARD_BYTES, extra_config=None, tokenizer_dir=None):
     """Write model as a LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) folder; dtype None keeps the model's.
-    extra_config: more config.json fields (token ids, say)."""
+    extra_config: more config.json fields (token ids, say); tokenizer_dir: a folder whose tokenizer files to copy."""
     dtype = dtype or next(model.parameters()).dtype
     state = model.state_dict()
-    write_hf(model.config, state.__getitem__, out_dir, dtype, max_shard_bytes, extra_config=extra_config)
+    write_hf(model.config, state.__getitem__, out_dir, dtype, max_shard_bytes, extra_config=extra_config,
+             tokenizer_dir=tokenizer_dir)
 
 
 def drop_upcycle_hf(dense, out_dir, n_experts=8, top_k=2, r=0.5, seed=0, shared_indices=True, dtype=None,
-                    max_shard_bytes=DEFAULT_SHARD_BYTES, log=print, extra_config=None):
+                    max_shard_bytes=DEFAULT_SHARD_BYTES, log=print, extra_config=None, tokenizer_dir=None):
     """save_hf(drop_upcycle(dense, ...)) without ever holding the MoE: each layer's experts are built
     (dropupcycle.upcycled_ffns) when the writer reaches them and dropped once written. Same files, bit for bit."""
     cfg = upcycled_config(dense.config, n_experts, top_k)
@@ -354,7 +375,7 @@ def drop_upcycle_hf(dense, out_dir, n_experts=8, top_k=2, r=0.5, seed=0, shared_
     def on_layer(i):
         log(f"layer {i + 1}/{cfg.n_layer}: {n_experts} experts, r = {r}", flush=True)
 
-    write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer, extra_config)
+    write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer, extra_config, tokenizer_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -365,14 +386,14 @@ def load_pretrained(path_or_id, seq_len):
     """train.py --dense-from: (dense model, tokenizer, source description) of a Hugging Face Llama folder or hub id."""
     try:
         folder = resolve(path_or_id)
-        model = load_hf(folder, dtype=torch.float32, max_seq_len=seq_len)  # fp32 master weights, as when trained here
         config = read_json(os.path.join(folder, "config.json"))
+        if config_from_hf(config).is_moe:  # this and the tokenizer are checked before the weights are read
+            raise HFError("is already an MoE; give the dense Llama it came from")
+        if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+            raise HFError(f"no tokenizer.json in {folder}; the model trains on its own tokenizer")
+        model = load_hf(folder, dtype=torch.float32, max_seq_len=seq_len)  # fp32 master weights, as when trained here
     except HFError as e:
         raise Fail(f"--dense-from {path_or_id}: {str(e).removeprefix(f'{path_or_id}: ')}")
-    if model.config.is_moe:
-        raise Fail(f"--dense-from {path_or_id}: is already an MoE; give the dense Llama it came from")
-    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
-        raise Fail(f"--dense-from {path_or_id}: no tokenizer.json in {folder}; the model trains on its own tokenizer")
     eos = config.get("eos_token_id")
     enc = HFTokenizer(folder, eot_token=eos[0] if isinstance(eos, list) and eos else eos)
     if enc.n_vocab > model.config.vocab_size:
@@ -394,29 +415,23 @@ def token_ids(folder):
     return {k: config[k] for k in TOKEN_ID_FIELDS if k in config}
 
 
-def copy_tokenizer(src, out_dir):
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
-
-
 def main(argv=None):
     parser = OneLineParser(prog="hf.py", description=__doc__.split("\n\n")[0].strip())
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("drop-upcycle", help="HF Llama folder -> Drop-Upcycled HF Mixtral folder")
     up.add_argument("src", help="LlamaForCausalLM folder (or hub id)")
     up.add_argument("out", help="new folder for the MixtralForCausalLM")
-    up.add_argument("--r", type=float, default=0.5, help="fraction of every expert's neurons re-initialised (0: naive Upcycling)")
-    up.add_argument("--n-experts", type=int, default=8, help="experts per layer")
-    up.add_argument("--top-k", type=int, default=2, help="experts per token")
-    up.add_argument("--seed", type=int, default=0, help="seed of the router init and the dropped neurons")
+    up.add_argument("--r", type=unit_float, default=0.5, help="fraction of every expert's neurons re-initialised (0: naive Upcycling)")
+    up.add_argument("--n-experts", type=positive_int, default=8, help="experts per layer")
+    up.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
+    up.add_argument("--seed", type=nonneg_int, default=0, help="seed of the router init and the dropped neurons")
     up.add_argument("--independent-indices", action="store_true", help="a fresh neuron set per matrix (the authors' code)")
     ex = sub.add_parser("export", help="train.py checkpoint or run folder -> HF folder")
     ex.add_argument("src", help="ckpt.pt, or a run folder holding one")
     ex.add_argument("out", help="new folder for the HF checkpoint")
     for p in (up, ex):
         p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the source's)")
-        p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="shard size limit")
+        p.add_argument("--max-shard-bytes", type=byte_count, default=DEFAULT_SHARD_BYTES, help="shard size limit")
     try:
         args = parser.parse_args(argv)
         dtype = DTYPES[args.dtype] if args.dtype else None
@@ -424,10 +439,10 @@ def main(argv=None):
             check_out_dir(args.out)
             model, ckpt, _ = load_model(args.src, if_damaged=None)
             tokenizer, tokenizer_dir = ckpt.get("tokenizer", "byte"), tokenizer_dir_of(ckpt)
-            save_hf(model, args.out, dtype, args.max_shard_bytes, extra_config=token_ids(tokenizer_dir))
+            save_hf(model, args.out, dtype, args.max_shard_bytes, extra_config=token_ids(tokenizer_dir),
+                    tokenizer_dir=tokenizer_dir)
             print(f"wrote {'Mixtral' if model.config.is_moe else 'Llama'} {args.out}")
             if tokenizer_dir:
-                copy_tokenizer(tokenizer_dir, args.out)
                 print(f"with the tokenizer and token ids of {tokenizer_dir}, the --dense-from model of its run")
             elif tokenizer.startswith("hf-"):
                 print(f"no tokenizer files: the run read a Hugging Face tokenizer ({tokenizer}) from a folder it does "
@@ -440,18 +455,15 @@ def main(argv=None):
         check_out_dir(args.out)  # before loading a large model, not after
         try:
             upcycled_config(ModelConfig(), args.n_experts, args.top_k)  # the same checks as the model's
-            if not 0 <= args.r <= 1:
-                raise ValueError(f"--r must be in [0, 1], got {args.r}")
         except ValueError as e:
             raise HFError(str(e)) from None
         src = resolve(args.src)
-        dense = load_hf(src, dtype)
-        if dense.config.is_moe:
+        if config_from_hf(read_json(os.path.join(src, "config.json"))).is_moe:  # before reading the weights
             raise HFError(f"{args.src}: is already a Mixtral; drop-upcycle needs a dense Llama")
+        dense = load_hf(src, dtype)
         print(f"{args.src}: {dense.num_params() / 1e6:.1f}M parameters, {dense.config.n_layer} layers", flush=True)
         drop_upcycle_hf(dense, args.out, args.n_experts, args.top_k, args.r, args.seed, not args.independent_indices,
-                        dtype, args.max_shard_bytes, extra_config=token_ids(src))
-        copy_tokenizer(src, args.out)  # the tokenizer is the dense model's
+                        dtype, args.max_shard_bytes, extra_config=token_ids(src), tokenizer_dir=src)  # its tokenizer
         print(f"wrote Mixtral {args.out}")
     except (HFError, Fail) as e:
         print(f"hf.py: error: {e}", file=sys.stderr)

@@ -322,11 +322,14 @@ def test_cli_bad_path_gives_one_line_and_exit_1(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("drop-upcycle", "nobody/nothing", "OUT"), "huggingface-cli download nobody/nothing"),  # a hub id, offline
+    (("drop-upcycle", "nobody/nothing", "OUT"), "hf download nobody/nothing"),  # a hub id, offline
     (("drop-upcycle", "./missing", "OUT"), "not a folder"),
     (("export", "missing.pt", "OUT"), "no checkpoint there"),
     (("export", "llama", "OUT"), "llama/ckpt.pt: no checkpoint there"),
-    (("drop-upcycle", "llama", "OUT", "--r", "2"), "--r must be in [0, 1]"),
+    (("drop-upcycle", "llama", "OUT", "--r", "2"), "argument --r: must be in [0, 1], got 2"),
+    (("drop-upcycle", "llama", "OUT", "--seed", str(10**23)), "argument --seed: must be below 2,147,483,648"),
+    (("drop-upcycle", "llama", "OUT", "--max-shard-bytes", "-5"), "argument --max-shard-bytes: must be a positive"),
+    (("drop-upcycle", "llama", "OUT", "--n-experts", str(10**11)), "argument --n-experts: must be below"),
     (("drop-upcycle", "llama", "OUT", "--top-k", "9"), "top_k (9) must be between 1 and n_experts (8)"),
     (("drop-upcycle", "llama", "OUT", "--n-experts", "1"), "at least 2 experts"),
     (("drop-upcycle", "llama", "llama"), "already holds a checkpoint"),
@@ -349,6 +352,44 @@ def test_cli_bad_input_gives_one_line_and_exit_1(tmp_path, monkeypatch, capsys, 
     assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("hf.py: error: "), err
     assert message in err
     assert not os.path.exists(tmp_path / "OUT")
+
+
+def test_cli_refuses_a_mixtral_from_its_config_before_reading_its_weights(tmp_path, monkeypatch):
+    hf_llama(tmp_path / "llama", shard="1GB")
+    edit_config(tmp_path / "llama", architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
+                num_experts_per_tok=2)
+    (tmp_path / "llama" / "model.safetensors").write_bytes(b"\x07" * 64)  # reading it would fail first
+    p = run_cli("drop-upcycle", tmp_path / "llama", tmp_path / "out")
+    assert p.returncode == 1 and p.stderr.endswith("is already a Mixtral; drop-upcycle needs a dense Llama\n"), p.stderr
+
+
+def test_a_missing_config_field_is_named_once():
+    with pytest.raises(hf.HFError) as e:
+        hf.config_from_hf(dict(architectures=["LlamaForCausalLM"], hidden_size=32))
+    assert str(e.value).startswith("config.json: field") and str(e.value).count("config.json") == 1, str(e.value)
+
+
+@pytest.mark.parametrize("full_at", ["a weights shard", "the tokenizer"])
+def test_a_full_disk_leaves_no_file_behind_and_the_folder_can_be_written_again(tmp_path, full_at):
+    # a file-size limit makes every write past it fail, as a full disk does: a weights shard is about 16 KB here,
+    # the tokenizer 64 KB. A folder left with some files (config.json above all) would look finished
+    import resource
+    hf_llama(tmp_path / "llama", shard="1GB")
+    (tmp_path / "llama" / "tokenizer.json").write_text(json.dumps({"stand-in": "x" * 64_000}))
+    limit = 4_096 if full_at == "a weights shard" else 32_000
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    args = ["drop-upcycle", tmp_path / "llama", tmp_path / "out", "--n-experts", 4, "--max-shard-bytes", 16_000]
+    p = subprocess.run([sys.executable, os.path.join(HERE, "hf.py"), *map(str, args)], capture_output=True, text=True,
+                       cwd=HERE, preexec_fn=small_disk)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"hf.py: error: {tmp_path / 'out'}: could not write "), p.stderr
+    assert ("tokenizer.json" in p.stderr) == (full_at == "the tokenizer"), p.stderr
+    assert os.listdir(tmp_path / "out") == []
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (tmp_path / "llama" / "tokenizer.json").read_text()
 
 
 # -----------------------------------------------------------------------------
