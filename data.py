@@ -496,6 +496,9 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
 
 def load_token_file(path, tokenizer, enc, seq_len):
     """A pre-tokenized uint16 token file (nanoGPT's format): no files to split by, so the last 5% is val."""
+    if enc.n_vocab > 2**16:
+        raise Fail(f"--data {path}: a token file holds uint16 ids, too narrow for this tokenizer's {enc.n_vocab:,} "
+                   f"tokens; give the text (a folder or a file) instead")
     size = os.path.getsize(path)
     if size < 2 or size % 2:
         raise Fail(f"--data {path}: a token file holds uint16 values, but it has {size} bytes")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 import weakref
 from dataclasses import replace
 
@@ -584,6 +585,15 @@ def test_bad_data_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data, "open", deny, raising=False)
     code, _, err = run_main(tiny(unreadable, tmp_path / "out2"), capsys)
     assert f"cannot read {target}: Permission denied" in assert_one_line_error(code, err)
+
+
+def test_a_token_file_is_refused_for_a_vocabulary_its_uint16_ids_cannot_hold(tmp_path):
+    # Llama 3's 128,256 ids: read as uint16, an id and its high half would each pass as a token of the vocabulary
+    tokens = tmp_path / "tokens.bin"
+    np.array([109097, 81694, 5] * 100, dtype=np.uint32).tofile(tokens)
+    with pytest.raises(data.Fail) as e:
+        data.load_token_file(str(tokens), "hf-llama", types.SimpleNamespace(n_vocab=128_256), seq_len=32)
+    assert "too narrow for this tokenizer's 128,256 tokens" in str(e.value)
 
 
 def test_token_file_data_trains(tmp_path, capsys):
