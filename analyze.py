@@ -597,8 +597,14 @@ def routing(opts, train_argv):
     if not any(name.startswith("moe-") for name in (os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else [])):
         raise none_there  # before the corpus is read (and cached in --out-dir)
     device = gpus.resolve_device(args.device)
-    enc = data.get_tokenizer(args.tokenizer)
-    _, _, data_info = data.load_data(args.data, args.tokenizer, enc, args.out_dir, args.corpus_mb, args.seq_len)  # the fingerprint that tells which runs used this data
+    if args.dense_from:  # its runs trained on the pretrained model's own tokenizer
+        from hf import pretrained_tokenizer  # safetensors and tokenizers are needed only here
+
+        enc = pretrained_tokenizer(args.dense_from)[1]
+    else:
+        enc = data.get_tokenizer(args.tokenizer)
+    # the fingerprint that tells which runs used this data
+    _, _, data_info = data.load_data(args.data, enc.name, enc, args.out_dir, args.corpus_mb, args.seq_len)
     runs = moe_run_folders(args.out_dir, data_info["fingerprint"])
     if not runs:
         raise none_there

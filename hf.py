@@ -382,25 +382,36 @@ def drop_upcycle_hf(dense, out_dir, n_experts=8, top_k=2, r=0.5, seed=0, shared_
 # Command line
 
 
-def load_pretrained(path_or_id, seq_len):
-    """train.py --dense-from: (dense model, tokenizer, source description) of a Hugging Face Llama folder or hub id."""
+def pretrained_tokenizer(path_or_id):
+    """(folder, tokenizer) of a Hugging Face Llama folder or hub id, checked against its config.json before any
+    weight is read: train.py --dense-from trains on this tokenizer, and analyze.py routing reads text with it."""
     try:
         folder = resolve(path_or_id)
         config = read_json(os.path.join(folder, "config.json"))
-        if config_from_hf(config).is_moe:  # this and the tokenizer are checked before the weights are read
+        cfg = config_from_hf(config)
+        if cfg.is_moe:
             raise HFError("is already an MoE; give the dense Llama it came from")
         if not os.path.exists(os.path.join(folder, "tokenizer.json")):
             raise HFError(f"no tokenizer.json in {folder}; the model trains on its own tokenizer")
-        model = load_hf(folder, dtype=torch.float32, max_seq_len=seq_len)  # fp32 master weights, as when trained here
     except HFError as e:
         raise Fail(f"--dense-from {path_or_id}: {str(e).removeprefix(f'{path_or_id}: ')}")
     eos = config.get("eos_token_id")
     enc = HFTokenizer(folder, eot_token=eos[0] if isinstance(eos, list) and eos else eos)
-    if enc.n_vocab > model.config.vocab_size:
-        raise Fail(f"--dense-from {path_or_id}: tokenizer.json has {enc.n_vocab} tokens, the model {model.config.vocab_size}")
+    if enc.n_vocab > cfg.vocab_size:
+        raise Fail(f"--dense-from {path_or_id}: tokenizer.json has {enc.n_vocab} tokens, the model {cfg.vocab_size}")
     if type(enc.eot_token) is not int or not 0 <= enc.eot_token < enc.n_vocab:  # it ends every file in the token cache
         raise Fail(f"--dense-from {path_or_id}: config.json's eos_token_id {eos!r} is not one of tokenizer.json's "
                    f"{enc.n_vocab} tokens")
+    return folder, enc
+
+
+def load_pretrained(path_or_id, seq_len):
+    """train.py --dense-from: (dense model, tokenizer, source description) of a Hugging Face Llama folder or hub id."""
+    folder, enc = pretrained_tokenizer(path_or_id)
+    try:
+        model = load_hf(folder, dtype=torch.float32, max_seq_len=seq_len)  # fp32 master weights, as when trained here
+    except HFError as e:
+        raise Fail(f"--dense-from {path_or_id}: {str(e).removeprefix(f'{path_or_id}: ')}")
     files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
     stamp = [(f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f))) for f in files]
     print(f"pretrained dense model {path_or_id}: {model.num_params() / 1e6:.1f}M params, vocabulary {enc.n_vocab:,}")

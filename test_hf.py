@@ -469,6 +469,27 @@ def test_train_dense_from_upcycles_a_pretrained_llama_and_trains_on_its_tokenize
     assert not (tmp_path / "changed-hf" / "tokenizer.json").exists()
 
 
+def test_routing_reads_the_text_of_runs_trained_from_a_pretrained_llama_with_its_tokenizer(tmp_path):
+    from conftest import ENV, TRAIN_PY
+    from test_analyze import make_corpus
+
+    src = tmp_path / "llama"
+    src.mkdir()
+    n_vocab = word_tokenizer(str(src), 50)
+    LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": n_vocab}, eos_token_id=1)).save_pretrained(src)
+    flags = ["--dense-from", str(src), "--data", make_corpus(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+             "--device", "cpu", "--preset", "cpu", "--n-experts", "4", "--top-k", "2", "--seq-len", "16",
+             "--batch-size", "2", "--moe-steps", "2", "--moe-warmup", "1", "--eval-interval", "2", "--eval-batches", "1"]
+    trained = subprocess.run([sys.executable, TRAIN_PY, "--init", "naive", *flags], capture_output=True, text=True,
+                             env=ENV, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    routed = subprocess.run([sys.executable, os.path.join(HERE, "analyze.py"), "routing", *flags], capture_output=True,
+                            text=True, env=ENV, timeout=300)
+    assert routed.returncode == 0, routed.stderr
+    assert "skipping" not in routed.stdout and "tokenizing" not in routed.stdout  # the runs' own token cache
+    assert "| moe-naive |" in (tmp_path / "out" / "routing_summary.md").read_text()
+
+
 @pytest.mark.parametrize("eos", [5_000, []])
 def test_train_dense_from_with_an_eos_token_outside_the_vocabulary_is_one_line(tmp_path, eos):
     """The end-of-text token closes every file in the token cache: one the tokenizer does not have would overflow
