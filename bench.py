@@ -1,7 +1,7 @@
 """
 bench.py: how fast dropupcycle.py trains on one GPU, and what its MoE layer costs over a dense one.
 
-    python bench.py --out figures                  # CUDA: the full run (about 3 minutes on an H100)
+    python bench.py                                # CUDA: the full run (about 3 minutes on an H100), into out/bench
     python bench.py --device cpu --out /tmp/bench  # CPU: tiny shapes, fewer rows; a smoke test, not a benchmark
 
 Four measurements, all in one process (--sections: layer and step by default, loop on request):
@@ -29,6 +29,7 @@ import datetime
 import itertools
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -391,7 +392,7 @@ def routing_balance(model, inputs):
     def measure(moe, args):
         x = args[0].reshape(-1, args[0].shape[-1])  # [N, d_model]
         experts = moe.route(x)[1]
-        balances.append(analyze.load_balance(torch.bincount(experts.flatten(), minlength=moe.n_experts).cpu().numpy()))
+        balances.append(analyze.load_balance(analyze.count_assignments(experts, moe.n_experts).cpu().numpy()))
     hooks = [m.register_forward_pre_hook(measure) for m in model.modules() if isinstance(m, du.MoE)]
     try:
         model(inputs)
@@ -415,7 +416,7 @@ def bare_step(run, params, optimizer, inputs, targets, autocast):
 def bench_one_step(cfg, batch, seq, mode, compile_mode, device, peak, profiles=None, router_skew=None, *, warmup, iters):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = du.Transformer(cfg).to(device)  # fp32 master weights, bf16 autocast: as train.py
+    model = du.Transformer(cfg).to(device)  # fp32 master weights under autocast (bf16 on a GPU that has it): as train.py
     idx = torch.randint(0, 256, (batch, seq + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
     out = {}
@@ -429,7 +430,7 @@ def bench_one_step(cfg, batch, seq, mode, compile_mode, device, peak, profiles=N
 
     def step():
         train.begin_step(run)  # (under CUDA graphs this step's replay may overwrite the last one's outputs)
-        bare_step(run, params, opt, inputs, targets, lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        bare_step(run, params, opt, inputs, targets, lambda: gpus.autocast(device))
 
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -683,11 +684,15 @@ def targets(results):
     return lines
 
 
+def peak_text(peak_tflops):
+    return f"{peak_tflops:g} TFLOP/s" if peak_tflops else "unknown (no MFU)"
+
+
 def markdown(results):
     m = results["meta"]
-    md = [f"# bench.py results\n", f"- command: `{m['command']}`", f"- device: {m['device']}",
+    md = ["# bench.py results\n", f"- command: `{m['command']}`", f"- device: {m['device']}",
           f"- software: torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}",
-          f"- date: {m['date']}", f"- bf16 dense peak used for MFU: {m['peak_tflops']} TFLOP/s",
+          f"- date: {m['date']}", f"- bf16 dense peak used for MFU: {peak_text(m['peak_tflops'])}",
           f"- {results.get('hf_note', '')}", ""]
     md += ["## 1. One MoE layer, forward + backward (8 experts, top-2)\n",
            "Dense SwiGLU is top_k * d_ff wide: the same active FLOPs, the floor. `x dense` compares with the dense "
@@ -827,7 +832,7 @@ def main(argv=None):
     except Exception:
         hf_version = "absent"
     peak = peak_flops(device, args.peak_tflops)
-    results = dict(meta=dict(command="python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+    results = dict(meta=dict(command="python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                              device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
                              transformers=hf_version, python=sys.version.split()[0],
                              date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -843,7 +848,7 @@ def main(argv=None):
 
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) as a training run has them
     meta = results["meta"]
-    print(f"device: {meta['device']}, torch {torch.__version__}, peak {meta['peak_tflops']} TFLOP/s")
+    print(f"device: {meta['device']}, torch {torch.__version__}, bf16 dense peak {peak_text(meta['peak_tflops'])}")
     if "layer" in args.sections:
         bench_layers(args, device, record)
     profiles = profile_layers(device) if args.profile else []
@@ -869,11 +874,8 @@ def main(argv=None):
 
 
 def save(results, out_dir):
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    if "meta" in results:
-        with open(os.path.join(out_dir, "bench.md"), "w") as f:
-            f.write(markdown(results) if results.get("targets") is not None else "")
+    data.atomic_write_text(os.path.join(out_dir, "bench.json"), json.dumps(results, indent=1, default=str))
+    data.atomic_write_text(os.path.join(out_dir, "bench.md"), markdown(results))
 
 
 if __name__ == "__main__":
