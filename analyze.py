@@ -184,26 +184,27 @@ def sweep(opts, train_argv):
         took += [wall] if wall is not None else []
         print_eta("sweep", took, sum(not finished(args.out_dir, run) for run in runs[i + 1:]))
     if distributed.is_main():  # under torchrun, rank 0 writes the figure and table
-        sweep_report(args.out_dir, args.tokenizer, args.seed, runs, "python analyze.py sweep " + shlex.join(opts.argv))
+        sweep_report(args.out_dir, runs, "python analyze.py sweep " + shlex.join(opts.argv))
 
 
-def sweep_report(out_dir, tokenizer, seed, runs, command):
+def sweep_report(out_dir, runs, command):
     """Figure (plot.sweep_figure: loss against MoE-phase tokens for every r, and minus naive) and table."""
     rows, curves = [], {}
     for init, r, shared in runs:
         name = plot.run_name(init, r if r is not None else 0.0, shared)
         folder = os.path.join(out_dir, name)
-        if not os.path.exists(os.path.join(folder, "result.json")):
-            print(f"{name}: no finished run in {folder}, left out")
+        run = plot.read_run(folder)  # (settings, result, curve); None, with a warning, when damaged
+        if run is None:
+            if not os.path.exists(os.path.join(folder, "result.json")):
+                print(f"{name}: no finished run in {folder}, left out")
             continue
-        with open(os.path.join(folder, "result.json")) as f:
-            rows.append((name, init, r, shared, json.load(f)))
-        curves[name] = plot.val_curve(os.path.join(folder, "log.csv"))
-    if "moe-naive" not in curves or not os.path.exists(os.path.join(out_dir, "dense", "result.json")):
+        rows.append((name, init, r, shared, run[1]))
+        curves[name] = run[2]
+    dense_run = plot.read_run(os.path.join(out_dir, "dense"))
+    if "moe-naive" not in curves or dense_run is None:
         raise Fail(f"no finished dense and naive runs in {out_dir} "
                    f"(with --report-only: pass the training's flags)")
-    with open(os.path.join(out_dir, "dense", "result.json")) as f:
-        dense = json.load(f)
+    dense_settings, dense = dense_run[:2]  # the header tells what the runs were trained with, not what the flags say
 
     naive_batches = next(res for name, _, _, _, res in rows if name == "moe-naive").get("final_val_batches")
     lines = ["| run | r | index sets | val loss right after upcycling | final val loss | minus naive (noise) | "
@@ -218,10 +219,10 @@ def sweep_report(out_dir, tokenizer, seed, runs, command):
                      f"{vs} | {verdict} | {plot.fmt_time(result['wall_time'])} |")
     moe = rows[0][4]
     header = (f"Re-initialisation ratio sweep (paper Sec. 5.3, Fig. 4). Validation loss in nats/token "
-              f"({tokenizer} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
+              f"({dense_settings['tokenizer']} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
               f"final dense val loss {dense['final_val_loss']:.4f}) and {moe['steps']} MoE steps "
               f"({moe['tokens'] / 1e6:.1f}M tokens), same data order for every run; device {dense['device']}, "
-              f"seed {seed}. Noise: two standard errors of the per-batch differences of the two final losses "
+              f"seed {dense_settings['seed']}. Noise: two standard errors of the per-batch differences of the two final losses "
               f"(the same validation batches for every run).")
     table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
     table_path, figure_path = os.path.join(out_dir, "sweep_summary.md"), os.path.join(out_dir, "sweep_loss.png")
@@ -316,11 +317,12 @@ def lr_report(out_dir, folders, command):
         for init, r, shared in LR_RUNS:
             name = plot.run_name(init, r, shared)
             path = os.path.join(folder, name)
-            if not os.path.exists(os.path.join(path, "result.json")):
-                print(f"{path}: no finished run, left out")
+            run = plot.read_run(path)  # (settings, result, curve); None, with a warning, when damaged
+            if run is None:
+                if not os.path.exists(os.path.join(path, "result.json")):
+                    print(f"{path}: no finished run, left out")
                 continue
-            with open(os.path.join(path, "result.json")) as f:
-                runs[name, lr] = json.load(f), plot.val_curve(os.path.join(path, "log.csv"))
+            runs[name, lr] = run[1:]
     names = [n for n in dict.fromkeys(plot.run_name(*run) for run in LR_RUNS)
              if any((n, lr) in runs for lr in folders)]
     if "moe-naive" not in names:
@@ -342,7 +344,8 @@ def lr_report(out_dir, folders, command):
             text = f"{runs[name, lr][0]['final_val_loss']:.4f}" if (name, lr) in runs else "-"
             cells.append(f"**{text}**" if lr == best[name] else text)
         done = sorted((lr for lr in lrs if (name, lr) in runs), key=lambda lr: runs[name, lr][0]["final_val_loss"])
-        edge = " (edge of the grid)" if len(lrs) > 1 and best[name] in (lrs[0], lrs[-1]) else ""
+        trained = [lr for lr in lrs if (name, lr) in runs]  # a rate never trained is not the edge of the grid
+        edge = " (edge of the grid)" if len(trained) > 1 and best[name] in (trained[0], trained[-1]) else ""
         second = ""
         if len(done) > 1:
             g = gap(name, done[1], name, done[0])
@@ -375,8 +378,10 @@ def lr_report(out_dir, folders, command):
                     os.path.exists(a) and os.path.exists(b) and filecmp.cmp(a, b, shallow=False)):
                 raise Fail(f"{denses[0]} and {other} are different dense models (their {file} differ): every rate "
                            f"must start from the same one")
-    with open(os.path.join(denses[0], "result.json")) as f:
-        dense = json.load(f)
+    dense_run = plot.read_run(denses[0])
+    if dense_run is None:
+        raise Fail(f"no finished dense run in {denses[0]}")
+    dense = dense_run[1]
     source = (f"{top}, copied into each lr-* folder" if os.path.isdir(top) else "the same dense/ in each lr-* folder")
     moe = runs["moe-naive", best["moe-naive"]][0]
     header = (f"MoE peak learning-rate sweep: naive Upcycling, Drop-Upcycling r=0.5 (shared and independent index "
@@ -545,8 +550,13 @@ def moe_run_folders(out_dir, fingerprint):
         folder = os.path.join(out_dir, name)
         if not all(os.path.exists(os.path.join(folder, f)) for f in ("result.json", "settings.json", "ckpt.pt")):
             continue
-        with open(os.path.join(folder, "settings.json")) as f:
-            settings = json.load(f)
+        try:
+            with open(os.path.join(folder, "settings.json")) as f:
+                settings = json.load(f)
+            settings.get("phase")
+        except (OSError, ValueError, AttributeError):
+            print(f"warning: {folder} has a damaged settings.json: left out")
+            continue
         if settings.get("phase") != "moe":
             continue
         if settings.get("data") != fingerprint:
@@ -609,10 +619,10 @@ def routing(opts, train_argv):
     if not runs:
         raise none_there
     texts = heldout_tokens(args.data, args.corpus_mb, enc, opts.routing_tokens)
-    n = min(len(t) for t in texts.values())  # the same number of tokens from every domain ...
-    n = n // min(args.seq_len, n) * min(args.seq_len, n)  # ... in whole windows of --seq-len
+    n = min(len(t) for t in texts.values())  # the same number of tokens from every domain
     domains = list(texts)
-    print(f"routing {n:,} held-out tokens of each domain ({', '.join(domains)}) through {len(runs)} MoE model{'s' if len(runs) > 1 else ''}")
+    print(f"routing {n:,} held-out tokens of each domain ({', '.join(domains)}), in whole windows of each model's "
+          f"sequence length, through {len(runs)} MoE model{'s' if len(runs) > 1 else ''}")
 
     results = {}
     for name, folder in runs:
@@ -627,7 +637,7 @@ def routing(opts, train_argv):
         del model, ckpt
 
     command = "python analyze.py routing " + shlex.join(opts.argv)
-    routing_report(args.out_dir, results, domains, n, command, opts.models, opts.all_layers)
+    routing_report(args.out_dir, results, domains, command, opts.models, opts.all_layers)
 
 
 def routing_replot(opts, args):
@@ -635,22 +645,30 @@ def routing_replot(opts, args):
     path = os.path.join(args.out_dir, "routing_counts.json")
     if not os.path.exists(path):
         raise Fail(f"--report-only: no {path}; run python analyze.py routing without --report-only first")
-    with open(path) as f:
-        raw = json.load(f)
-    results = {name: dict(counts=np.array(r["counts"]), layers=[routing_stats(c) for c in np.array(r["counts"])],
-                          top_k=r["top_k"], tokens=r["tokens_per_domain"]) for name, r in raw.items()}
-    first = next(iter(raw.values()))
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        results = {name: dict(counts=np.array(r["counts"]), layers=[routing_stats(c) for c in np.array(r["counts"])],
+                              top_k=r["top_k"], tokens=r["tokens_per_domain"]) for name, r in raw.items()}
+        first = next(iter(raw.values()))
+        domains = list(first["domains"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, StopIteration):
+        raise Fail(f"--report-only: {path} is damaged; run python analyze.py routing without --report-only again")
     command = (f"{first.get('command', 'unknown command')}, re-plotted with "
                f"python analyze.py routing {shlex.join(opts.argv)}")
-    routing_report(args.out_dir, results, first["domains"], first["tokens_per_domain"], command, opts.models,
-                   opts.all_layers)
+    routing_report(args.out_dir, results, domains, command, opts.models, opts.all_layers)
 
 
-def routing_report(out_dir, results, domains, n_tokens, command, models, all_layers):
+def routing_report(out_dir, results, domains, command, models, all_layers):
     """routing_summary.md, routing_counts.json and the figure (plot.routing_figure: the paper's Fig. 5)."""
+    unknown = [m for m in models or [] if m not in results]
+    if unknown:
+        raise Fail(f"--models {' '.join(unknown)}: no routing of {'that run' if len(unknown) == 1 else 'those runs'}; "
+                   f"there is {', '.join(results)}")
     n_layer = len(next(iter(results.values()))["layers"])
+    n_tokens = "/".join(f"{n:,}" for n in sorted({res["tokens"] for res in results.values()}))  # what was routed
     top_k = "/".join(str(k) for k in sorted({res["top_k"] for res in results.values()}))
-    header = (f"Routing of {n_tokens:,} held-out tokens per domain ({', '.join(domains)}; validation files only). "
+    header = (f"Routing of {n_tokens} held-out tokens per domain ({', '.join(domains)}; validation files only). "
               f"Load balance: entropy of the expert-usage distribution / log(n_experts), 1 = uniform. Domain "
               f"specialisation: Jensen-Shannon divergence of the domains' routing distributions, nats (0 = routed "
               f"alike, log {len(domains)} = {math.log(len(domains)):.3f} = disjoint experts). Top-{top_k} routing: "

@@ -273,8 +273,13 @@ def finished_runs(out_dir, dense_settings, moe_settings):
             continue
         settings, result, curve = run
         wanted = dense_settings if name == "dense" else moe_settings
-        if wanted is None or identity(settings) != identity(json.loads(json.dumps(wanted))):
-            continue  # trained with other settings: not comparable
+        if wanted is None:
+            continue  # a command that trains no MoE compares none
+        ours, theirs = identity(json.loads(json.dumps(wanted))), identity(settings)
+        if ours != theirs:  # not comparable
+            differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            print(f"note: {folder} was trained with other settings ({', '.join(differ)}): left out of the summary")
+            continue
         if settings.get("dense") not in (None, json.loads(json.dumps(dense_settings))):
             print(f"warning: {folder} was upcycled from another dense model than {out_dir}/dense: left out")
             continue

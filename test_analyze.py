@@ -424,10 +424,61 @@ def test_lr_table_names_each_inits_best_rate(lr_swept):
 def test_lr_report_leaves_out_a_rate_never_trained_and_names_it(lr_swept, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(lr_swept[0], copy)
-    analyze.main(["lr", "--report-only", "--lrs", *map(str, LRS), "8e-3", "--out-dir", str(copy)])
+    analyze.main(["lr", "--report-only", "--lrs", "1e-4", *map(str, LRS), "8e-3", "--out-dir", str(copy)])
     printed = capsys.readouterr().out
     assert f"{copy}/lr-8e-3/moe-naive: no finished run, left out" in printed
-    assert "| lr 8e-3 |" in (copy / "lr_summary.md").read_text()
+    table = (copy / "lr_summary.md").read_text()
+    assert "| lr 8e-3 |" in table
+    # the best of two trained rates is at the edge of what was tried, whatever rates were only named
+    first_table = table.split("Final validation loss of each run")[1].split("\n\n")[1]
+    rows = [line for line in first_table.splitlines() if line.startswith("| moe-")]
+    assert len(rows) == 4 and all("(edge of the grid)" in row for row in rows), rows
+
+
+def test_a_damaged_run_file_leaves_that_run_out_of_the_sweep_and_lr_tables_with_a_warning(swept, lr_swept, tmp_path,
+                                                                                          capsys):
+    sweep, lr = tmp_path / "sweep", tmp_path / "lr"
+    shutil.copytree(swept[0], sweep)
+    shutil.copytree(lr_swept[0], lr)
+    (sweep / "moe-drop-r0.5" / "result.json").write_text('{"final')
+    (lr / f"lr-{analyze.lr_text(LRS[1])}" / "moe-scratch" / "log.csv").write_text("step,val_loss\nx,y\n")
+    analyze.main(["sweep", "--report-only", "--out-dir", str(sweep)])
+    analyze.main(["lr", "--report-only", "--lrs", *map(str, LRS), "--out-dir", str(lr)])
+    printed = capsys.readouterr().out
+    assert f"warning: {sweep / 'moe-drop-r0.5'} has a damaged" in printed
+    assert f"warning: {lr / ('lr-' + analyze.lr_text(LRS[1])) / 'moe-scratch'} has a damaged" in printed
+    assert "| moe-drop-r0.5 |" not in (sweep / "sweep_summary.md").read_text()
+    assert "| moe-naive |" in (sweep / "sweep_summary.md").read_text()
+
+
+def test_the_sweep_table_names_the_tokenizer_and_seed_its_runs_were_trained_with_not_the_flags(swept, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(swept[0], copy)
+    analyze.main(["sweep", "--report-only", "--out-dir", str(copy), "--seed", "7", "--tokenizer", "gpt2"])
+    table = (copy / "sweep_summary.md").read_text()
+    assert "(byte tokenizer)" in table and "seed 0." in table, table.splitlines()[0]
+
+
+def test_the_routing_table_counts_the_tokens_routed_in_the_models_own_windows(swept, tmp_path):
+    # --seq-len 40 for models of 32-token windows: the tokens are routed in windows of 32, and counted so
+    out, flags = swept
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    flags = [*flags, "--seq-len", "40", "--routing-tokens", "100"]
+    flags[flags.index("--out-dir") + 1] = str(copy)
+    analyze.main(["routing", *flags])
+    raw = json.loads((copy / "routing_counts.json").read_text())
+    assert {res["tokens_per_domain"] for res in raw.values()} == {96}  # 3 windows of 32
+    assert (copy / "routing_summary.md").read_text().startswith("Routing of 96 held-out tokens per domain")
+
+
+def test_routing_replot_refuses_damaged_counts_and_unknown_models_in_one_line(swept, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(swept[0], copy)
+    assert_one_line_analyze_error(["routing", "--report-only", "--out-dir", str(copy), "--models", "moe-naiv"], capsys)
+    for damaged in ("{}", "garbage", '{"moe-naive": {"counts": 1}}'):
+        (copy / "routing_counts.json").write_text(damaged)
+        assert_one_line_analyze_error(["routing", "--report-only", "--out-dir", str(copy)], capsys)
 
 
 def test_lr_rerun_reuses_every_run(lr_swept, capsys):

@@ -237,6 +237,13 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
     plot.report_from_logs(str(out))
     assert "moe-drop-r0.5" not in (out / "summary.md").read_text()
     assert "upcycled from another dense model" in capsys.readouterr().out
+    # one trained with other settings is left out too, and the note names what differs
+    settings["dense"]["steps"] -= 1
+    settings["model"]["aux_loss_coef"] *= 2
+    (out / "moe-drop-r0.5" / "settings.json").write_text(json.dumps(settings))
+    plot.report_from_logs(str(out))
+    assert "moe-drop-r0.5" not in (out / "summary.md").read_text()
+    assert f"note: {out / 'moe-drop-r0.5'} was trained with other settings (model): left out" in capsys.readouterr().out
     # a damaged dense run leaves nothing to compare with: an error, and the summary.md left there is named as old
     dense_result = (out / "dense" / "result.json").read_text()
     (out / "dense" / "result.json").write_text("{")
