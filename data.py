@@ -151,8 +151,7 @@ def get_tokenizer(name):
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # no network, no cached file, proxy error, ...: all mean the same to a user
-        reason = str(e).splitlines()[0][:150] if str(e) else type(e).__name__
-        raise Fail(f"--tokenizer {name}: tiktoken could not load its BPE files ({reason}); they are downloaded once "
+        raise Fail(f"--tokenizer {name}: tiktoken could not load its BPE files ({first_line(e, 150)}); they are downloaded once "
                    f"and cached (TIKTOKEN_CACHE_DIR): go online once, or use the offline --tokenizer byte")
 
 
@@ -172,7 +171,7 @@ class HFTokenizer:
         try:
             self.tok = Tokenizer.from_file(path)
         except Exception as e:
-            raise Fail(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})")
+            raise Fail(f"{path}: not a readable tokenizer.json ({first_line(e, 100)})")
         self.name = hf_tokenizer_name(path)
         self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
         self.eot_token = eot_token if eot_token is not None else self.n_vocab - 1
@@ -410,6 +409,12 @@ def check_data_exists(data, flag="--data"):
     if data not in BUILTIN_CORPORA and not os.path.exists(data):
         builtin = f" (the built-in corpora are {' and '.join(BUILTIN_CORPORA)})" if data.startswith(":") else ""
         raise Fail(f"{flag} {data}: no such file or folder{builtin}")
+
+
+def first_line(e, limit=120):
+    """An exception's message cut to one line for a one-line error, or its type's name where it has none."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
 
 
 def os_error_text(e):

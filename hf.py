@@ -34,7 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data import Fail, HFTokenizer, OneLineParser, byte_count, nonneg_int, os_error_text, positive_int, unit_float
+from data import (Fail, HFTokenizer, OneLineParser, byte_count, first_line, nonneg_int, os_error_text, positive_int,
+                  unit_float)
 from dropupcycle import LLAMA3_ROPE_KEYS, ModelConfig, Transformer, rope_cos_sin, upcycled_config, upcycled_ffns
 from runs import load_model, tokenizer_dir_of
 
@@ -88,7 +89,19 @@ def hf_names(cfg):
 
 
 def config_from_hf(c, max_seq_len=None):
-    """ModelConfig from a config.json dict; HFError for anything Transformer would compute differently."""
+    """ModelConfig from a config.json dict; HFError, one line, for anything Transformer would compute differently
+    or that is not what transformers writes (a field of another type)."""
+    try:
+        return read_hf_config(c, max_seq_len)
+    except HFError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # a list where a number goes, ...
+        raise HFError(f"config.json: a field of an unexpected type ({type(e).__name__}: {first_line(e)})") from None
+
+
+def read_hf_config(c, max_seq_len):
+    if not isinstance(c, dict):
+        raise HFError(f"config.json: holds a {type(c).__name__}, not the fields of a model")
     archs = c.get("architectures") or [c.get("model_type")]
     arch = ARCHITECTURES.get(archs[0]) or (archs[0] if archs[0] in DEFAULTS else None)
     if len(archs) != 1 or arch is None:
@@ -131,7 +144,7 @@ def config_from_hf(c, max_seq_len=None):
             max_seq_len=max_seq_len or need("max_position_embeddings"),
             rope_theta=float(rope.get("rope_theta", defaults["rope_theta"])), rope_scaling=rope_scaling,
             norm_eps=float(c.get("rms_norm_eps", defaults["rms_norm_eps"])),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            tie_embeddings=c.get("tie_word_embeddings", False),
             n_experts=need("num_local_experts") if moe else 1, top_k=need("num_experts_per_tok") if moe else 2,
             aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)) if moe else ModelConfig.aux_loss_coef,
         )
@@ -176,8 +189,7 @@ def resolve(path_or_id):
 
         return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES])
     except Exception as e:
-        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-        raise HFError(f"{path_or_id}: not a folder here and downloading it failed ({reason}); download it first: "
+        raise HFError(f"{path_or_id}: not a folder here and downloading it failed ({first_line(e, 100)}); download it first: "
                       f"hf download {path_or_id} --local-dir DIR") from None
 
 
@@ -234,8 +246,7 @@ def load_hf(path_or_id, dtype=None, max_seq_len=None):
         except HFError:
             raise
         except Exception as e:  # safetensors' own errors: truncated file, bad header, ...
-            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            raise HFError(f"{path}: not a readable safetensors file ({reason})") from None
+            raise HFError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     if expected:
         raise HFError(f"{folder}: {len(expected)} weights missing, e.g. {next(iter(expected))}")
     # to the chosen dtype one tensor at a time (each original is freed when replaced), experts stacked [E, ...]
@@ -338,7 +349,7 @@ def write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer=None, ext
         for path in written:
             if os.path.exists(path):
                 os.remove(path)
-        reason = e.strerror or e if isinstance(e, OSError) else str(e).splitlines()[0]
+        reason = e.strerror or e if isinstance(e, OSError) else first_line(e)
         raise HFError(f"{out_dir}: could not write {os.path.basename(written[-1])} ({reason}); nothing of it is kept") from None
 
 

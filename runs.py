@@ -15,7 +15,7 @@ import torch
 import ctrl_c
 import distributed
 import plot
-from data import Fail, atomic_write_text, hf_tokenizer_name, make_dirs
+from data import Fail, atomic_write_text, first_line, hf_tokenizer_name, make_dirs
 from dropupcycle import ModelConfig, Transformer
 
 
@@ -77,8 +77,8 @@ def save_checkpoint(state, path):
     except Exception as e:  # a full disk is an OSError from open/fsync, a RuntimeError from torch.save's writer
         if os.path.exists(tmp):
             os.remove(tmp)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
-        raise Fail(f"could not write checkpoint {path} ({reason}); the previous checkpoint is unchanged")
+        raise Fail(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or first_line(e)}); the previous "
+                   f"checkpoint is unchanged")
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
         STOP["saving"] = False
@@ -133,7 +133,7 @@ def load_model(path, *, if_damaged, flag=""):
         model = Transformer(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise Fail(f"checkpoint {path} does not hold a model of its own config ({str(e).splitlines()[0][:100]})")
+        raise Fail(f"checkpoint {path} does not hold a model of its own config ({first_line(e, 100)})")
     return model, ckpt, path
 
 

@@ -369,6 +369,20 @@ def test_a_missing_config_field_is_named_once():
     assert str(e.value).startswith("config.json: field") and str(e.value).count("config.json") == 1, str(e.value)
 
 
+@pytest.mark.parametrize("config, message", [
+    ([1], "holds a list"),
+    (dict(architectures=[["LlamaForCausalLM"]]), "unexpected type"),
+    (dict(rope_parameters=[1]), "unexpected type"),
+    (dict(tie_word_embeddings="false"), "tie_embeddings must be True or False"),  # not read as true
+])
+def test_a_config_json_of_unexpected_types_is_one_line_naming_config_json(config, message):
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    with pytest.raises(hf.HFError) as e:
+        hf.config_from_hf(config if isinstance(config, list) else {**base, **config})
+    assert str(e.value).startswith("config.json: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("full_at", ["a weights shard", "the tokenizer"])
 def test_a_full_disk_leaves_no_file_behind_and_the_folder_can_be_written_again(tmp_path, full_at):
     # a file-size limit makes every write past it fail, as a full disk does: a weights shard is about 16 KB here,
