@@ -212,7 +212,7 @@ def sweep_report(out_dir, runs, command):
     for name, init, r, shared, result in rows:
         gap = None if name == "moe-naive" else plot.compare_to_naive(
             curves[name], curves["moe-naive"], result.get("final_val_batches"), naive_batches)
-        vs, verdict = ("", "") if gap is None else (f"{gap[0]:+.4f} (±{gap[1]:.4f})", gap[2])
+        vs, verdict = ("", "") if gap is None else (plot.gap_text(gap), gap[2])
         r_text = "0" if init == "naive" else "-" if init == "scratch" else f"{r:g}"
         sets = "-" if init != "drop" else "shared" if shared else "independent"
         lines.append(f"| {name} | {r_text} | {sets} | {curves[name][2][0]:.4f} | {result['final_val_loss']:.4f} | "
@@ -349,7 +349,7 @@ def lr_report(out_dir, folders, command):
         second = ""
         if len(done) > 1:
             g = gap(name, done[1], name, done[0])
-            second = f"{g[0]:+.4f} (±{g[1]:.4f}) at {lr_text(done[1])}" if g else ""
+            second = f"{plot.gap_text(g)} at {lr_text(done[1])}" if g else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {lr_text(best[name])}{edge} | {second} |")
     drops = [n for n in names if n.startswith("moe-drop")]
     lines += ["", "Each init at its own best rate against naive Upcycling at its best rate "
@@ -357,7 +357,7 @@ def lr_report(out_dir, folders, command):
               "", "| run | its best lr | final val loss | minus naive (noise) | vs naive |", "| --- | --- | --- | --- | --- |"]
     for name in drops:
         g = gap(name, best[name], "moe-naive", best["moe-naive"])
-        vs, verdict = (f"{g[0]:+.4f} (±{g[1]:.4f})", g[2]) if g else ("", "not comparable (other evaluation steps)")
+        vs, verdict = (plot.gap_text(g), g[2]) if g else ("", "not comparable (other evaluation steps)")
         lines.append(f"| {name} | {lr_text(best[name])} | {runs[name, best[name]][0]['final_val_loss']:.4f} | {vs} | {verdict} |")
     lines += ["", "At the same rate: minus naive (noise), vs naive:", "",
               "| run | " + " | ".join(f"lr {lr_text(lr)}" for lr in lrs) + " |", "| --- " * (len(lrs) + 1) + "|"]
@@ -365,7 +365,7 @@ def lr_report(out_dir, folders, command):
         cells = []
         for lr in lrs:
             g = gap(name, lr, "moe-naive", lr) if (name, lr) in runs and ("moe-naive", lr) in runs else None
-            cells.append(f"{g[0]:+.4f} (±{g[1]:.4f}), {g[2]}" if g else "-")
+            cells.append(f"{plot.gap_text(g)}, {g[2]}" if g else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     # every rate must start from one dense model: the same log (and checkpoint, where one was kept) in each folder
@@ -487,7 +487,7 @@ def seeds(opts):
         done = [g for g in per_seed.values() if g]
         if not done:
             continue
-        cells = [f"{g[0]:+.4f} (±{g[1]:.4f})" if g else "-" for g in per_seed.values()]
+        cells = [plot.gap_text(g) if g else "-" for g in per_seed.values()]
         steps = ", ".join(("never" if g[2] is None else str(g[2])) if g else "-" for g in per_seed.values())
         lines.append(f"| {name} minus {ref} | " + " | ".join(cells) + f" | {mean_spread([g[0] for g in done])} | "
                      f"{steps} | {seeds_verdict([g[0] for g in done])} |")
@@ -544,7 +544,8 @@ def heldout_tokens(data_spec, corpus_mb, enc, max_tokens):
 
 
 def moe_run_folders(out_dir, fingerprint):
-    """Every finished MoE run in out_dir trained on this data, in reading order: naive, drop by r, scratch."""
+    """Every finished MoE run in out_dir trained on this data, in the order of the paper's Fig. 5: naive, drop by r,
+    scratch."""
     found, skipped = [], []
     for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
         folder = os.path.join(out_dir, name)

@@ -112,6 +112,12 @@ def compare_to_naive(curve, naive, batches=None, naive_batches=None):
     return gap, noise, verdict
 
 
+def gap_text(comparison):
+    """'+0.0123 (±0.0040)' of compare_to_naive's (gap, noise, verdict); one validation batch has no noise estimate."""
+    gap, noise = comparison[:2]
+    return f"{gap:+.4f} (±{noise:.4f})" if np.isfinite(noise) else f"{gap:+.4f} (noise unknown: one validation batch)"
+
+
 # -----------------------------------------------------------------------------
 # 3. The training figure and summary table
 
@@ -125,7 +131,7 @@ def summary_table(header, curves, results):
     for name, res in results.items():
         gap = (compare_to_naive(curves[name], naive, res.get("final_val_batches"), naive_batches)
                if naive is not None and name not in ("dense", "moe-naive") else None)
-        vs, verdict = ("", "") if gap is None else (f"{gap[0]:+.4f} (±{gap[1]:.4f})", gap[2])
+        vs, verdict = ("", "") if gap is None else (gap_text(gap), gap[2])
         mfu = f"{res['mfu']:.1%}" if res.get("mfu") else "n/a"
         lines.append(f"| {name} | {res['final_val_loss']:.4f} | {vs} | {verdict} | {fmt_time(res['wall_time'])} | "
                      f"{res['tokens_per_s'] / 1e3:,.0f}k | {mfu} |")

@@ -1615,6 +1615,10 @@ def test_compare_to_naive_gap_and_noise_against_numbers_worked_by_hand():
     above = (steps, steps * 100, np.array([2.5, 1.95, 1.85, 1.70]), np.full(4, 0.001))
     assert plot.compare_to_naive(above, naive)[0] == pytest.approx(0.10)
     assert plot.compare_to_naive(above, naive)[2] == "above naive"
+    assert plot.gap_text((gap, noise, verdict)) == "-0.0200 (±0.0115)"
+    # one validation batch: no standard error, and the table says so instead of printing (±nan)
+    one_batch = (steps, steps * 100, above[2], np.full(4, np.nan))
+    assert plot.gap_text(plot.compare_to_naive(one_batch, naive)) == "+0.1000 (noise unknown: one validation batch)"
 
 
 # -----------------------------------------------------------------------------
