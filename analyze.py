@@ -10,8 +10,9 @@ The paper's two analyses at small scale, and the small measurements behind the c
 
 The classroom exercises built on these commands, with what each needs and how long it takes, are in EXERCISES.md.
 
-sweep, lr and routing take every train.py flag (--preset, --out-dir, --data, model and step overrides, ...) and hand
-them to train.py, so one --out-dir holds one dense model, every MoE run made from it, and the analyses of them.
+sweep, lr and routing take every train.py flag (--preset, --out-dir, --data, model and step overrides, ...): sweep
+and lr train with them, routing finds the runs and data they name. So one --out-dir holds one dense model, every
+MoE run made from it, and the analyses of them.
 
 Read top to bottom:
   1. routing statistics: load balance and domain specialisation (plain functions of counts, tested with known numbers)
@@ -842,8 +843,9 @@ def overlap(opts):
 
 
 def parse_args(argv):
-    p = data.OneLineParser(prog="analyze.py", description="The paper's analyses (r sweep, routing) and two "
-                            "measurements right after upcycling. The classroom exercises that use them: EXERCISES.md.")
+    p = data.OneLineParser(prog="analyze.py", description="The paper's analyses (r sweep, routing), the learning-rate "
+                            "and seed checks of its comparison, and two measurements right after upcycling. The "
+                            "classroom exercises that use them: EXERCISES.md.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,lr,seeds,routing,router-grad,overlap}")
     s = sub.add_parser("sweep", allow_abbrev=False,
                        help="Sec. 5.3: MoE runs for every r from one dense model; figure + table",

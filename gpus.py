@@ -15,10 +15,10 @@ from dropupcycle import bf16_supported, moe_path
 # Peak FLOP/s of the GPUs MFU is reported for, per autocast precision: (name, bf16, fp16), None where the card has no
 # bf16 tensor cores (the project's one table; bench.py reads it too). Datasheet dense tensor-core numbers: without
 # sparsity, with fp32 accumulation (GeForce cards run fp16-accumulate at twice that; autocast accumulates in fp32).
-# Matched in this order against torch.cuda.get_device_name: "H100 PCIe" before "H100", "A100" before "A10",
-# "L40S" before "L40" before "L4".
-PEAK_FLOPS = [("H100 PCIe", 756e12, 756e12), ("H100", 989e12, 989e12), ("H200", 989e12, 989e12),
-              ("H800", 989e12, 989e12), ("GH200", 989e12, 989e12), ("A100", 312e12, 312e12),
+# Matched in this order against torch.cuda.get_device_name: "H100 PCIe" before "H100", "GH200" before "H200",
+# "A100" before "A10", "L40S" before "L40" before "L4".
+PEAK_FLOPS = [("H100 PCIe", 756e12, 756e12), ("H100", 989e12, 989e12), ("GH200", 989e12, 989e12),
+              ("H200", 989e12, 989e12), ("H800", 989e12, 989e12), ("A100", 312e12, 312e12),
               ("L40S", 362e12, 362e12), ("L40", 181e12, 181e12), ("L4", 121e12, 121e12), ("A10", 125e12, 125e12),
               ("4090", 165e12, 165e12), ("3090", 71e12, 71e12), ("V100", None, 125e12), ("T4", None, 65e12)]
 # The gpu preset's MoE (65,536 tokens a micro-batch, grouped path) peaked at 7.2 GiB on an H200, 1.8 GiB of it the
