@@ -485,7 +485,9 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
     if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
         # one file (or one text file among binaries) cannot be split by file: split its tokens by position
         train, val = split_by_position(open_split("train" if meta["train_tokens"] else "val"), seq_len)
-        how = "one file: split by position"
+        empty = "validation" if meta["train_tokens"] else "training"
+        how = ("one file" if meta["train_files"] + meta["val_files"] == 1 else f"no text in the {empty} files") + \
+            ": split by position"
     else:
         train, val, how = open_split("train"), open_split("val"), "split by file"
     langs = ", ".join(f"{n:,} {'other text' if lang == 'other' else lang}"

@@ -959,9 +959,19 @@ def test_one_file_corpus_is_split_by_position_whatever_its_name(as_folder, tmp_p
     everything = list(text.encode()) + [256]
     n_val = int(len(everything) * data.VAL_FRACTION)
     assert list(train_tokens) == everything[:-n_val] and list(val_tokens) == everything[-n_val:]
-    assert "split by position" in info["description"] and "1 file (1 other text)" in info["description"]
+    assert "(one file: split by position" in info["description"] and "1 file (1 other text)" in info["description"]
     code, _, err = run_main(["--init", "dense", *tiny(source, tmp_path / "out")], capsys)
     assert code == 0, err
+
+
+def test_a_corpus_whose_validation_files_hold_no_text_is_split_by_position_and_says_why(tmp_path):
+    folder = write_corpus(str(tmp_path / "data"))
+    _, val_files = data.select_files(data.list_files(folder), 0)
+    for _, path, _, _ in val_files:
+        with open(path, "wb") as f:
+            f.write(b"\0" * 64)  # binary: left out
+    info = load_corpus(folder, tmp_path / "out")[2]
+    assert "(no text in the validation files: split by position" in info["description"], info["description"]
 
 
 @pytest.mark.parametrize("where, expected", [
