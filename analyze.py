@@ -600,7 +600,8 @@ def route_counts(model, tokens, seq_len, batch_size, device):
 def routing(opts, train_argv):
     args = train.parse_args(train_argv_checked(train_argv, "routing"))
     if opts.report_only:
-        return routing_replot(opts, args)
+        return routing_replot(args.out_dir, "python analyze.py routing " + shlex.join(opts.argv), opts.models,
+                              opts.all_layers)
     if args.data not in data.BUILTIN_CORPORA and not os.path.isdir(args.data):
         raise Fail(f"routing needs text of two or more domains: the built-in corpus (Python vs C/C++) or "
                    f"--data FOLDER with one subfolder per domain; --data {args.data} is not a folder")
@@ -642,9 +643,9 @@ def routing(opts, train_argv):
     routing_report(args.out_dir, results, domains, command, opts.models, opts.all_layers)
 
 
-def routing_replot(opts, args):
+def routing_replot(out_dir, command, models, all_layers):
     """Figure and tables again from routing_counts.json (no models, no data): e.g. with --all-layers or --models."""
-    path = os.path.join(args.out_dir, "routing_counts.json")
+    path = os.path.join(out_dir, "routing_counts.json")
     if not os.path.exists(path):
         raise Fail(f"--report-only: no {path}; run python analyze.py routing without --report-only first")
     try:
@@ -656,9 +657,8 @@ def routing_replot(opts, args):
         domains = list(first["domains"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, StopIteration):
         raise Fail(f"--report-only: {path} is damaged; run python analyze.py routing without --report-only again")
-    command = (f"{first.get('command', 'unknown command')}, re-plotted with "
-               f"python analyze.py routing {shlex.join(opts.argv)}")
-    routing_report(args.out_dir, results, domains, command, opts.models, opts.all_layers)
+    command = f"{first.get('command', 'unknown command')}, re-plotted with {command}"
+    routing_report(out_dir, results, domains, command, models, all_layers)
 
 
 def routing_report(out_dir, results, domains, command, models, all_layers):
@@ -719,37 +719,38 @@ def pretrained_dense_run(folder):
         return False
 
 
-def dense_for_probe(opts):
-    """A trained dense model from --dense-ckpt (train.py's out/.../dense/ckpt.pt), else a freshly initialised
-    one of the cpu preset's shape: the effects measured here follow from the construction, not the training."""
-    if opts.dense_ckpt:
-        path = opts.dense_ckpt
+def dense_for_probe(dense_ckpt, seed):
+    """(model, tokenizer, where it came from): a trained dense model from --dense-ckpt (train.py's
+    out/.../dense/ckpt.pt), else a freshly initialised one of the cpu preset's shape (seeded by seed): the effects
+    measured here follow from the construction, not the training."""
+    if dense_ckpt:
+        path = dense_ckpt
         candidates = [path]
         if os.path.isdir(path):  # a run's folder, or the --out-dir that holds dense/
             candidates = [os.path.join(path, "ckpt.pt"), os.path.join(path, "dense", "ckpt.pt")]
             path = next((p for p in candidates if os.path.exists(p)), candidates[0])
         if not os.path.exists(path):
             if any(pretrained_dense_run(os.path.dirname(p)) for p in candidates):
-                raise Fail(f"--dense-ckpt {opts.dense_ckpt}: a --dense-from run's dense model is the Hugging Face "
+                raise Fail(f"--dense-ckpt {dense_ckpt}: a --dense-from run's dense model is the Hugging Face "
                            f"folder it names, not a train.py checkpoint; these probes read train.py's dense checkpoints")
-            raise Fail(f"--dense-ckpt {opts.dense_ckpt}: no checkpoint there; train.py writes the dense model to "
+            raise Fail(f"--dense-ckpt {dense_ckpt}: no checkpoint there; train.py writes the dense model to "
                        f"OUT_DIR/dense/ckpt.pt (python train.py --preset cpu --init dense --out-dir OUT_DIR)")
         model, ckpt, path = load_model(path, if_damaged=None)
         if model.config.is_moe:
-            raise Fail(f"--dense-ckpt {opts.dense_ckpt}: that is an MoE checkpoint; give the dense one (out/.../dense)")
+            raise Fail(f"--dense-ckpt {dense_ckpt}: that is an MoE checkpoint; give the dense one (out/.../dense)")
         return model, ckpt.get("tokenizer", "byte"), path
     p = train.PRESETS["cpu"]
     cfg = ModelConfig(vocab_size=257, d_model=p["d_model"], n_layer=p["n_layer"], n_head=p["n_head"],
                       n_kv_head=p["n_kv_head"], d_ff=p["d_ff"], max_seq_len=p["seq_len"])
-    torch.manual_seed(opts.seed)
+    torch.manual_seed(seed)
     return Transformer(cfg), "byte", "a freshly initialised dense model of the cpu preset's shape (no --dense-ckpt)"
 
 
-def check_experts(opts):
-    if opts.n_experts < 2:
-        raise Fail(f"--n-experts must be at least 2, got {opts.n_experts}")
-    if not 1 <= opts.top_k <= opts.n_experts:
-        raise Fail(f"--top-k must be between 1 and --n-experts ({opts.n_experts}), got {opts.top_k}")
+def check_experts(n_experts, top_k):
+    if n_experts < 2:
+        raise Fail(f"--n-experts must be at least 2, got {n_experts}")
+    if not 1 <= top_k <= n_experts:
+        raise Fail(f"--top-k must be between 1 and --n-experts ({n_experts}), got {top_k}")
 
 
 def router_grad_norms(dense, r, n_experts, top_k, aux_loss_coef, x, y, seed=0):
@@ -776,8 +777,8 @@ def router_grad(opts):
     """Why naive Upcycling's router learns nothing from the LM loss at first: with r = 0 every expert is the dense
     FFN, so y = sum_i g_i(x) FFN(x) = FFN(x) whatever the gates are, and the loss cannot tell the router anything.
     With top-1 routing the one gate is softmax over one logit, 1 at any r: no LM gradient ever."""
-    check_experts(opts)
-    dense, tokenizer, source = dense_for_probe(opts)
+    check_experts(opts.n_experts, opts.top_k)
+    dense, tokenizer, source = dense_for_probe(opts.dense_ckpt, opts.seed)
     enc = data.get_tokenizer(tokenizer)
     with open(__file__, encoding="utf-8") as f:  # any real text will do: this file is always at hand
         ids = enc.encode_ordinary(f.read())
@@ -824,8 +825,8 @@ def overlap_stats(dense, r, n_experts, shared_indices, seed=0):
 
 
 def overlap(opts):
-    check_experts(opts)
-    dense, _, source = dense_for_probe(opts)
+    check_experts(opts.n_experts, opts.top_k)
+    dense, _, source = dense_for_probe(opts.dense_ckpt, opts.seed)
     shared = not opts.independent_indices
     print(f"dense model: {source}; {opts.n_experts} experts; {'shared' if shared else 'independent'} index sets")
     print("r' = floor(r d_ff) / d_ff: the share of neurons actually re-initialised (whole neurons only)")
