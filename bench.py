@@ -236,8 +236,8 @@ def run_fwd_bwd(forward, params, x, dy, autocast):
     return y
 
 
-def bench_layers(args, device, record):
-    impls, note = hf_implementations() if not args.no_hf else (None, "Hugging Face rows skipped (--no-hf)")
+def bench_layers(device, record, *, use_hf, compile, compile_tokens, tol, warmup, iters):
+    impls, note = hf_implementations() if use_hf else (None, "Hugging Face rows skipped (--no-hf)")
     print(note)
     record("hf_note", note)
     hf_broken = {}  # (implementation, weights) -> why it cannot run here (found once, not retried at every shape)
@@ -256,7 +256,7 @@ def bench_layers(args, device, record):
                 y_ref = run_fwd_bwd(reference_forward(moe), moe_params, x, dy, autocast).detach()
                 grads_ref = [x.grad.clone()] + [p.grad.clone() for p in moe_params]
                 flops = 3 * 2 * n_tok * TOP_K * 3 * d * d_ff  # fwd + bwd (2x fwd), active expert matmuls
-                compiled_here = args.compile and wdtype == torch.float32 and n_tok in args.layer_compile_tokens
+                compiled_here = compile and wdtype == torch.float32 and n_tok in compile_tokens
                 rows = []  # (label, mode, forward, parameters, check our parameters' gradients too); dense first
                 rows.append(("dense SwiGLU (floor)", "eager", lambda t: dense(t)[0], list(dense.parameters()), False))
                 if compiled_here:
@@ -304,11 +304,11 @@ def bench_layers(args, device, record):
                             if check_grads:
                                 errs += [rel_err(p.grad, g) for p, g in zip(params, grads_ref[1:])]
                             row["rel_err"] = max(errs)
-                            row["agrees"] = bool(row["rel_err"] < args.tol)
+                            row["agrees"] = bool(row["rel_err"] < tol)
                         del y
                         base = reset_peak(device)
                         ms = timeit(lambda: run_fwd_bwd(forward, params, x, dy, autocast), device,
-                                    args.warmup, args.iters)
+                                    warmup, iters)
                         row.update(ms=ms, tflops=flops / ms / 1e9, peak_mib=peak_mib(device, base))
                         if label.startswith("dense"):
                             dense_ms[mode] = ms
@@ -347,21 +347,21 @@ def peak_flops(device, override):
     return gpus.gpu_peak_flops(device)
 
 
-def bench_steps(args, device, record, profiles):
-    peak = peak_flops(device, args.peak_tflops)
+def bench_steps(device, record, profiles, *, compile, compile_mode, peak_tflops, router_skews, warmup, iters):
+    peak = peak_flops(device, peak_tflops)
     for name, shape, batch, seq in STEP_CONFIGS[device.type]:
-        for kind, skew in [("dense", None)] + [("moe", skew) for skew in args.router_skew]:
+        for kind, skew in [("dense", None)] + [("moe", skew) for skew in router_skews]:
             cfg = step_config(kind, shape, seq)
-            for mode in ("eager", "compiled") if args.compile else ("eager",):
+            for mode in ("eager", "compiled") if compile else ("eager",):
                 row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, **shape)
                 if kind == "moe":
                     row["router_skew"] = skew
                 try:
                     # profile the largest config's steps, reusing the (compiled) model just measured
-                    prof = (profiles if args.profile and name == STEP_CONFIGS[device.type][-1][0] and not skew
+                    prof = (profiles if profiles is not None and name == STEP_CONFIGS[device.type][-1][0] and not skew
                             else None)
-                    row.update(bench_one_step(cfg, batch, seq, mode, args.compile_mode, device, peak, prof, skew,
-                                              warmup=args.warmup, iters=args.iters))
+                    row.update(bench_one_step(cfg, batch, seq, mode, compile_mode, device, peak, prof, skew,
+                                              warmup=warmup, iters=iters))
                 except Exception as e:
                     row["error"] = error_text(e)
                 record("step", row)
@@ -488,7 +488,7 @@ def overheads(steps):
 # 4. train.py's own step, as its loop calls it
 
 
-def bench_loop(args, device, record, profiles):
+def bench_loop(device, record, profiles, *, loop_data, loop_corpus_mb, cache_dir, compile, warmup, iters):
     """train.train_step, the function train.py's loop calls once a step (learning rate, a batch gathered from the
     corpus, forward and backward under train.py's autocast, clipping, fused AdamW), on random tokens and on batches
     of real text (--loop-data), each timed against the bare step of section 2 on the same compiled model and a fixed
@@ -501,13 +501,13 @@ def bench_loop(args, device, record, profiles):
     step against the row's ms/step is the share of the step the GPU computes (the rest it waits for the host)."""
     name, shape, batch, seq = STEP_CONFIGS[device.type][0]
     enc = data.get_tokenizer("byte")
-    text, _, _ = data.load_data(args.loop_data, "byte", enc, args.out, args.loop_corpus_mb, seq)
+    text, _, _ = data.load_data(loop_data, "byte", enc, cache_dir, loop_corpus_mb, seq)
     corpora = {"random tokens": torch.randint(0, 256, (1 << 22,), dtype=torch.int32, device=device)
                if device.type == "cuda" else torch.randint(0, 256, (1 << 16,), dtype=torch.int32).numpy(),
-               f"text ({args.loop_data})": data.corpus_to_device(text, device)}
+               f"text ({loop_data})": data.corpus_to_device(text, device)}
     # train.py's own mode, and where that is CUDA graphs, also the default compiled mode: what the graphs save
-    modes = {"compiled" if args.compile else "eager": None}
-    graphs = train.compile_mode(device, 1, 1) if args.compile else None  # (one piece a step, one process)
+    modes = {"compiled" if compile else "eager": None}
+    graphs = train.compile_mode(device, 1, 1) if compile else None  # (one piece a step, one process)
     if graphs:
         modes["graphs"] = graphs
     train_mode = "graphs" if graphs else next(iter(modes))
@@ -517,9 +517,10 @@ def bench_loop(args, device, record, profiles):
             row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, tokens=tokens_name,
                        train_mode=mode == train_mode)
             try:
-                prof = profiles if args.profile and tokens_name.startswith("text") and mode == train_mode else None
-                row.update(bench_loop_step(cfg, batch, seq, mode, compile_mode, device, tokens, prof, warmup=args.warmup,
-                                           iters=args.iters))
+                profiled = profiles is not None and tokens_name.startswith("text") and mode == train_mode
+                prof = profiles if profiled else None
+                row.update(bench_loop_step(cfg, batch, seq, mode, compile_mode, device, tokens, prof, warmup=warmup,
+                                           iters=iters))
             except Exception as e:
                 row["error"] = error_text(e)
             record("loop", row)
@@ -850,13 +851,16 @@ def main(argv=None):
     meta = results["meta"]
     print(f"device: {meta['device']}, torch {torch.__version__}, bf16 dense peak {peak_text(meta['peak_tflops'])}")
     if "layer" in args.sections:
-        bench_layers(args, device, record)
-    profiles = profile_layers(device) if args.profile else []
+        bench_layers(device, record, use_hf=not args.no_hf, compile=args.compile,
+                     compile_tokens=args.layer_compile_tokens, tol=args.tol, warmup=args.warmup, iters=args.iters)
+    profiles = profile_layers(device) if args.profile else None  # None: no profiles taken
     if "step" in args.sections:
-        bench_steps(args, device, record, profiles)
+        bench_steps(device, record, profiles, compile=args.compile, compile_mode=args.compile_mode,
+                    peak_tflops=args.peak_tflops, router_skews=args.router_skew, warmup=args.warmup, iters=args.iters)
         results["overhead"] = overheads(results["step"])
     if "loop" in args.sections:
-        bench_loop(args, device, record, profiles)
+        bench_loop(device, record, profiles, loop_data=args.loop_data, loop_corpus_mb=args.loop_corpus_mb,
+                   cache_dir=args.out, compile=args.compile, warmup=args.warmup, iters=args.iters)
     if args.compile:
         try:
             record("explain", explain_moe_layer(device))
