@@ -108,9 +108,12 @@ def load_checkpoint(path, if_damaged=RUN_CHECKPOINT_ADVICE):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         raise Fail(f"checkpoint {path}: cannot read it ({e.strerror or e})")
-    except Exception:
+    except Exception as e:
         with open(path, "rb") as f:
             zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive; a cut-off one still starts so
+        if zipped and "Unsupported global" in str(e):  # whole, but holds Python objects train.py never saves
+            raise Fail(f"checkpoint {path} holds Python objects besides tensors and plain values: not a train.py "
+                       f"checkpoint, and not loaded, since unpickling them could run any code")
         raise Fail(f"checkpoint {path} is unreadable ({'truncated or corrupt' if zipped else 'not a file torch.save wrote'})"
                    f"{advice}")
     if not isinstance(ckpt, dict) or not {"model", "settings", "step", "model_config"} <= set(ckpt):

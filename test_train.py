@@ -1,6 +1,7 @@
 """train.py, data.py and plot.py: the data, the real CLI end to end, resume, and every expected failure:
 one line on stderr, a non-zero exit, no lost work."""
 
+import argparse
 import inspect
 import json
 import math
@@ -292,6 +293,11 @@ def test_sample_prints_text_from_a_checkpoint(drop_run, capsys, tmp_path):
     code, _, err = run_main(["--sample", os.path.join(HERE, "README.md"), "--device", "cpu"], capsys)
     line = assert_one_line_error(code, err)
     assert "README.md is unreadable (not a file torch.save wrote)" in line and "delete" not in line
+    # a whole torch.save file holding Python objects is neither truncated nor loaded: unpickling them can run code
+    torch.save(dict(model={}, settings=argparse.Namespace(lr=1)), tmp_path / "objects.pt")
+    code, _, err = run_main(["--sample", str(tmp_path / "objects.pt"), "--device", "cpu"], capsys)
+    line = assert_one_line_error(code, err)
+    assert "objects.pt holds Python objects besides tensors and plain values: not a train.py checkpoint" in line
     # a folder without a checkpoint, and a checkpoint whose weights do not fit its own config
     code, _, err = run_main(["--sample", HERE, "--device", "cpu"], capsys)
     assert f"--sample {os.path.join(HERE, 'ckpt.pt')}: no checkpoint there" in assert_one_line_error(code, err)
