@@ -555,21 +555,21 @@ def moe_run_folders(out_dir, fingerprint):
         try:
             with open(os.path.join(folder, "settings.json")) as f:
                 settings = json.load(f)
-            settings.get("phase")
-        except (OSError, ValueError, AttributeError):
+            if settings["phase"] != "moe":
+                continue
+            data_fingerprint, init, r = settings["data"], settings["init"], settings.get("r") or 0.0
+            independent = not settings.get("shared_indices", True)
+        except (OSError, ValueError, KeyError, TypeError):
             print(f"warning: {folder} has a damaged settings.json: left out")
             continue
-        if settings.get("phase") != "moe":
-            continue
-        if settings.get("data") != fingerprint:
+        if data_fingerprint != fingerprint:
             skipped.append(name)
             continue
-        init, r = settings["init"], settings.get("r") or 0.0
         found.append(((["naive", "drop", "scratch"].index(init) if init in ("naive", "drop", "scratch") else 3, r,
-                       not settings.get("shared_indices", True), name), name, folder))
+                       independent, name), name, folder))
     if skipped:
-        print(f"skipping {', '.join(skipped)}: trained on other data than these flags give "
-              f"(pass the training's --data and --corpus-mb)")
+        print(f"skipping {', '.join(skipped)}: trained on other data than these flags give (pass the training's "
+              f"--data and --corpus-mb, and --tokenizer or --dense-from)")
     return [(name, folder) for _, name, folder in sorted(found)]
 
 
@@ -613,7 +613,7 @@ def routing(opts, train_argv):
     if args.dense_from:  # its runs trained on the pretrained model's own tokenizer
         from hf import pretrained_tokenizer  # safetensors and tokenizers are needed only here
 
-        enc = pretrained_tokenizer(args.dense_from)[1]
+        enc = pretrained_tokenizer(args.dense_from, args.seq_len)[1]
     else:
         enc = data.get_tokenizer(args.tokenizer)
     # the fingerprint that tells which runs used this data
@@ -621,6 +621,7 @@ def routing(opts, train_argv):
     runs = moe_run_folders(args.out_dir, data_info["fingerprint"])
     if not runs:
         raise none_there
+    check_models(opts.models, [name for name, _ in runs])  # before the routing, not after
     texts = heldout_tokens(args.data, args.corpus_mb, enc, opts.routing_tokens)
     n = min(len(t) for t in texts.values())  # the same number of tokens from every domain
     domains = list(texts)
@@ -661,12 +662,16 @@ def routing_replot(out_dir, command, models, all_layers):
     routing_report(out_dir, results, domains, command, models, all_layers)
 
 
-def routing_report(out_dir, results, domains, command, models, all_layers):
-    """routing_summary.md, routing_counts.json and the figure (plot.routing_figure: the paper's Fig. 5)."""
-    unknown = [m for m in models or [] if m not in results]
+def check_models(models, routed):
+    unknown = [m for m in models or [] if m not in routed]
     if unknown:
         raise Fail(f"--models {' '.join(unknown)}: no routing of {'that run' if len(unknown) == 1 else 'those runs'}; "
-                   f"there is {', '.join(results)}")
+                   f"the runs routed are {', '.join(routed)}")
+
+
+def routing_report(out_dir, results, domains, command, models, all_layers):
+    """routing_summary.md, routing_counts.json and the figure (plot.routing_figure: the paper's Fig. 5)."""
+    check_models(models, list(results))
     n_layer = len(next(iter(results.values()))["layers"])
     n_tokens = "/".join(f"{n:,}" for n in sorted({res["tokens"] for res in results.values()}))  # what was routed
     top_k = "/".join(str(k) for k in sorted({res["top_k"] for res in results.values()}))
@@ -875,7 +880,7 @@ def parse_args(argv):
                        description="Routes held-out text of each domain through every finished MoE run in --out-dir; "
                                    "writes routing_specialisation.png, routing_summary.md and routing_counts.json. "
                                    "Pass the data flags the runs were trained with (--preset, --data, --corpus-mb, "
-                                   "--tokenizer); every other flag goes to train.py.")
+                                   "--tokenizer or --dense-from); train.py's other flags are accepted too.")
     s.add_argument("--routing-tokens", type=data.positive_int, default=65536,
                    help="held-out tokens per domain (default 65536)")
     s.add_argument("--models", nargs="+", metavar="RUN",

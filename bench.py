@@ -11,8 +11,8 @@ Four measurements, all in one process (--sections: layer and step by default, lo
      Every output (and our gradients) is first checked against our reference loop. Two weight dtypes:
      fp32 weights under bf16 autocast (how train.py trains) and bf16 weights (fairest to the peers).
   2. Whole training steps (forward, backward, grad clipping, AdamW), dense and MoE, eager and compiled:
-     tokens/s, MFU (flops_per_token counts active parameters only, over the GPU's dense bf16 peak),
-     peak memory, compile time, and the graphs/graph breaks torch.compile made. Random tokens through a
+     tokens/s, MFU (flops_per_token counts active parameters only, over the GPU's dense peak in its autocast
+     precision), peak memory, compile time, and the graphs/graph breaks torch.compile made. Random tokens through a
      fresh router spread evenly over the experts; --router-skew adds MoE rows with the uneven routing of
      real text, each with the load balance it gave.
   3. MoE step time / dense step time next to MoE FLOPs / dense FLOPs per token: the excess is what the
@@ -80,7 +80,7 @@ def step_config(kind, shape, seq):
 
 def error_text(e):
     """A row's one-line account of why it could not be measured."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    return f"{type(e).__name__}: {data.first_line(e, 200)}"[:200]
 
 
 def sync(device):
@@ -342,13 +342,14 @@ def fmt_layer_row(r):
 
 
 def peak_flops(device, override):
+    """The card's dense peak in the precision the steps autocast to (bf16, or fp16 on cards without it), as
+    train.py's MFU uses."""
     if override:
         return override * 1e12
-    return gpus.gpu_peak_flops(device)
+    return gpus.gpu_peak_flops(device, gpus.amp_dtype(device))
 
 
-def bench_steps(device, record, profiles, *, compile, compile_mode, peak_tflops, router_skews, warmup, iters):
-    peak = peak_flops(device, peak_tflops)
+def bench_steps(device, record, profiles, *, compile, compile_mode, peak, router_skews, warmup, iters):
     for name, shape, batch, seq in STEP_CONFIGS[device.type]:
         for kind, skew in [("dense", None)] + [("moe", skew) for skew in router_skews]:
             cfg = step_config(kind, shape, seq)
@@ -693,7 +694,7 @@ def markdown(results):
     m = results["meta"]
     md = ["# bench.py results\n", f"- command: `{m['command']}`", f"- device: {m['device']}",
           f"- software: torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}",
-          f"- date: {m['date']}", f"- bf16 dense peak used for MFU: {peak_text(m['peak_tflops'])}",
+          f"- date: {m['date']}", f"- dense peak used for MFU (autocast precision): {peak_text(m['peak_tflops'])}",
           f"- {results.get('hf_note', '')}", ""]
     md += ["## 1. One MoE layer, forward + backward (8 experts, top-2)\n",
            "Dense SwiGLU is top_k * d_ff wide: the same active FLOPs, the floor. `x dense` compares with the dense "
@@ -807,7 +808,7 @@ def main(argv=None):
     p.add_argument("--tol", type=data.positive_float, default=2e-2,
                    help="relative error that counts as agreeing (bf16)")
     p.add_argument("--peak-tflops", type=data.positive_float, default=None,
-                   help="bf16 dense peak, if the GPU is not known")
+                   help="the GPU's dense peak in its autocast precision (bf16, else fp16), if the GPU is not known")
     p.add_argument("--router-skew", type=data.nonneg_float, nargs="+", default=[0.0], metavar="S",
                    help="MoE steps with each router-logit skew S (0: even routing; larger: more tokens to fewer "
                         "experts, as real text routes; each row gives the load balance it made)")
@@ -849,14 +850,14 @@ def main(argv=None):
 
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) as a training run has them
     meta = results["meta"]
-    print(f"device: {meta['device']}, torch {torch.__version__}, bf16 dense peak {peak_text(meta['peak_tflops'])}")
+    print(f"device: {meta['device']}, torch {torch.__version__}, dense peak {peak_text(meta['peak_tflops'])}")
     if "layer" in args.sections:
         bench_layers(device, record, use_hf=not args.no_hf, compile=args.compile,
                      compile_tokens=args.layer_compile_tokens, tol=args.tol, warmup=args.warmup, iters=args.iters)
     profiles = profile_layers(device) if args.profile else None  # None: no profiles taken
     if "step" in args.sections:
         bench_steps(device, record, profiles, compile=args.compile, compile_mode=args.compile_mode,
-                    peak_tflops=args.peak_tflops, router_skews=args.router_skew, warmup=args.warmup, iters=args.iters)
+                    peak=peak, router_skews=args.router_skew, warmup=args.warmup, iters=args.iters)
         results["overhead"] = overheads(results["step"])
     if "loop" in args.sections:
         bench_loop(device, record, profiles, loop_data=args.loop_data, loop_corpus_mb=args.loop_corpus_mb,

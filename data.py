@@ -113,7 +113,8 @@ def unrecognized(extras, flags):
 
 def number(kind, ok, expected, below=2**31):
     """An argparse type: a finite kind (int or float) for which ok(value) holds, else 'must be <expected>'.
-    Numbers stay below 2**31, which every seed, size and step count fits: larger ones fail late and obscurely."""
+    Numbers stay below `below`, 2**31 unless given, which every seed, size and step count fits: larger ones fail
+    late and obscurely."""
     def convert(text):
         value = kind(text)
         if not ok(value) or math.isinf(value):

@@ -103,6 +103,8 @@ def read_hf_config(c, max_seq_len):
     if not isinstance(c, dict):
         raise HFError(f"config.json: holds a {type(c).__name__}, not the fields of a model")
     archs = c.get("architectures") or [c.get("model_type")]
+    if not isinstance(archs, list) or not all(isinstance(a, (str, type(None))) for a in archs):
+        raise HFError(f"architectures: {archs!r} is not a list of class names")
     arch = ARCHITECTURES.get(archs[0]) or (archs[0] if archs[0] in DEFAULTS else None)
     if len(archs) != 1 or arch is None:
         raise HFError(f"architectures: {archs} is not supported (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM)")
@@ -120,11 +122,15 @@ def read_hf_config(c, max_seq_len):
             raise HFError(f"{key}: true is not supported (Llama/Mixtral without biases only)")
     if c.get("sliding_window", defaults["sliding_window"]) is not None:
         raise HFError(f"sliding_window: {c.get('sliding_window', defaults['sliding_window'])} is not supported (only null: full attention)")
+    if not isinstance(c.get("tie_word_embeddings") or False, bool):  # bool("false") would be true
+        raise HFError(f"tie_word_embeddings: {c['tie_word_embeddings']!r} is not true or false")
     if c.get("router_jitter_noise"):
         raise HFError(f"router_jitter_noise: {c['router_jitter_noise']} is not supported (only 0)")
 
     # RoPE: transformers 4.x writes rope_theta and rope_scaling, 5.x rope_parameters holding both
     rope = c.get("rope_parameters") or dict(c.get("rope_scaling") or {}, rope_theta=c.get("rope_theta", defaults["rope_theta"]))
+    if not isinstance(rope, dict):
+        raise HFError(f"rope_parameters or rope_scaling: {rope!r} is not a mapping of RoPE settings")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         rope_scaling = None
@@ -144,7 +150,7 @@ def read_hf_config(c, max_seq_len):
             max_seq_len=max_seq_len or need("max_position_embeddings"),
             rope_theta=float(rope.get("rope_theta", defaults["rope_theta"])), rope_scaling=rope_scaling,
             norm_eps=float(c.get("rms_norm_eps", defaults["rms_norm_eps"])),
-            tie_embeddings=c.get("tie_word_embeddings", False),
+            tie_embeddings=c.get("tie_word_embeddings") or False,
             n_experts=need("num_local_experts") if moe else 1, top_k=need("num_experts_per_tok") if moe else 2,
             aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)) if moe else ModelConfig.aux_loss_coef,
         )
@@ -350,7 +356,8 @@ def write_hf(cfg, tensor_of, out_dir, dtype, max_shard_bytes, on_layer=None, ext
             if os.path.exists(path):
                 os.remove(path)
         reason = e.strerror or e if isinstance(e, OSError) else first_line(e)
-        raise HFError(f"{out_dir}: could not write {os.path.basename(written[-1])} ({reason}); nothing of it is kept") from None
+        what = os.path.basename(written[-1]) if written else "the weights"
+        raise HFError(f"{out_dir}: could not write {what} ({reason}); nothing of it is kept") from None
 
 
 def save_hf(model, out_dir, dtype=None, max_shard_bytes=DEFAULT_SHARD_BYTES, extra_config=None, tokenizer_dir=None):
@@ -393,13 +400,14 @@ def drop_upcycle_hf(dense, out_dir, n_experts=8, top_k=2, r=0.5, seed=0, shared_
 # Command line
 
 
-def pretrained_tokenizer(path_or_id):
+def pretrained_tokenizer(path_or_id, seq_len):
     """(folder, tokenizer) of a Hugging Face Llama folder or hub id, checked against its config.json before any
-    weight is read: train.py --dense-from trains on this tokenizer, and analyze.py routing reads text with it."""
+    weight is read: train.py --dense-from trains on this tokenizer, and analyze.py routing reads text with it.
+    seq_len stands in for max_position_embeddings, as in load_pretrained (a config may leave that field out)."""
     try:
         folder = resolve(path_or_id)
         config = read_json(os.path.join(folder, "config.json"))
-        cfg = config_from_hf(config)
+        cfg = config_from_hf(config, max_seq_len=seq_len)
         if cfg.is_moe:
             raise HFError("is already an MoE; give the dense Llama it came from")
         if not os.path.exists(os.path.join(folder, "tokenizer.json")):
@@ -418,7 +426,7 @@ def pretrained_tokenizer(path_or_id):
 
 def load_pretrained(path_or_id, seq_len):
     """train.py --dense-from: (dense model, tokenizer, source description) of a Hugging Face Llama folder or hub id."""
-    folder, enc = pretrained_tokenizer(path_or_id)
+    folder, enc = pretrained_tokenizer(path_or_id, seq_len)
     try:
         model = load_hf(folder, dtype=torch.float32, max_seq_len=seq_len)  # fp32 master weights, as when trained here
     except HFError as e:

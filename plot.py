@@ -113,9 +113,10 @@ def compare_to_naive(curve, naive, batches=None, naive_batches=None):
 
 
 def gap_text(comparison):
-    """'+0.0123 (±0.0040)' of compare_to_naive's (gap, noise, verdict); one validation batch has no noise estimate."""
+    """'+0.0123 (±0.0040)' of compare_to_naive's (gap, noise, verdict). Without a standard error (one validation
+    batch, --eval-batches 1, has no spread) the noise is unknown, and said so."""
     gap, noise = comparison[:2]
-    return f"{gap:+.4f} (±{noise:.4f})" if np.isfinite(noise) else f"{gap:+.4f} (noise unknown: one validation batch)"
+    return f"{gap:+.4f} (±{noise:.4f})" if np.isfinite(noise) else f"{gap:+.4f} (noise unknown)"
 
 
 # -----------------------------------------------------------------------------
@@ -237,6 +238,7 @@ def load_run(folder):
         result = json.load(f)
     curve = val_curve(os.path.join(folder, "log.csv"))
     float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
+    settings["phase"], settings["tokenizer"], settings["seed"]  # what the tables' headers read
     return settings, result, curve
 
 

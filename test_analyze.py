@@ -448,6 +448,9 @@ def test_a_damaged_run_file_leaves_that_run_out_of_the_sweep_and_lr_tables_with_
     assert f"warning: {lr / ('lr-' + analyze.lr_text(LRS[1])) / 'moe-scratch'} has a damaged" in printed
     assert "| moe-drop-r0.5 |" not in (sweep / "sweep_summary.md").read_text()
     assert "| moe-naive |" in (sweep / "sweep_summary.md").read_text()
+    # the dense run's settings, which the table's header reads: nothing to compare with, said in one line
+    (sweep / "dense" / "settings.json").write_text("{}")
+    assert_one_line_analyze_error(["sweep", "--report-only", "--out-dir", str(sweep)], capsys)
 
 
 def test_the_sweep_table_names_the_tokenizer_and_seed_its_runs_were_trained_with_not_the_flags(swept, tmp_path):
@@ -472,8 +475,17 @@ def test_the_routing_table_counts_the_tokens_routed_in_the_models_own_windows(sw
 
 
 def test_routing_replot_refuses_damaged_counts_and_unknown_models_in_one_line(swept, tmp_path, capsys):
+    out, flags = swept
     copy = tmp_path / "copy"
-    shutil.copytree(swept[0], copy)
+    shutil.copytree(out, copy)
+    # an unknown run is named before any model is routed, not after all of them
+    flags = [*flags, "--models", "moe-naiv"]
+    flags[flags.index("--out-dir") + 1] = str(copy)
+    with pytest.raises(SystemExit):
+        analyze.main(["routing", *flags])
+    printed = capsys.readouterr()
+    assert "--models moe-naiv: no routing of that run; the runs routed are moe-naive, " in printed.err
+    assert "held-out tokens" not in printed.out
     assert_one_line_analyze_error(["routing", "--report-only", "--out-dir", str(copy), "--models", "moe-naiv"], capsys)
     for damaged in ("{}", "garbage", '{"moe-naive": {"counts": 1}}'):
         (copy / "routing_counts.json").write_text(damaged)

@@ -370,17 +370,20 @@ def test_a_missing_config_field_is_named_once():
 
 
 @pytest.mark.parametrize("config, message", [
-    ([1], "holds a list"),
-    (dict(architectures=[["LlamaForCausalLM"]]), "unexpected type"),
-    (dict(rope_parameters=[1]), "unexpected type"),
-    (dict(tie_word_embeddings="false"), "tie_embeddings must be True or False"),  # not read as true
+    ([1], "config.json: holds a list"),
+    (dict(architectures=[["LlamaForCausalLM"]]), "architectures: [['LlamaForCausalLM']] is not a list of class names"),
+    (dict(architectures="LlamaForCausalLM"), "architectures: 'LlamaForCausalLM' is not a list of class names"),
+    (dict(rope_parameters=[1]), "rope_parameters or rope_scaling: [1] is not a mapping"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings: 'false' is not true or false"),  # not read as true
+    (dict(num_hidden_layers=[2]), "config.json: n_layer must be a positive integer, got [2]"),
+    (dict(rms_norm_eps=[2]), "config.json: float() argument must be a string or a real number, not 'list'"),
 ])
-def test_a_config_json_of_unexpected_types_is_one_line_naming_config_json(config, message):
+def test_a_config_json_of_unexpected_types_is_one_line_naming_the_field_or_the_file(config, message):
     base = dict(architectures=["LlamaForCausalLM"], vocab_size=96, hidden_size=32, num_hidden_layers=2,
                 num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
     with pytest.raises(hf.HFError) as e:
         hf.config_from_hf(config if isinstance(config, list) else {**base, **config})
-    assert str(e.value).startswith("config.json: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("full_at", ["a weights shard", "the tokenizer"])
@@ -491,6 +494,9 @@ def test_routing_reads_the_text_of_runs_trained_from_a_pretrained_llama_with_its
     src.mkdir()
     n_vocab = word_tokenizer(str(src), 50)
     LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": n_vocab}, eos_token_id=1)).save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    del config["max_position_embeddings"]  # optional where --seq-len gives the length
+    (src / "config.json").write_text(json.dumps(config))
     flags = ["--dense-from", str(src), "--data", make_corpus(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
              "--device", "cpu", "--preset", "cpu", "--n-experts", "4", "--top-k", "2", "--seq-len", "16",
              "--batch-size", "2", "--moe-steps", "2", "--moe-warmup", "1", "--eval-interval", "2", "--eval-batches", "1"]

@@ -1634,7 +1634,7 @@ def test_compare_to_naive_gap_and_noise_against_numbers_worked_by_hand():
     assert plot.gap_text((gap, noise, verdict)) == "-0.0200 (±0.0115)"
     # one validation batch: no standard error, and the table says so instead of printing (±nan)
     one_batch = (steps, steps * 100, above[2], np.full(4, np.nan))
-    assert plot.gap_text(plot.compare_to_naive(one_batch, naive)) == "+0.1000 (noise unknown: one validation batch)"
+    assert plot.gap_text(plot.compare_to_naive(one_batch, naive)) == "+0.1000 (noise unknown)"
 
 
 # -----------------------------------------------------------------------------
