@@ -456,7 +456,8 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
                    "no Python or C/C++ sources found in this Python installation; pass --data")
     train_files, val_files = select_files(files, corpus_mb)
     source = data if data in BUILTIN_CORPORA else os.path.abspath(data)
-    listing = hashlib.sha1(json.dumps([f[0::2] + (f[3],) for f in train_files + val_files] + [f[0] for f in val_files]).encode())
+    listing = [(key, size, mtime) for key, _, size, mtime in train_files + val_files] + [f[0] for f in val_files]
+    listing = hashlib.sha1(json.dumps(listing).encode())  # a file added, removed, changed or moved between the splits
     settings = dict(format=CACHE_FORMAT, source=source, tokenizer=tokenizer, corpus_mb=corpus_mb,
                     val_fraction=VAL_FRACTION, files=listing.hexdigest())
     cache_dir = os.path.join(out_dir, "data", f"{corpus_name(data)}-{tokenizer}")

@@ -238,7 +238,6 @@ def read_log(path, up_to_step):
         raise Fail(f"{path} is damaged (not a log.csv of train.py); delete the run's folder to start it over")
 
 
-
 LOCK = {}  # out_dir -> open lock file, held for the life of the process
 
 
