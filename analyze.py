@@ -192,7 +192,7 @@ def sweep_report(out_dir, runs, command):
     """Figure (plot.sweep_figure: loss against MoE-phase tokens for every r, and minus naive) and table."""
     rows, curves = [], {}
     for init, r, shared in runs:
-        name = plot.run_name(init, r if r is not None else 0.0, shared)
+        name = plot.run_name(init, r, shared)
         folder = os.path.join(out_dir, name)
         run = plot.read_run(folder)  # (settings, result, curve); None, with a warning, when damaged
         if run is None:

@@ -19,7 +19,10 @@ from data import Fail, atomic_write_text, first_line, hf_tokenizer_name, make_di
 from dropupcycle import ModelConfig, Transformer
 
 
-STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": None}  # see on_signal
+# signal: the signal the training loop stops for (under torchrun, once the ranks agree on it); received: under
+# torchrun, the one this rank got, not yet agreed; training/saving: what the process is doing; deferred: a quit
+# held back until the checkpoint being written is whole. on_signal sets them.
+STOP = {"signal": None, "received": None, "training": False, "saving": False, "deferred": None}
 
 
 def say_from_handler(text):
