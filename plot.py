@@ -238,7 +238,7 @@ def load_run(folder):
         result = json.load(f)
     curve = val_curve(os.path.join(folder, "log.csv"))
     float(result["final_val_loss"]), float(result["wall_time"]), float(result["tokens_per_s"])
-    settings["phase"], settings["tokenizer"], settings["seed"]  # what the tables' headers read
+    settings["phase"]  # a run's settings: a mapping that says which phase it trained
     return settings, result, curve
 
 
@@ -462,13 +462,15 @@ def report_from_logs(out_dir):
     moe = [n for n in present if n.startswith("moe-")]
     if "dense" not in present or not moe:
         raise Fail(f"{out_dir}: no finished dense run and MoE run to report (folders dense/ and moe-*/ with result.json)")
+    name = "dense"
     try:
-        dense_settings = settings_of("dense")
-        moe_settings = settings_of("moe-naive" if "moe-naive" in moe else moe[0])
+        dense_settings = settings_of(name)
         fingerprint = dense_settings["data"]
+        name = "moe-naive" if "moe-naive" in moe else moe[0]  # the MoE settings the others are compared with
+        moe_settings = settings_of(name)
         [moe_settings["model"][key] for key in ("n_experts", "top_k", "aux_loss_coef")]  # for the summary's header
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise Fail(f"{out_dir}: a settings.json is unreadable or not a train.py run's ({e!r})")
+        raise Fail(f"{os.path.join(out_dir, name, 'settings.json')} is unreadable or not a train.py run's ({e!r})")
     if not report(out_dir, dense_settings, moe_settings, fingerprint):
         stale = " (the summary.md there is from before)" if os.path.exists(os.path.join(out_dir, "summary.md")) else ""
         raise Fail(f"no summary or figure written: every run is compared with the dense run in {out_dir}/dense{stale}")

@@ -38,7 +38,10 @@ def test_bench_runs_on_cpu_and_writes_markdown_and_json(tmp_path, monkeypatch):
     assert set(steps) == {"dense", "moe"} and all("error" not in r and r["tokens_per_s"] > 0 for r in steps.values())
     assert steps["moe"]["active_params"] < steps["moe"]["params"]
     (overhead,) = results["overhead"]
-    assert overhead["flops_ratio"] > 1 and overhead["overhead"] > 0
+    time_ratio = steps["moe"]["ms"] / steps["dense"]["ms"]
+    flops_ratio = steps["moe"]["flops_per_token"] / steps["dense"]["flops_per_token"]
+    assert overhead["flops_ratio"] == pytest.approx(flops_ratio) and flops_ratio > 1
+    assert overhead["overhead"] == pytest.approx(time_ratio / flops_ratio)  # the time the FLOPs do not explain
 
 
 @pytest.mark.parametrize("flags, message", [

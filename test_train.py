@@ -251,14 +251,17 @@ def test_plot_py_redraws_the_summary_from_the_logs_alone(drop_run, train_corpus,
     with pytest.raises(data.Fail, match=r"compared with the dense run in .*dense \(the summary.md there is from before\)"):
         plot.report_from_logs(str(out))
     (out / "dense" / "result.json").write_text(dense_result)
-    with pytest.raises(data.Fail):  # a folder with no runs: one line, not a traceback
+    with pytest.raises(data.Fail, match="no finished dense run and MoE run to report"):  # one line, no traceback
         plot.report_from_logs(str(tmp_path))
     naive_settings = out / "moe-naive" / "settings.json"
-    naive_settings.write_text(json.dumps({k: v for k, v in json.loads(naive_settings.read_text()).items() if k != "model"}))
-    with pytest.raises(data.Fail):  # an MoE run's settings without its model: one line, not a KeyError
+    naive_text = naive_settings.read_text()
+    naive_settings.write_text(json.dumps({k: v for k, v in json.loads(naive_text).items() if k != "model"}))
+    # an MoE run's settings without its model, then the dense run's without anything: each named, not a KeyError
+    with pytest.raises(data.Fail, match=r"moe-naive/settings.json is unreadable or not a train.py run's \(KeyError"):
         plot.report_from_logs(str(out))
-    (out / "dense" / "settings.json").write_text("{}")  # not a train.py run's settings
-    with pytest.raises(data.Fail):
+    naive_settings.write_text(naive_text)
+    (out / "dense" / "settings.json").write_text("{}")
+    with pytest.raises(data.Fail, match=r"dense/settings.json is unreadable or not a train.py run's \(KeyError"):
         plot.report_from_logs(str(out))
 
 
@@ -1129,7 +1132,12 @@ def test_a_damaged_dense_log_is_a_warning_not_a_traceback(drop_run, train_corpus
     (out / "summary.md").unlink()
     code, stdout, err = run_main(["--init", "naive", *tiny(train_corpus, out)], capsys)
     assert code == 0 and "Traceback" not in err, err
-    assert f"{out / 'dense'}" in stdout and "warning" in stdout
+    dense = out / "dense"
+    for warning in (f"warning: {dense}: a finished run whose result.json or log.csv is missing or damaged",
+                    f"warning: {dense}/log.csv is damaged: no check of naive Upcycling's start",
+                    f"warning: no summary or figure written: every run is compared with the dense run in {dense}"):
+        assert warning in stdout, warning
+    assert not (out / "summary.md").exists()
 
 
 @pytest.mark.parametrize("unreadable", ["moe-naive", "dense"])
@@ -1721,16 +1729,18 @@ def test_micro_batch_pieces_are_equal_even_where_an_uneven_cut_would_fit(monkeyp
 # plot.finished_runs: "only runs with equal settings (but the init) are compared"
 
 
-@pytest.mark.parametrize("key, value", [("seed", 1), ("data", "other"), ("lr", 9e-3), ("steps", 11),
+@pytest.mark.parametrize("key, value", [(None, None), ("seed", 1), ("data", "other"), ("lr", 9e-3), ("steps", 11),
                                         ("weight_decay", 0.0), ("grad_clip", 0.5), ("model", {"top_k": 1})])
 def test_a_finished_run_that_differs_in_anything_but_the_init_is_left_out_of_the_comparison(key, value, tmp_path):
     dense = dict(phase="dense", seed=0, data="fp", lr=3e-3, steps=20, weight_decay=0.1, grad_clip=1.0)
     moe = dict(dense, phase="moe", lr=2e-3, steps=10, dense=dense)
     for name, settings in [("dense", dense), ("moe-naive", dict(moe, init="naive", r=0.0, shared_indices=True)),
-                           ("moe-drop-r0.5", dict(moe, init="drop", r=0.5, shared_indices=True, **{key: value}))]:
+                           ("moe-drop-r0.5", dict(moe, init="drop", r=0.5, shared_indices=True,
+                                                  **({key: value} if key else {})))]:
         write_finished_run(str(tmp_path / name), settings, [2.0, 1.0], [1.0, 1.0])
     found = plot.finished_runs(str(tmp_path), dense, dict(moe, init="naive", r=0.0, shared_indices=True))
-    assert set(found) == {"dense", "moe-naive"}
+    # (None: the control, a run that differs in its init alone, is compared)
+    assert set(found) == {"dense", "moe-naive"} | ({"moe-drop-r0.5"} if key is None else set())
 
 
 # -----------------------------------------------------------------------------
