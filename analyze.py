@@ -219,11 +219,12 @@ def sweep_report(out_dir, runs, command):
         lines.append(f"| {name} | {r_text} | {sets} | {curves[name][2][0]:.4f} | {result['final_val_loss']:.4f} | "
                      f"{vs} | {verdict} | {plot.fmt_time(result['wall_time'])} |")
     moe = rows[0][4]
+    tokenizer, seed = (dense_settings.get(key, "unrecorded") for key in ("tokenizer", "seed"))
     header = (f"Re-initialisation ratio sweep (paper Sec. 5.3, Fig. 4). Validation loss in nats/token "
-              f"({dense_settings.get('tokenizer', 'unrecorded')} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
+              f"({tokenizer} tokenizer) after {dense['steps']} dense steps ({dense['tokens'] / 1e6:.1f}M tokens, "
               f"final dense val loss {dense['final_val_loss']:.4f}) and {moe['steps']} MoE steps "
               f"({moe['tokens'] / 1e6:.1f}M tokens), same data order for every run; device {dense['device']}, "
-              f"seed {dense_settings.get('seed', 'unrecorded')}. Noise: two standard errors of the per-batch differences of the two final losses "
+              f"seed {seed}. Noise: two standard errors of the per-batch differences of the two final losses "
               f"(the same validation batches for every run).")
     table = f"{header}\n\nMade with: `{command}`\n\n" + "\n".join(lines) + "\n"
     table_path, figure_path = os.path.join(out_dir, "sweep_summary.md"), os.path.join(out_dir, "sweep_loss.png")

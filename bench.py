@@ -417,7 +417,7 @@ def bare_step(run, params, optimizer, inputs, targets, autocast):
 def bench_one_step(cfg, batch, seq, mode, compile_mode, device, peak, profiles=None, router_skew=None, *, warmup, iters):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = du.Transformer(cfg).to(device)  # fp32 master weights under autocast (bf16 on a GPU that has it): as train.py
+    model = du.Transformer(cfg).to(device)  # fp32 master weights under autocast (bf16 where the GPU has it): train.py's
     idx = torch.randint(0, 256, (batch, seq + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
     out = {}

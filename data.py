@@ -152,8 +152,9 @@ def get_tokenizer(name):
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # no network, no cached file, proxy error, ...: all mean the same to a user
-        raise Fail(f"--tokenizer {name}: tiktoken could not load its BPE files ({first_line(e, 150)}); they are downloaded once "
-                   f"and cached (TIKTOKEN_CACHE_DIR): go online once, or use the offline --tokenizer byte")
+        raise Fail(f"--tokenizer {name}: tiktoken could not load its BPE files ({first_line(e, 150)}); they are "
+                   f"downloaded once and cached (TIKTOKEN_CACHE_DIR): go online once, or use the offline --tokenizer "
+                   f"byte")
 
 
 def hf_tokenizer_name(path):

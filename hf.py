@@ -195,8 +195,8 @@ def resolve(path_or_id):
 
         return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES])
     except Exception as e:
-        raise HFError(f"{path_or_id}: not a folder here and downloading it failed ({first_line(e, 100)}); download it first: "
-                      f"hf download {path_or_id} --local-dir DIR") from None
+        raise HFError(f"{path_or_id}: not a folder here and downloading it failed ({first_line(e, 100)}); download it "
+                      f"first: hf download {path_or_id} --local-dir DIR") from None
 
 
 def read_json(path):
@@ -451,7 +451,8 @@ def main(argv=None):
     up = sub.add_parser("drop-upcycle", help="HF Llama folder -> Drop-Upcycled HF Mixtral folder")
     up.add_argument("src", help="LlamaForCausalLM folder (or hub id)")
     up.add_argument("out", help="new folder for the MixtralForCausalLM")
-    up.add_argument("--r", type=unit_float, default=0.5, help="fraction of every expert's neurons re-initialised (0: naive Upcycling)")
+    up.add_argument("--r", type=unit_float, default=0.5,
+                    help="fraction of every expert's neurons re-initialised (0: naive Upcycling)")
     up.add_argument("--n-experts", type=positive_int, default=8, help="experts per layer")
     up.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
     up.add_argument("--seed", type=nonneg_int, default=0, help="seed of the router init and the dropped neurons")

@@ -499,7 +499,8 @@ def test_routing_reads_the_text_of_runs_trained_from_a_pretrained_llama_with_its
     (src / "config.json").write_text(json.dumps(config))
     flags = ["--dense-from", str(src), "--data", make_corpus(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
              "--device", "cpu", "--preset", "cpu", "--n-experts", "4", "--top-k", "2", "--seq-len", "16",
-             "--batch-size", "2", "--moe-steps", "2", "--moe-warmup", "1", "--eval-interval", "2", "--eval-batches", "1"]
+             "--batch-size", "2", "--moe-steps", "2", "--moe-warmup", "1", "--eval-interval", "2",
+             "--eval-batches", "1"]
     trained = subprocess.run([sys.executable, TRAIN_PY, "--init", "naive", *flags], capture_output=True, text=True,
                              env=ENV, timeout=300)
     assert trained.returncode == 0, trained.stderr
