@@ -726,7 +726,7 @@ def pretrained_dense_run(folder):
 
 
 def dense_for_probe(dense_ckpt, seed):
-    """(model, tokenizer, where it came from): a trained dense model from --dense-ckpt (train.py's
+    """(model, where it came from): a trained dense model from --dense-ckpt (train.py's
     out/.../dense/ckpt.pt), else a freshly initialised one of the cpu preset's shape (seeded by seed): the effects
     measured here follow from the construction, not the training."""
     if dense_ckpt:
@@ -744,12 +744,12 @@ def dense_for_probe(dense_ckpt, seed):
         model, ckpt, path = load_model(path, if_damaged=None)
         if model.config.is_moe:
             raise Fail(f"--dense-ckpt {dense_ckpt}: that is an MoE checkpoint; give the dense one (out/.../dense)")
-        return model, ckpt.get("tokenizer", "byte"), path
+        return model, path
     p = train.PRESETS["cpu"]
     cfg = ModelConfig(vocab_size=257, d_model=p["d_model"], n_layer=p["n_layer"], n_head=p["n_head"],
                       n_kv_head=p["n_kv_head"], d_ff=p["d_ff"], max_seq_len=p["seq_len"])
     torch.manual_seed(seed)
-    return Transformer(cfg), "byte", "a freshly initialised dense model of the cpu preset's shape (no --dense-ckpt)"
+    return Transformer(cfg), "a freshly initialised dense model of the cpu preset's shape (no --dense-ckpt)"
 
 
 def check_experts(n_experts, top_k):
@@ -784,14 +784,13 @@ def router_grad(opts):
     FFN, so y = sum_i g_i(x) FFN(x) = FFN(x) whatever the gates are, and the loss cannot tell the router anything.
     With top-1 routing the one gate is softmax over one logit, 1 at any r: no LM gradient ever."""
     check_experts(opts.n_experts, opts.top_k)
-    dense, tokenizer, source = dense_for_probe(opts.dense_ckpt, opts.seed)
-    enc = data.get_tokenizer(tokenizer)
-    with open(__file__, encoding="utf-8") as f:  # any real text will do: this file is always at hand
-        ids = enc.encode_ordinary(f.read())
+    dense, source = dense_for_probe(opts.dense_ckpt, opts.seed)
+    # any batch shows the effect, which follows from the construction; a seeded random one stays the same batch
+    # whatever the files around it hold (the reference answers in figures/ do not move when a file is edited)
     T = min(128, dense.config.max_seq_len)
-    batch = torch.tensor(ids[: 8 * (T + 1)], dtype=torch.long).view(8, T + 1)
-    print(f"dense model: {source}; {opts.n_experts} experts, top-{opts.top_k}; one batch of 8 x {T} tokens "
-          f"(the text of analyze.py); gradients at step 0, before any MoE update, as L2 norms over all layers")
+    batch = torch.randint(0, dense.config.vocab_size, (8, T + 1), generator=torch.Generator().manual_seed(opts.seed))
+    print(f"dense model: {source}; {opts.n_experts} experts, top-{opts.top_k}; one batch of 8 x {T} random tokens "
+          f"(seed {opts.seed}); gradients at step 0, before any MoE update, as L2 norms over all layers")
     print(f"| r | router grad from LM loss | router grad from {opts.aux_loss_coef:g} x balancing loss | "
           f"expert-weight grad from LM loss |")
     print("| --- | --- | --- | --- |")
@@ -832,7 +831,7 @@ def overlap_stats(dense, r, n_experts, shared_indices, seed=0):
 
 def overlap(opts):
     check_experts(opts.n_experts, opts.top_k)
-    dense, _, source = dense_for_probe(opts.dense_ckpt, opts.seed)
+    dense, source = dense_for_probe(opts.dense_ckpt, opts.seed)
     shared = not opts.independent_indices
     print(f"dense model: {source}; {opts.n_experts} experts; {'shared' if shared else 'independent'} index sets")
     print("r' = floor(r d_ff) / d_ff: the share of neurons actually re-initialised (whole neurons only)")

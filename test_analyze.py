@@ -246,7 +246,7 @@ def test_routing_writes_consistent_statistics(swept):
 
 def test_dense_ckpt_is_found_from_the_out_dir_the_run_folder_or_the_file(swept):
     out, _ = swept
-    paths = [analyze.dense_for_probe(given, seed=0)[2]
+    paths = [analyze.dense_for_probe(given, seed=0)[1]
              for given in (out, os.path.join(out, "dense"), os.path.join(out, "dense", "ckpt.pt"))]
     assert paths == [os.path.join(out, "dense", "ckpt.pt")] * 3
 
