@@ -457,10 +457,10 @@ def load_data(data, tokenizer, enc, out_dir, corpus_mb, seq_len):
                    "no Python or C/C++ sources found in this Python installation; pass --data")
     train_files, val_files = select_files(files, corpus_mb)
     source = data if data in BUILTIN_CORPORA else os.path.abspath(data)
+    # its digest changes when a file is added, removed, changed, or moved between the splits
     listing = [(key, size, mtime) for key, _, size, mtime in train_files + val_files] + [f[0] for f in val_files]
-    listing = hashlib.sha1(json.dumps(listing).encode())  # a file added, removed, changed or moved between the splits
     settings = dict(format=CACHE_FORMAT, source=source, tokenizer=tokenizer, corpus_mb=corpus_mb,
-                    val_fraction=VAL_FRACTION, files=listing.hexdigest())
+                    val_fraction=VAL_FRACTION, files=hashlib.sha1(json.dumps(listing).encode()).hexdigest())
     cache_dir = os.path.join(out_dir, "data", f"{corpus_name(data)}-{tokenizer}")
     meta_path = os.path.join(cache_dir, "meta.json")
     meta = read_meta(meta_path)
