@@ -236,7 +236,7 @@ def run_fwd_bwd(forward, params, x, dy, autocast):
     return y
 
 
-def bench_layers(device, record, *, use_hf, compile, compile_tokens, tol, warmup, iters):
+def bench_layers(device, record, *, use_hf, use_compile, compile_tokens, tol, warmup, iters):
     impls, note = hf_implementations() if use_hf else (None, "Hugging Face rows skipped (--no-hf)")
     print(note)
     record("hf_note", note)
@@ -256,7 +256,7 @@ def bench_layers(device, record, *, use_hf, compile, compile_tokens, tol, warmup
                 y_ref = run_fwd_bwd(reference_forward(moe), moe_params, x, dy, autocast).detach()
                 grads_ref = [x.grad.clone()] + [p.grad.clone() for p in moe_params]
                 flops = 3 * 2 * n_tok * TOP_K * 3 * d * d_ff  # fwd + bwd (2x fwd), active expert matmuls
-                compiled_here = compile and wdtype == torch.float32 and n_tok in compile_tokens
+                compiled_here = use_compile and wdtype == torch.float32 and n_tok in compile_tokens
                 rows = []  # (label, mode, forward, parameters, check our parameters' gradients too); dense first
                 rows.append(("dense SwiGLU (floor)", "eager", lambda t: dense(t)[0], list(dense.parameters()), False))
                 if compiled_here:
@@ -349,11 +349,11 @@ def peak_flops(device, override):
     return gpus.gpu_peak_flops(device, gpus.amp_dtype(device))
 
 
-def bench_steps(device, record, profiles, *, compile, compile_mode, peak, router_skews, warmup, iters):
+def bench_steps(device, record, profiles, *, use_compile, compile_mode, peak, router_skews, warmup, iters):
     for name, shape, batch, seq in STEP_CONFIGS[device.type]:
         for kind, skew in [("dense", None)] + [("moe", skew) for skew in router_skews]:
             cfg = step_config(kind, shape, seq)
-            for mode in ("eager", "compiled") if compile else ("eager",):
+            for mode in ("eager", "compiled") if use_compile else ("eager",):
                 row = dict(config=name, model=kind, mode=mode, batch=batch, seq=seq, **shape)
                 if kind == "moe":
                     row["router_skew"] = skew
@@ -489,7 +489,7 @@ def overheads(steps):
 # 4. train.py's own step, as its loop calls it
 
 
-def bench_loop(device, record, profiles, *, loop_data, loop_corpus_mb, cache_dir, compile, warmup, iters):
+def bench_loop(device, record, profiles, *, loop_data, loop_corpus_mb, cache_dir, use_compile, warmup, iters):
     """train.train_step, the function train.py's loop calls once a step (learning rate, a batch gathered from the
     corpus, forward and backward under train.py's autocast, clipping, fused AdamW), on random tokens and on batches
     of real text (--loop-data), each timed against the bare step of section 2 on the same compiled model and a fixed
@@ -507,8 +507,8 @@ def bench_loop(device, record, profiles, *, loop_data, loop_corpus_mb, cache_dir
                if device.type == "cuda" else torch.randint(0, 256, (1 << 16,), dtype=torch.int32).numpy(),
                f"text ({loop_data})": data.corpus_to_device(text, device)}
     # train.py's own mode, and where that is CUDA graphs, also the default compiled mode: what the graphs save
-    modes = {"compiled" if compile else "eager": None}
-    graphs = train.compile_mode(device, 1, 1) if compile else None  # (one piece a step, one process)
+    modes = {"compiled" if use_compile else "eager": None}
+    graphs = train.compile_mode(device, 1, 1) if use_compile else None  # (one piece a step, one process)
     if graphs:
         modes["graphs"] = graphs
     train_mode = "graphs" if graphs else next(iter(modes))
@@ -852,16 +852,16 @@ def main(argv=None):
     meta = results["meta"]
     print(f"device: {meta['device']}, torch {torch.__version__}, dense peak {peak_text(meta['peak_tflops'])}")
     if "layer" in args.sections:
-        bench_layers(device, record, use_hf=not args.no_hf, compile=args.compile,
+        bench_layers(device, record, use_hf=not args.no_hf, use_compile=args.compile,
                      compile_tokens=args.layer_compile_tokens, tol=args.tol, warmup=args.warmup, iters=args.iters)
     profiles = profile_layers(device) if args.profile else None  # None: no profiles taken
     if "step" in args.sections:
-        bench_steps(device, record, profiles, compile=args.compile, compile_mode=args.compile_mode,
+        bench_steps(device, record, profiles, use_compile=args.compile, compile_mode=args.compile_mode,
                     peak=peak, router_skews=args.router_skew, warmup=args.warmup, iters=args.iters)
         results["overhead"] = overheads(results["step"])
     if "loop" in args.sections:
         bench_loop(device, record, profiles, loop_data=args.loop_data, loop_corpus_mb=args.loop_corpus_mb,
-                   cache_dir=args.out, compile=args.compile, warmup=args.warmup, iters=args.iters)
+                   cache_dir=args.out, use_compile=args.compile, warmup=args.warmup, iters=args.iters)
     if args.compile:
         try:
             record("explain", explain_moe_layer(device))
