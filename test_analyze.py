@@ -58,6 +58,7 @@ def assert_one_line_analyze_error(argv, capsys):
     assert e.value.code == 1, argv
     err = capsys.readouterr().err.strip()
     assert err.startswith("analyze.py: error:") and "\n" not in err, (argv, err)
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -253,19 +254,21 @@ def test_dense_ckpt_is_found_from_the_out_dir_the_run_folder_or_the_file(swept):
 
 def test_bad_input_gives_one_line_and_nonzero_exit(swept, tmp_path, capsys):
     out, flags = swept
+    data_flags = flags[flags.index("--data") :]
     cases = [
-        ["sweep", "--r", "0.5", "--out-dir", str(tmp_path)],  # sweep chooses --r itself
-        ["routing", "--out-dir", str(tmp_path / "empty"), *flags[flags.index("--data") :]],  # no runs there
-        ["routing", "--out-dir", str(tmp_path / "missing"), *flags[flags.index("--data") :]],
-        ["routing", "--preset", "cpu", "--out-dir", out, "--data", __file__],  # one file: no domains
-        ["overlap", "--r", "1.5"],
-        ["router-grad", "--dense-ckpt", os.path.join(out, "moe-naive")],  # an MoE, not a dense checkpoint
-        ["router-grad", "--dense-ckpt", str(tmp_path / "missing")],
-        ["router-grad", "--top-k", "9"],
-        ["nonsense"],
+        (["sweep", "--r", "0.5", "--out-dir", str(tmp_path)], "sweep chooses --r itself"),
+        (["routing", "--out-dir", str(tmp_path / "empty"), *data_flags], "no finished MoE run in"),  # no runs there
+        (["routing", "--out-dir", str(tmp_path / "missing"), *data_flags], "no finished MoE run in"),
+        (["routing", "--preset", "cpu", "--out-dir", out, "--data", __file__],  # one file: no domains
+         "routing needs text of two or more domains"),
+        (["overlap", "--r", "1.5"], "argument --r: must be in [0, 1], got 1.5"),
+        (["router-grad", "--dense-ckpt", os.path.join(out, "moe-naive")], "that is an MoE checkpoint"),
+        (["router-grad", "--dense-ckpt", str(tmp_path / "missing")], "missing: no checkpoint there"),
+        (["router-grad", "--top-k", "9"], "--top-k must be between 1 and --n-experts (8), got 9"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
     ]
-    for argv in cases:
-        assert_one_line_analyze_error(argv, capsys)
+    for argv, message in cases:
+        assert message in assert_one_line_analyze_error(argv, capsys), (argv, message)
     assert not (tmp_path / "missing").exists()  # no corpus cached in a folder that holds no runs
     # a --dense-from run's dense/ holds the pretrained model's settings and score, no checkpoint: said so
     (tmp_path / "hf-run" / "dense").mkdir(parents=True)
@@ -450,7 +453,8 @@ def test_a_damaged_run_file_leaves_that_run_out_of_the_sweep_and_lr_tables_with_
     assert "| moe-naive |" in (sweep / "sweep_summary.md").read_text()
     # the dense run's settings, which the table's header reads: nothing to compare with, said in one line
     (sweep / "dense" / "settings.json").write_text("{}")
-    assert_one_line_analyze_error(["sweep", "--report-only", "--out-dir", str(sweep)], capsys)
+    assert "no finished dense and naive runs" in assert_one_line_analyze_error(
+        ["sweep", "--report-only", "--out-dir", str(sweep)], capsys)
 
 
 def test_the_sweep_table_names_the_tokenizer_and_seed_its_runs_were_trained_with_not_the_flags(swept, tmp_path):
@@ -486,10 +490,12 @@ def test_routing_replot_refuses_damaged_counts_and_unknown_models_in_one_line(sw
     printed = capsys.readouterr()
     assert "--models moe-naiv: no routing of that run; the runs routed are moe-naive, " in printed.err
     assert "held-out tokens" not in printed.out
-    assert_one_line_analyze_error(["routing", "--report-only", "--out-dir", str(copy), "--models", "moe-naiv"], capsys)
+    assert "--models moe-naiv: no routing of that run" in assert_one_line_analyze_error(
+        ["routing", "--report-only", "--out-dir", str(copy), "--models", "moe-naiv"], capsys)
     for damaged in ("{}", "garbage", '{"moe-naive": {"counts": 1}}'):
         (copy / "routing_counts.json").write_text(damaged)
-        assert_one_line_analyze_error(["routing", "--report-only", "--out-dir", str(copy)], capsys)
+        assert "routing_counts.json is damaged; run python analyze.py routing without --report-only again" in \
+            assert_one_line_analyze_error(["routing", "--report-only", "--out-dir", str(copy)], capsys)
 
 
 def test_lr_rerun_reuses_every_run(lr_swept, capsys):
@@ -506,11 +512,15 @@ def test_lr_rerun_reuses_every_run(lr_swept, capsys):
 def test_lr_bad_input_gives_one_line_and_nonzero_exit(lr_swept, tmp_path, capsys):
     out, flags, _ = lr_swept
     fresh = ["--preset", "cpu", "--out-dir", str(tmp_path / "fresh"), "--data", flags[flags.index("--data") + 1]]
-    cases = [["lr", "--lrs", "0", *fresh], ["lr", "--lrs", "1e-3", "-1", *fresh], ["lr", "--moe-lr", "1e-3", *fresh],
-             ["lr", "--moe-l=1e-3", *fresh], ["lr", "--init", "naive", *fresh], ["lr", "--independent-indices", *fresh],
-             ["sweep", "--ini", "naive", *fresh]]  # an abbreviation train.py would take is caught too
-    for argv in cases:
-        assert_one_line_analyze_error(argv, capsys)
+    cases = [(["lr", "--lrs", "0", *fresh], "argument --lrs: must be a positive number, got 0"),
+             (["lr", "--lrs", "1e-3", "-1", *fresh], "argument --lrs: must be a positive number, got -1"),
+             (["lr", "--moe-lr", "1e-3", *fresh], "lr chooses --moe-lr itself"),
+             (["lr", "--moe-l=1e-3", *fresh], "lr chooses --moe-lr itself"),
+             (["lr", "--init", "naive", *fresh], "lr chooses --init itself"),
+             (["lr", "--independent-indices", *fresh], "lr chooses --independent-indices itself"),
+             (["sweep", "--ini", "naive", *fresh], "sweep chooses --init itself")]  # train.py's abbreviation too
+    for argv, message in cases:
+        assert message in assert_one_line_analyze_error(argv, capsys), (argv, message)
     assert not os.path.exists(tmp_path / "fresh")  # refused before any work
     # a rate folder whose dense model is not the copy of out/dense is refused, not trained from another start
     copy = tmp_path / "copy"
@@ -526,7 +536,7 @@ def test_lr_bad_input_gives_one_line_and_nonzero_exit(lr_swept, tmp_path, capsys
     with open(copy / "lr-1e-3" / "dense" / "log.csv", "a") as f:
         f.write("2000,0,,,,,,,0\n")
     report = ["lr", "--report-only", "--lrs", *map(str, LRS), "--out-dir", str(copy)]
-    assert_one_line_analyze_error(report, capsys)
+    assert "are different dense models (their log.csv differ)" in assert_one_line_analyze_error(report, capsys)
 
 
 # -----------------------------------------------------------------------------
