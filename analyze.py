@@ -659,6 +659,7 @@ def routing_replot(out_dir, command, models, all_layers):
         domains = list(first["domains"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, StopIteration):
         raise Fail(f"--report-only: {path} is damaged; run python analyze.py routing without --report-only again")
+    check_models(models, list(results))
     command = f"{first.get('command', 'unknown command')}, re-plotted with {command}"
     routing_report(out_dir, results, domains, command, models, all_layers)
 
@@ -672,7 +673,6 @@ def check_models(models, routed):
 
 def routing_report(out_dir, results, domains, command, models, all_layers):
     """routing_summary.md, routing_counts.json and the figure (plot.routing_figure: the paper's Fig. 5)."""
-    check_models(models, list(results))
     n_layer = len(next(iter(results.values()))["layers"])
     n_tokens = "/".join(f"{n:,}" for n in sorted({res["tokens"] for res in results.values()}))  # what was routed
     top_k = "/".join(str(k) for k in sorted({res["top_k"] for res in results.values()}))
